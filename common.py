@@ -822,7 +822,7 @@ def build_attack(name: str, model_wrapper, resources: Optional[AttackResources] 
     import textattack
     from textattack.constraints.overlap import MaxWordsPerturbed
 
-    textattack.shared.logger.setLevel(logging.WARNING)  # not "Unknown if model of class ... compatible"
+    textattack.shared.logger.setLevel(logging.ERROR)  # not "Unknown if model of class ... compatible" (a warning)
     from textattack.constraints.semantics.sentence_encoders import SentenceEncoder
 
     if name not in ATTACK_RECIPES:
@@ -892,10 +892,15 @@ def summarise_attack(results: list) -> dict:
     }
 
 
-def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack"):
-    """Attack each (input, label); write the per-example CSV; return (summary dict, results)."""
+def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack",
+               seed: int = 765):
+    """Attack each (input, label); write the per-example CSV; return (summary dict, results).
+
+    Seeded like TextAttack's Attacker (765): character-level recipes draw random edits, so without it two runs on
+    the same model differ."""
     from textattack.attack_results import SkippedAttackResult
 
+    set_seed(seed)
     results = []
     rows = []
     for text, label in tqdm(samples, desc=desc, leave=False, disable=None):

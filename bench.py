@@ -1,0 +1,61 @@
+# Benchmark of the shared attack wrapper (README.md section "Benchmarks"): the same recipe on the same examples through
+# common.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
+# every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
+import argparse
+import time
+
+from common import (add_common_args, attack_sample, build_attack, callable_wrapper, finetune, load_model, load_task,
+                    make_loader, minilm_path, Predictor, run_attack, start_run, tokenize, usage_errors,
+                    validate_common_args)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Attack wrapper benchmark: project wrapper vs TextAttack's stock one.")
+    add_common_args(parser, "bench_wrapper", attacks="deepwordbug", lr=1e-4, epochs=1)
+    parser.add_argument("--finetuned", default=None, help="a fine-tuned checkpoint to attack (default: fine-tune "
+                        "--model on --max-train-examples first)")
+    parser.set_defaults(task="sst2", max_train_examples=1000, attack_examples=50, model=minilm_path() or "tiny")
+    return parser.parse_args(argv)
+
+
+def timed_attack(name, wrapper, samples, columns, batch_size):
+    attack = build_attack(name, wrapper, model_batch_size=batch_size)
+    start = time.time()
+    summary, results = run_attack(attack, samples, columns, desc=name)
+    return time.time() - start, summary, [(type(r).__name__, r.perturbed_result.attacked_text.text) for r in results]
+
+
+def main(args):
+    from textattack.models.wrappers import HuggingFaceModelWrapper
+
+    validate_common_args(args)
+    data = load_task(args)
+    run = start_run(args, "bench_wrapper")
+    if args.finetuned:
+        model, tokenizer = load_model(args.finetuned, data.num_labels, args.max_seq_length)
+    else:
+        model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, run.dir + "/tiny")
+        train = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer, args.batch_size,
+                            True, args.seed)
+        dev = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, 256, False)
+        finetune(model, train, dev, run, args.epochs, args.lr)
+    model.eval()  # the stock wrapper does not call eval(); without it dropout makes its outcomes random
+    samples = attack_sample(data, args.attack_examples, args.attack_seed)
+    ours = callable_wrapper(Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device))
+    stock = HuggingFaceModelWrapper(model, tokenizer)  # pads to tokenizer.model_max_length = --max-seq-length
+    print(f"model {args.model}  max length {tokenizer.model_max_length}  {len(samples)} examples", flush=True)
+    print(f"{'attack':<14}{'stock s':>10}{'ours s':>10}{'speed-up':>10}{'same outcome':>14}{'clean':>8}{'aua':>8}")
+    for name in args.attacks.split(","):
+        t_ours, s_ours, r_ours = timed_attack(name, ours, samples, data.text_columns, args.eval_batch_size)
+        t_stock, s_stock, r_stock = timed_attack(name, stock, samples, data.text_columns, args.eval_batch_size)
+        same = sum(a == b for a, b in zip(r_ours, r_stock))
+        print(f"{name:<14}{t_stock:>10.1f}{t_ours:>10.1f}{t_stock / t_ours:>9.2f}x{same:>9}/{len(samples):<4}"
+              f"{s_ours['clean']:>8.1f}{s_ours['aua']:>8.1f}", flush=True)
+        if same != len(samples):
+            print(f"  note: {len(samples) - same} outcomes differ (float differences between padded and unpadded "
+                  f"batches can flip a borderline query)")
+
+
+if __name__ == "__main__":
+    with usage_errors():
+        main(parse_args())

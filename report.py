@@ -1,0 +1,217 @@
+# Builds the comparison report (README.md section "The comparison") from the runs' results.json files alone:
+# summary.md (mean ± std over seeds) and PNG plots. `python report.py RESULTS_DIR` or `bash run_all.sh report`.
+import argparse
+import glob
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+ORDER = ["finetune", "freelb", "robust_ticket", "early_bird_adv", "rosearch", "adapter_mixup"]
+
+
+def load_rows(results_dir: str) -> list:
+    """One row per (run, setting): the top-level result and every entry of extra.rows."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
+        with open(path) as f:
+            result = json.load(f)
+        base = {k: result.get(k) for k in ("method", "task", "model", "seed")}
+        extra_rows = (result.get("extra") or {}).get("rows") or []
+        settings = {r.get("setting") for r in extra_rows}
+        for r in ([result] if result.get("setting") not in settings else []) + extra_rows:
+            rows.append({**base, **r, "method": r.get("method", base["method"]), "path": path})
+    return rows
+
+
+def mean_std(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def train_seconds(row: dict) -> float:
+    """Training cost: every wall-clock phase except evaluation and the total."""
+    phases = row.get("wall_clock") or {}
+    skip = ("total", "evaluate", "eval", "attack", "attacks")
+    return sum(v for k, v in phases.items() if not any(k.startswith(s) for s in skip) and isinstance(v, (int, float)))
+
+
+def size_column(row: dict) -> str:
+    if row.get("sparsity") is not None:
+        return f"sparsity {100 * row['sparsity']:.0f}%"
+    if row.get("compression") is not None:
+        return f"{row['compression']:.1f}x smaller"
+    return ""
+
+
+def group(rows: list) -> dict:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r.get("setting") or r["method"])].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1])))
+
+
+def summary_table(rows: list, failures: list) -> str:
+    attacks = sorted({a for r in rows for a in (r.get("attacks") or {})})
+    head = ["method", "setting", "seeds", "params", "non-emb params", "size", "train s", "Clean %"]
+    for a in attacks:
+        head += [f"{a} Aua %", f"{a} Suc %", f"{a} queries"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, setting), rs in group(rows).items():
+        params = rs[0].get("params") or {}
+        cells = [method, setting, str(len(rs)), f"{params.get('total', 0) / 1e6:.2f}M" if params else "-",
+                 f"{params.get('non_embedding', 0) / 1e6:.2f}M" if params else "-", size_column(rs[0]),
+                 mean_std([train_seconds(r) for r in rs]), mean_std([r.get("clean_accuracy") for r in rs])]
+        for a in attacks:
+            ms = [(r.get("attacks") or {}).get(a) for r in rs]
+            cells += [mean_std([m["aua"] for m in ms if m]), mean_std([m["suc"] for m in ms if m]),
+                      mean_std([m["queries"] for m in ms if m])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for fail in failures:
+        lines.append(f"| {fail['method']} | FAILED (seed {fail['seed']}) | {fail['reason']} |" + " |" * (len(head) - 3))
+    return "\n".join(lines)
+
+
+def plot_clean_vs_aua(rows, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({a for r in rows for a in (r.get("attacks") or {})})
+    if not attacks:
+        return []
+    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 5), squeeze=False)
+    groups = group(rows)
+    costs = [np.mean([train_seconds(r) for r in rs]) for rs in groups.values()]
+    scale = 600.0 / max(max(costs), 1e-9)
+    for ax, attack in zip(axes[0], attacks):
+        for ((method, setting), rs), cost in zip(groups.items(), costs):
+            aua = [r["attacks"][attack]["aua"] for r in rs if attack in (r.get("attacks") or {})]
+            if not aua:
+                continue
+            clean = np.mean([r["clean_accuracy"] for r in rs])
+            ax.scatter(clean, np.mean(aua), s=30 + scale * cost, alpha=0.6)
+            ax.annotate(setting, (clean, np.mean(aua)), fontsize=7)
+        ax.set_xlabel("clean accuracy %")
+        ax.set_ylabel(f"accuracy under {attack} %")
+        ax.set_title(f"{attack} (marker area ~ training seconds)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "clean_vs_aua.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_curves(rows, out_dir):
+    """The method-specific curves: robust-ticket sparsity sweep, AdpMixup beta curve, early-bird mask distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    tickets = [r for r in rows if r["method"] == "robust_ticket" and r.get("sparsity") is not None
+               and "ticket" in (r.get("setting") or "")]
+    if len({r["sparsity"] for r in tickets}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        attacks = sorted({a for r in tickets for a in (r.get("attacks") or {})})
+        for key, label in [("clean_accuracy", "clean")] + [(a, f"{a} Aua") for a in attacks]:
+            by_s = defaultdict(list)
+            for r in tickets:
+                v = r.get(key) if key == "clean_accuracy" else (r.get("attacks") or {}).get(key, {}).get("aua")
+                if v is not None:
+                    by_s[r["sparsity"]].append(v)
+            s = sorted(by_s)
+            ax.errorbar([100 * x for x in s], [np.mean(by_s[x]) for x in s], [np.std(by_s[x]) for x in s],
+                        marker="o", label=label, capsize=3)
+        ax.set_xlabel("sparsity of the masked weights %")
+        ax.set_ylabel("accuracy %")
+        ax.set_title("Robust ticket: sparsity sweep")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        made.append(os.path.join(out_dir, "robust_ticket_sparsity.png"))
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    curves = [(r, (r.get("extra") or {}).get("beta_curve")) for r in rows if r["method"] == "adapter_mixup"]
+    curves = [(r, c) for r, c in curves if c]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r, curve in curves:
+            betas = [p["beta"] for p in curve]
+            for key in [k for k in curve[0] if k != "beta"]:
+                ax.plot(betas, [p[key] for p in curve], marker=".", label=f"{key} (seed {r['seed']})")
+        ax.set_xlabel("beta (0 = clean adapter, 1 = adversarial adapter)")
+        ax.set_ylabel("accuracy %")
+        ax.set_title("AdpMixup: beta trade-off")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        made.append(os.path.join(out_dir, "adapter_mixup_beta.png"))
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    curves = [(r, (r.get("extra") or {}).get("mask_distance")) for r in rows if r["method"] == "early_bird_adv"]
+    curves = [(r, c) for r, c in curves if c]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r, curve in curves:
+            epochs = curve["epochs"]
+            for key in ("heads", "ffn"):
+                if key in curve:
+                    ax.plot(epochs[1:] if len(curve[key]) < len(epochs) else epochs, curve[key], marker=".",
+                            label=f"{key} (seed {r['seed']})")
+            if curve.get("draw_epoch") is not None:
+                ax.axvline(curve["draw_epoch"], ls="--", c="grey")
+        ax.set_xlabel("search epoch")
+        ax.set_ylabel("normalised Hamming distance to previous masks")
+        ax.set_title("Early-bird: mask distance (dashed: draw point)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        made.append(os.path.join(out_dir, "early_bird_distance.png"))
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
+
+
+def read_failures(results_dir):
+    failures = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "failed", "*.txt"))):
+        method, _, seed = os.path.basename(path)[:-4].rpartition("__")
+        with open(path) as f:
+            failures.append({"method": method, "seed": seed, "reason": f.read().strip().replace("|", "/")[:200]})
+    return failures
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Rebuild summary.md and plots from the results.json files of a "
+                                     "run_all.sh output folder (no training).")
+    parser.add_argument("results_dir", help="folder written by run_all.sh (results.json files anywhere below it)")
+    parser.add_argument("--title", default=None, help="heading of summary.md (e.g. the scale it was run at)")
+    args = parser.parse_args()
+    rows = load_rows(args.results_dir)
+    failures = read_failures(args.results_dir)
+    if not rows and not failures:
+        raise SystemExit(f"error: no results.json under {args.results_dir}; run `bash run_all.sh` first")
+    plots = plot_clean_vs_aua(rows, args.results_dir) + plot_curves(rows, args.results_dir)
+    scale = sorted({f"{r['task']} / {os.path.basename(str(r['model']).rstrip('/'))}" for r in rows})
+    text = [f"# {args.title or 'Comparison'}", "", f"Task / model: {', '.join(scale)}. "
+            f"Mean ± sample std over seeds; accuracies in %, training wall-clock in seconds.", "",
+            summary_table(rows, failures), ""]
+    text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    path = os.path.join(args.results_dir, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(text) + "\n")
+    print("\n".join(text[:5 + len(rows) + 2]))
+    print(f"\nwrote {path} and {len(plots)} plot(s)")
+
+
+if __name__ == "__main__":
+    main()

