@@ -216,6 +216,12 @@ def pick_device(want_cuda: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def sync(device):
+    """Wait for queued CUDA work, so wall-clock timings are exact."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def start_run(args, method: str) -> Run:
     """Seed, pick the device, create runs/{task}__{exp}__{seed}__{time}/ (never reusing one), args.json, TensorBoard."""
     from torch.utils.tensorboard import SummaryWriter
@@ -667,6 +673,7 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
     eval_points = {int(round(total_steps * (i + 1) / max(1, round(epochs * evals_per_epoch))))
                    for i in range(max(1, round(epochs * evals_per_epoch)))}
     best = {"dev_accuracy": -1.0, "step": 0, "state": None}
+    sync(device)
     start, step = time.time(), 0
     bar = tqdm(total=total_steps, desc=tag, leave=False, disable=None)
     while step < total_steps:
@@ -698,8 +705,9 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
             if step >= total_steps:
                 break
     bar.close()
-    model.load_state_dict(best["state"])
+    sync(device)
     seconds = time.time() - start
+    model.load_state_dict(best["state"])
     print(f"[{tag}] best dev accuracy {best['dev_accuracy']:.4f} at step {best['step']}/{total_steps} "
           f"({seconds:.1f}s)", flush=True)
     return {"dev_accuracy": best["dev_accuracy"], "best_step": best["step"], "steps": total_steps, "seconds": seconds}
@@ -925,6 +933,8 @@ def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[st
 def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefix: str = "",
                         resources: Optional[AttackResources] = None) -> dict:
     """Every --attacks recipe on the seeded test sample against the whole predictor. Returns {attack: metrics}."""
+    if not parse_attacks(args.attacks):
+        return {}  # --attacks none: TextAttack is never imported
     column_names = data.text_columns
     if resources is None and getattr(args, "attack_substitutes", None):
         resources = offline_attack_resources(args.attack_substitutes)
