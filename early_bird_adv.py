@@ -1,0 +1,532 @@
+# EarlyRobust: Efficient Adversarial Training with Robust Early-Bird Tickets (EMNLP 2022, arXiv 2211.07263) — README.md section "EarlyRobust (early_bird_adv.py)"
+import argparse
+import json
+import math
+import os
+import time
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import prune_linear_layer
+
+from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
+                    check_range, count_params, cross_entropy, evaluate_accuracy, evaluate_model, finetune, finish_run,
+                    linear_schedule, load_model, load_task, make_loader, parse_attacks, print_summary,
+                    results_template, set_seed, start_run, state_copy, tokenize, usage_errors, validate_common_args)
+
+METHOD = "early_bird_adv"
+SETTINGS = {"ticket": "early-bird ticket", "freelb": "FreeLB", "finetune": "fine-tune"}
+GATE_INIT = 1.0  # slimming coefficients start at 1 (network slimming; official code)
+GRAD_CLIP = 1.0
+THROUGHPUT_REPEATS = 3  # passes over the test split when timing inference
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="EarlyRobust: FreeLB search of a structured ticket with an "
+                                "online convergence stop, then plain fine-tuning of the pruned network")
+    add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,bert-attack,textbugger")
+    # stage 3 (and the baselines) use the released second stage's optimiser: AdamW wd 0, no warm-up
+    p.set_defaults(weight_decay=0.0, warmup=0.0)
+    add_adversary_args(p, steps=5, lr=0.01, init_mag=0.05, max_norm=0.0)  # released IMDB search script
+    m = p.add_argument_group("EarlyRobust")
+    m.add_argument("--l1-head", type=float, default=1e-5, help="L1 weight on head gates (lambda_head; released 1e-5)")
+    m.add_argument("--l1-ffn", type=float, default=2e-4, help="L1 weight on the FFN-neuron gates (lambda_ffn; 2e-4)")
+    m.add_argument("--search-lr", type=float, default=2e-5, help="AdamW lr of the FreeLB search (model + gates)")
+    m.add_argument("--search-weight-decay", type=float, default=0.01, help="AdamW weight decay of the search")
+    m.add_argument("--search-warmup", type=float, default=0.1, help="warm-up share of the search schedule")
+    m.add_argument("--max-search-epochs", type=float, default=1.0,
+                   help="cap of the search; also the length of its lr schedule (official: 1 epoch)")
+    m.add_argument("--prune-heads", type=float, default=0.1667, help="share of heads pruned (p_head; released 1/6)")
+    m.add_argument("--prune-ffn", type=float, default=0.4, help="share of FFN neurons pruned, global (p_ffn; 0.4)")
+    m.add_argument("--head-scope", choices=["global", "layer"], default="global",
+                   help="heads ranked over the whole model (>= 1 kept per layer) or within each layer")
+    m.add_argument("--check-every", type=float, default=0.05, help="epochs between mask checkpoints (official 0.05)")
+    m.add_argument("--epsilon", type=float, default=0.1,
+                   help="ticket convergence threshold on the normalised Hamming distance (paper: unknown; "
+                        "Early-Bird 0.1)")
+    m.add_argument("--window", type=int, default=5, help="number of later checkpoints a mask must stay within "
+                   "epsilon of (official 5)")
+    m.add_argument("--draw-at", type=float, default=None, help="draw at this epoch instead of the convergence rule "
+                   "(the released IMDB run: 0.2)")
+    m.add_argument("--rewind", action=argparse.BooleanOptionalAction, default=True,
+                   help="prune the pre-trained weights (paper); --no-rewind keeps the searched weights and gates")
+    m.add_argument("--finetune-adv", action="store_true", help="fine-tune the ticket with FreeLB instead of plain CE")
+    m.add_argument("--baseline", choices=["freelb", "finetune"], default=None,
+                   help="train only the dense baseline: full FreeLB, or plain fine-tuning, same budget (--epochs)")
+    m.add_argument("--with-baselines", action="store_true", help="also train both dense baselines in this process "
+                   "(timed side by side; gives the speed-up) and add them to extra.rows")
+    m.add_argument("--baseline-results", default=None, help="results.json of a --baseline freelb run: speed-up "
+                   "against its fine-tune wall-clock")
+    m.add_argument("--bench", action="store_true", help="print time-to-ticket vs FreeLB steps and ticket vs dense "
+                   "inference, then exit")
+    m.add_argument("--bench-steps", type=int, default=10, help="training steps timed per model in --bench")
+    return p.parse_args(argv)
+
+
+def validate_args(args):
+    validate_common_args(args)
+    check_range("prune-heads", args.prune_heads, 0, 1, high_open=True)
+    check_range("prune-ffn", args.prune_ffn, 0, 1, high_open=True)
+    check_range("epsilon", args.epsilon, 0, 1, low_open=True)
+    check_range("window", args.window, 1)
+    check_range("check-every", args.check_every, 0, 1, low_open=True)
+    check_range("max-search-epochs", args.max_search_epochs, 0, low_open=True)
+    for name in ("l1_head", "l1_ffn", "search_weight_decay"):
+        check_range(name.replace("_", "-"), getattr(args, name), 0)
+    check_range("search-lr", args.search_lr, 0, low_open=True)
+    check_range("search-warmup", args.search_warmup, 0, 1)
+    check_range("bench-steps", args.bench_steps, 1)
+    if args.draw_at is not None:
+        check_range("draw-at", args.draw_at, 0, args.max_search_epochs, low_open=True)
+    if args.baseline_results and not os.path.isfile(args.baseline_results):
+        raise UsageError(f"--baseline-results {args.baseline_results} is not a file; give a FreeLB run's results.json")
+
+
+def check_ratios_fit(config, args):
+    """A head ratio that would empty a layer is a usage error (the >= 1-head guard cannot satisfy it)."""
+    n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
+    if args.head_scope == "layer" and round(args.prune_heads * n_heads) >= n_heads:
+        raise UsageError(f"--prune-heads {args.prune_heads} removes all {n_heads} heads of every layer; use < "
+                         f"{(n_heads - 0.5) / n_heads:.3f}")
+    if round(args.prune_heads * n_layers * n_heads) > n_layers * (n_heads - 1):
+        raise UsageError(f"--prune-heads {args.prune_heads} cannot keep one head in each of {n_layers} layers; "
+                         f"use <= {(n_heads - 1) / n_heads:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gates (spec §2.2; network slimming): c_head scales each head's attention probabilities, c_ffn each FFN neuron
+# ---------------------------------------------------------------------------------------------------------------
+class GatedBert(nn.Module):
+    """model + learnable gates; forward(**inputs) -> model output. Needs eager attention (head_mask)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        layers = model.base_model.encoder.layer
+        n_heads = model.config.num_attention_heads
+        self.head_gates = nn.Parameter(torch.full((len(layers), n_heads), GATE_INIT))
+        self.ffn_gates = nn.Parameter(torch.full((len(layers), layers[0].intermediate.dense.out_features), GATE_INIT))
+        # FFN gate multiplies the post-GELU activation, i.e. the input of output.dense
+        self.hooks = [layer.intermediate.register_forward_hook(lambda mod, inp, out, i=i: out * self.ffn_gates[i])
+                      for i, layer in enumerate(layers)]
+
+    def forward(self, **inputs):
+        return self.model(**inputs, head_mask=self.head_gates)  # HF: attention_probs * head_mask[layer]
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def l1_penalty(self, l1_head, l1_ffn):
+        """Network-slimming L1 term (spec §2.3): lambda_head * sum|c_head| + lambda_ffn * sum|c_ffn|."""
+        return l1_head * self.head_gates.abs().sum() + l1_ffn * self.ffn_gates.abs().sum()
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+        return self.model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks from gates (spec §2.6) and the ticket convergence metric with its stopping rule (spec §2.7)
+# ---------------------------------------------------------------------------------------------------------------
+def prune_lowest(values, ratio):
+    """Keep-mask (bool, same shape) that prunes the round(ratio * n) smallest values (stable on ties)."""
+    flat = values.reshape(-1)
+    keep = np.ones(flat.size, dtype=bool)
+    keep[np.argsort(flat, kind="stable")[: int(round(ratio * flat.size))]] = False
+    return keep.reshape(values.shape)
+
+
+def head_mask_from_gates(gates, ratio, scope="global"):
+    """Heads with the smallest gates are pruned; global scope keeps at least one head per layer (official guard:
+    protect the layer's largest gate and rank again until no layer is empty)."""
+    if scope == "layer":
+        return np.stack([prune_lowest(row, ratio) for row in gates])
+    gates = np.array(gates, dtype=np.float64)
+    while True:
+        keep = prune_lowest(gates, ratio)
+        empty = np.flatnonzero(~keep.any(1))
+        if empty.size == 0:
+            return keep
+        gates[empty, gates[empty].argmax(1)] = np.inf
+
+
+def ffn_mask_from_gates(gates, ratio):
+    return prune_lowest(np.asarray(gates), ratio)  # global ranking over all layers, no per-layer minimum
+
+
+def mask_distance(a, b):
+    """Normalised Hamming distance between two binary masks (Early-Bird; EarlyRobust's convergence metric)."""
+    return float(np.mean(np.asarray(a) != np.asarray(b)))
+
+
+def window_converged(head_masks, ffn_masks, epsilon):
+    """True when the oldest mask is within epsilon of every later one, for heads AND neurons; + the distances."""
+    d_head = [mask_distance(head_masks[0], m) for m in head_masks[1:]]
+    d_ffn = [mask_distance(ffn_masks[0], m) for m in ffn_masks[1:]]
+    return max(d_head + d_ffn) < epsilon, d_head, d_ffn
+
+
+def draw_index(head_masks, ffn_masks, epsilon, window):
+    """First checkpoint g with d(g, g+k) < epsilon for k = 1..window (both unit types); None if none yet."""
+    for g in range(len(head_masks) - window):
+        if window_converged(head_masks[g: g + window + 1], ffn_masks[g: g + window + 1], epsilon)[0]:
+            return g
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Physical pruning, FLOPs, save / load of a ticket with per-layer FFN widths
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def prune_model(model, head_keep, ffn_keep, head_scale=None, ffn_scale=None):
+    """Remove pruned heads (Q/K/V rows, attention-output columns) and neurons (intermediate rows, output columns).
+    Kept gate values (--no-rewind) are folded into the output projections, so no gate is needed afterwards."""
+    layers = model.base_model.encoder.layer
+    head_size = layers[0].attention.self.attention_head_size
+    for i, layer in enumerate(layers):
+        if head_scale is not None:  # context of head h is linear in its probabilities: scale its output columns
+            scale = torch.as_tensor(head_scale[i], dtype=torch.float32).repeat_interleave(head_size)
+            layer.attention.output.dense.weight.mul_(scale.to(layer.attention.output.dense.weight))
+        if ffn_scale is not None:
+            layer.output.dense.weight.mul_(torch.as_tensor(ffn_scale[i]).to(layer.output.dense.weight))
+        index = torch.as_tensor(np.flatnonzero(ffn_keep[i]), device=layer.output.dense.weight.device)
+        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
+        layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
+    model.prune_heads({i: np.flatnonzero(~head_keep[i]).tolist() for i in range(len(layers)) if (~head_keep[i]).any()})
+    return model
+
+
+def flops_per_token(model, seq_len):
+    """Analytic forward FLOPs per token of the encoder (2 x multiply-adds): Q,K,V,O projections, attention scores
+    and weighted sum at sequence length seq_len, and the two FFN projections. Embeddings / pooler / head ignored."""
+    total = 0
+    for layer in model.base_model.encoder.layer:
+        d, a = layer.attention.output.dense.out_features, layer.attention.self.all_head_size
+        w = layer.intermediate.dense.out_features
+        total += 2 * (4 * d * a + 2 * seq_len * a + 2 * d * w)
+    return total
+
+
+def save_ticket(model, tokenizer, folder, head_keep, ffn_keep):
+    """config.json (HF re-prunes config.pruned_heads on load) + weights + ticket.json with the per-layer FFN
+    widths a stock BertConfig cannot express. Reload with load_ticket(folder)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "ticket.json"), "w") as f:
+        json.dump({"ffn_widths": [int(k.sum()) for k in ffn_keep], "heads_kept": [int(k.sum()) for k in head_keep],
+                   "head_mask": head_keep.astype(int).tolist(),
+                   "ffn_kept_indices": [np.flatnonzero(k).tolist() for k in ffn_keep]}, f)
+
+
+def load_ticket(folder):
+    """(model, tokenizer) of a saved ticket: build the config's architecture, shrink each FFN, load the weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    with open(os.path.join(folder, "ticket.json")) as f:
+        widths = json.load(f)["ffn_widths"]
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")  # prunes heads
+    for layer, w in zip(model.base_model.encoder.layer, widths):
+        layer.intermediate.dense = nn.Linear(config.hidden_size, w)
+        layer.output.dense = nn.Linear(w, config.hidden_size)
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: FreeLB search of model + gates with L1, online ticket-convergence stop
+# ---------------------------------------------------------------------------------------------------------------
+def sync_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.time()
+
+
+def search_ticket(gated, train_loader, run, args, adversary):
+    device, steps_per_epoch = run.device, len(train_loader)
+    gated.to(device)
+    max_steps = max(1, math.ceil(args.max_search_epochs * steps_per_epoch))
+    every = max(1, round(args.check_every * steps_per_epoch))
+    if every != args.check_every * steps_per_epoch:
+        print(f"[search] checkpoint every {every} steps ({every / steps_per_epoch:.3f} epoch; {steps_per_epoch} "
+              f"steps/epoch)", flush=True)
+    decay = [p for p in gated.parameters() if p.dim() >= 2]  # gates are decayed too, as in the official code
+    no_decay = [p for p in gated.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.search_weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.search_lr)
+    scheduler = linear_schedule(optimizer, max_steps, args.search_warmup)
+    checkpoints, head_masks, ffn_masks, distances = [], [], [], []
+    recent = deque(maxlen=args.window + 1)  # (gates) of the checkpoints in the look-ahead window
+    draw, step, start = None, 0, sync_time(device)
+    bar = tqdm(total=max_steps, desc="search", leave=False, disable=None)
+    while draw is None and step < max_steps:
+        for batch in train_loader:
+            gated.train()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            result = adversarial_backward(gated, batch, adversary, cross_entropy, "freelb", run.autocast)
+            l1 = gated.l1_penalty(args.l1_head, args.l1_ffn)
+            l1.backward()  # once per step, not attacked and not divided by K (official code)
+            torch.nn.utils.clip_grad_norm_(gated.parameters(), GRAD_CLIP)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            run.log({"losses/adv_loss": result.loss, "losses/l1": l1.item(), "charts/search_lr":
+                     scheduler.get_last_lr()[0]}, step)
+            if step % every == 0 or step == max_steps:
+                gates = (gated.head_gates.detach().cpu().numpy().copy(), gated.ffn_gates.detach().cpu().numpy().copy())
+                head_masks.append(head_mask_from_gates(gates[0], args.prune_heads, args.head_scope))
+                ffn_masks.append(ffn_mask_from_gates(gates[1], args.prune_ffn))
+                checkpoints.append({"step": step, "epoch": step / steps_per_epoch})
+                recent.append(gates)
+                g = len(head_masks) - 1
+                if g > 0:
+                    run.log({"sparsity/d_head_prev": mask_distance(head_masks[-2], head_masks[-1]),
+                             "sparsity/d_ffn_prev": mask_distance(ffn_masks[-2], ffn_masks[-1]),
+                             "charts/gate_head_mean": gates[0].mean(), "charts/gate_ffn_mean": gates[1].mean()}, step)
+                if args.draw_at is not None:
+                    if step >= args.draw_at * steps_per_epoch or step == max_steps:
+                        draw = g
+                elif g >= args.window:  # the rule can judge checkpoint g - window now
+                    ok, d_head, d_ffn = window_converged(head_masks[-args.window - 1:], ffn_masks[-args.window - 1:],
+                                                         args.epsilon)
+                    distances.append({"checkpoint": g - args.window, "epoch": checkpoints[-args.window - 1]["epoch"],
+                                      "d_head": d_head, "d_ffn": d_ffn})
+                    run.log({"sparsity/window_max_d_head": max(d_head), "sparsity/window_max_d_ffn": max(d_ffn)},
+                            step)
+                    if ok:
+                        draw = g - args.window
+            if draw is not None or step >= max_steps:
+                break
+    bar.close()
+    seconds = sync_time(device) - start
+    converged = draw is not None
+    if not converged:
+        draw = len(head_masks) - 1  # the search used its whole budget: the ticket comes from the final gates
+        print(f"[search] WARNING: masks did not converge (epsilon {args.epsilon}, window {args.window}) within "
+              f"--max-search-epochs {args.max_search_epochs}; drawing from checkpoint {draw} "
+              f"(epoch {checkpoints[draw]['epoch']:.3f})", flush=True)
+    gates = recent[draw - len(head_masks)]  # draw is always inside the look-ahead window
+    n = len(head_masks)
+    matrix = {"head": [[mask_distance(head_masks[i], head_masks[j]) for j in range(n)] for i in range(n)],
+              "ffn": [[mask_distance(ffn_masks[i], ffn_masks[j]) for j in range(n)] for i in range(n)]}
+    print(f"[search] ticket drawn at epoch {checkpoints[draw]['epoch']:.3f} (step {checkpoints[draw]['step']}); "
+          f"search stopped at epoch {step / steps_per_epoch:.3f} after {seconds:.1f}s "
+          f"({'converged' if converged else 'NOT converged'})", flush=True)
+    return {"head_keep": head_masks[draw], "ffn_keep": ffn_masks[draw], "head_gates": gates[0], "ffn_gates": gates[1],
+            "converged": converged, "rule": "convergence" if args.draw_at is None else "draw-at",
+            "draw_checkpoint": draw, "draw_epoch": checkpoints[draw]["epoch"],
+            "draw_step": checkpoints[draw]["step"], "stop_epoch": step / steps_per_epoch, "stop_step": step,
+            "seconds": seconds, "checkpoints": checkpoints, "window_distances": distances, "distance_matrix": matrix}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing helpers (speed report and --bench)
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def inference_throughput(model, loader, run):
+    """Sentences per second of forward passes over `loader` (after one warm-up batch)."""
+    model.eval().to(run.device)
+    batches = [{k: v.to(run.device) for k, v in b.items() if k != "labels"} for b in loader]
+    with run.autocast():
+        model(**batches[0])
+        start = sync_time(run.device)
+        for _ in range(THROUGHPUT_REPEATS):
+            for b in batches:
+                model(**b)
+    return THROUGHPUT_REPEATS * sum(b["input_ids"].size(0) for b in batches) / (sync_time(run.device) - start)
+
+
+def seconds_per_step(model, loader, run, adversary, n_steps):
+    """Mean wall-clock of n_steps optimiser steps (FreeLB when adversary.steps > 0), after one warm-up step."""
+    model.to(run.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batches = [b for _, b in zip(range(n_steps + 1), iter(loader))]
+    for i, batch in enumerate(batches):
+        if i == 1:
+            start = sync_time(run.device)
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        adversarial_backward(model, batch, adversary, cross_entropy, "freelb", run.autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (sync_time(run.device) - start) / max(1, len(batches) - 1)
+
+
+def fresh_model(args, num_labels, train_loader=None):
+    """The pre-trained model with the seeded classifier; also restarts the shuffled batch order, so the ticket and
+    both baselines see the same classifier initialisation and the same batches."""
+    set_seed(args.seed)
+    if train_loader is not None:
+        train_loader.generator.manual_seed(args.seed)
+    return load_model(args.model, num_labels, args.max_seq_length, os.path.join(args.output_dir, ".tiny-bert"))[0]
+
+
+def dense_row(args, data, tokenizer, run, loaders, setting, adversary):
+    """Train the dense model (plain CE or FreeLB) with the fine-tuning budget; one results row."""
+    print(f"=== Baseline: {SETTINGS[setting]} (dense, {args.epochs} epochs) ===", flush=True)
+    model = fresh_model(args, data.num_labels, loaders["train"])
+    row = results_template(args, METHOD, SETTINGS[setting], model)
+    ft = finetune(model, loaders["train"], loaders["dev"], run, args.epochs, args.lr, args.weight_decay, args.warmup,
+                  adversary=adversary if setting == "freelb" else None, tag=setting)
+    row.update(dev_accuracy=100.0 * ft["dev_accuracy"], sparsity=0.0, compression=1.0)
+    row["wall_clock"].update(train=ft["seconds"], finetune=ft["seconds"])
+    row["extra"].update(flops_per_token=flops_per_token(model, args.max_seq_length),
+                        throughput=inference_throughput(model, loaders["test"], run))
+    evaluate(model, tokenizer, data, args, run, row, f"{setting}_")
+    return row, model
+
+
+def evaluate(model, tokenizer, data, args, run, results, prefix):
+    """common.evaluate_model; with --attacks none only the clean accuracy (TextAttack is never imported)."""
+    if parse_attacks(args.attacks):
+        return evaluate_model(model, tokenizer, data, args, run, results, prefix=prefix)
+    test = make_loader(tokenize(data, data.test, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size,
+                       shuffle=False)
+    results["clean_accuracy"] = 100.0 * evaluate_accuracy(model, test, run.device, run.autocast)
+    print(f"[eval {prefix}] clean test accuracy {results['clean_accuracy']:.2f}% (n={len(data.test)})", flush=True)
+    return results
+
+
+def row_of(r):
+    keep = ("setting", "params", "sparsity", "compression", "wall_clock", "dev_accuracy", "clean_accuracy", "attacks",
+            "pgd_accuracy")
+    return {**{k: r[k] for k in keep}, **{k: r["extra"].get(k) for k in ("flops_per_token", "throughput")}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main: Stage 1 search -> Stage 2 draw (rewind + prune) -> Stage 3 fine-tune the ticket
+# ---------------------------------------------------------------------------------------------------------------
+def setup(args):
+    """Checked flags, the run folder, data, tokenizer, shuffled train / dev / test loaders and the adversary."""
+    validate_args(args)
+    run = start_run(args, METHOD)
+    data = load_task(args)
+    model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
+                                  os.path.join(args.output_dir, ".tiny-bert"))
+    check_ratios_fit(model.config, args)
+    enc = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev", "test")}
+    loaders = {"train": make_loader(enc["train"], tokenizer, args.batch_size, shuffle=True, seed=args.seed),
+               "dev": make_loader(enc["dev"], tokenizer, args.eval_batch_size, shuffle=False),
+               "test": make_loader(enc["test"], tokenizer, args.eval_batch_size, shuffle=False)}
+    return run, data, tokenizer, loaders, adversary_from_args(args)
+
+
+def main(args):
+    run, data, tokenizer, loaders, adversary = setup(args)
+    if args.baseline:
+        results, _ = dense_row(args, data, tokenizer, run, loaders, args.baseline, adversary)
+        results["extra"]["rows"] = [row_of(results)]
+        print_summary([(results["setting"], results)])
+        return finish_run(run, results)
+
+    # ---- Stage 1: search (FreeLB + L1 on gates) until the ticket masks converge ----
+    print(f"=== Stage 1: FreeLB search with slimming gates (K={adversary.steps}) ===", flush=True)
+    model = fresh_model(args, data.num_labels, loaders["train"])
+    dense = count_params(model)
+    dense_flops = flops_per_token(model, args.max_seq_length)
+    rewind_state = state_copy(model)  # checkpoint-0: pre-trained weights + seeded classifier
+    gated = GatedBert(model)
+    search = search_ticket(gated, loaders["train"], run, args, adversary)
+
+    # ---- Stage 2: draw the ticket, rewind to the pre-trained weights, prune physically ----
+    print("=== Stage 2: draw, rewind and prune ===", flush=True)
+    start = sync_time(run.device)
+    model = gated.remove()
+    scales = (None, None)
+    if args.rewind:
+        model.load_state_dict(rewind_state)
+    else:
+        scales = (search["head_gates"], search["ffn_gates"])
+    prune_model(model, search["head_keep"], search["ffn_keep"], *scales)
+    draw_seconds = sync_time(run.device) - start
+    ticket = count_params(model)
+    print(f"[draw] heads kept per layer {search['head_keep'].sum(1).tolist()}, FFN widths "
+          f"{search['ffn_keep'].sum(1).tolist()}; params {ticket['total']:,} / {dense['total']:,}", flush=True)
+
+    # ---- Stage 3: fine-tune the ticket (plain CE as the paper, or FreeLB with --finetune-adv) ----
+    print("=== Stage 3: fine-tune the ticket ===", flush=True)
+    loaders["train"].generator.manual_seed(args.seed)  # the baselines' batch order
+    ft = finetune(model, loaders["train"], loaders["dev"], run, args.epochs, args.lr, args.weight_decay, args.warmup,
+                  adversary=adversary if args.finetune_adv else None, tag="ticket")
+    save_ticket(model, tokenizer, os.path.join(run.dir, "ticket"), search["head_keep"], search["ffn_keep"])
+
+    results = results_template(args, METHOD, SETTINGS["ticket"], model)
+    train_seconds = search["seconds"] + draw_seconds + ft["seconds"]
+    results.update(dev_accuracy=100.0 * ft["dev_accuracy"], compression=dense["total"] / ticket["total"],
+                   sparsity=1 - ticket["non_embedding"] / dense["non_embedding"])
+    results["wall_clock"].update(search=search["seconds"], draw=draw_seconds, finetune=ft["seconds"],
+                                 train=train_seconds)
+    flops = flops_per_token(model, args.max_seq_length)
+    results["extra"].update(
+        {k: v for k, v in search.items() if k not in ("head_keep", "ffn_keep", "head_gates", "ffn_gates", "seconds")},
+        heads_kept=search["head_keep"].sum(1).tolist(), ffn_widths=search["ffn_keep"].sum(1).tolist(),
+        dense_params=dense, flops_per_token=flops, dense_flops_per_token=dense_flops, flops_ratio=flops / dense_flops,
+        throughput=inference_throughput(model, loaders["test"], run), ticket_dir="ticket")
+    evaluate(model, tokenizer, data, args, run, results, "ticket_")
+    rows = [(results["setting"], results)]
+    if args.with_baselines:
+        for setting in ("freelb", "finetune"):
+            row, _ = dense_row(args, data, tokenizer, run, loaders, setting, adversary)
+            rows.append((row["setting"], row))
+        results["extra"]["dense_throughput"] = rows[1][1]["extra"]["throughput"]
+        freelb_seconds = rows[1][1]["wall_clock"]["train"]
+    elif args.baseline_results:
+        with open(args.baseline_results) as f:
+            freelb_seconds = json.load(f)["wall_clock"].get("train")
+    else:
+        freelb_seconds = None
+    if "dense_throughput" not in results["extra"]:
+        results["extra"]["dense_throughput"] = inference_throughput(fresh_model(args, data.num_labels), loaders["test"],
+                                                                    run)
+    results["extra"]["throughput_ratio"] = results["extra"]["throughput"] / results["extra"]["dense_throughput"]
+    if freelb_seconds:  # spec §2.10: speed-up = T_FreeLB / (T_search incl. look-ahead + T_draw + T_finetune)
+        results["extra"].update(freelb_train_seconds=freelb_seconds, speedup_vs_freelb=freelb_seconds / train_seconds)
+    results["extra"]["rows"] = [row_of(r) for _, r in rows]
+    print(f"[speed] search {search['seconds']:.1f}s + draw {draw_seconds:.2f}s + fine-tune {ft['seconds']:.1f}s = "
+          f"{train_seconds:.1f}s" + (f"; FreeLB {freelb_seconds:.1f}s -> speed-up "
+                                     f"{freelb_seconds / train_seconds:.2f}x" if freelb_seconds else "")
+          + f"; inference {results['extra']['throughput_ratio']:.2f}x dense; FLOPs {flops / dense_flops:.3f} of dense",
+          flush=True)
+    print_summary(rows)
+    finish_run(run, results)
+
+
+def bench(args):
+    """Time-to-ticket vs FreeLB steps, projected speed-up (cost model of the README), ticket vs dense inference."""
+    run, data, _, loaders, adversary = setup(args)
+    train, test = loaders["train"], loaders["test"]
+    dense_model = fresh_model(args, data.num_labels)
+    freelb_step = seconds_per_step(dense_model, train, run, adversary, args.bench_steps)
+    dense_throughput = inference_throughput(dense_model, test, run)
+    gated = GatedBert(fresh_model(args, data.num_labels))
+    search = search_ticket(gated, train, run, args, adversary)
+    ticket = prune_model(gated.remove(), search["head_keep"], search["ffn_keep"])
+    ticket_step = seconds_per_step(ticket, train, run, type(adversary)(steps=0), args.bench_steps)  # plain CE
+    budget = args.epochs * len(train)
+    out = {"search_seconds": search["seconds"], "draw_epoch": search["draw_epoch"], "stop_epoch": search["stop_epoch"],
+           "converged": search["converged"], "freelb_seconds_per_step": freelb_step,
+           "ticket_ce_seconds_per_step": ticket_step, "search_in_freelb_steps": search["seconds"] / freelb_step,
+           "projected_freelb_seconds": freelb_step * budget,
+           "projected_ticket_seconds": search["seconds"] + ticket_step * budget,
+           "inference_speedup": inference_throughput(ticket, test, run) / dense_throughput,
+           "flops_ratio": flops_per_token(ticket, args.max_seq_length) / flops_per_token(dense_model,
+                                                                                         args.max_seq_length),
+           "params_ratio": count_params(ticket)["total"] / count_params(dense_model)["total"]}
+    out["projected_speedup"] = out["projected_freelb_seconds"] / out["projected_ticket_seconds"]
+    for k, v in out.items():
+        print(f"[bench] {k:<28} {v:.4g}" if isinstance(v, float) else f"[bench] {k:<28} {v}", flush=True)
+    with open(os.path.join(run.dir, "bench.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    run.writer.close()
+
+
+if __name__ == "__main__":
+    with usage_errors():
+        cli_args = parse_args()
+        bench(cli_args) if cli_args.bench else main(cli_args)
