@@ -1,0 +1,228 @@
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, needs_nltk
+
+import adapter_mixup as am
+import common
+
+TOY_TEXTS = ["the movie was really good", "a plot is very bad", "this film felt quite dull and boring",
+             "the cast was brilliant", "overall the ending is lousy", "a story was pleasant"]
+
+
+def adapted_tiny(tmp_path, n_sets=3, adapter_type="houlsby"):
+    """Tiny BERT with n_sets adapter sets made different from each other (as if trained)."""
+    model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
+    mixture = am.add_adapters(model, n_sets, adapter_type, 4, "relu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in range(n_sets):
+            for p in am.set_params(model, k):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    return model, tokenizer, mixture
+
+
+def encode(tokenizer, texts=TOY_TEXTS):
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def logits_of(model, mixture, enc, sets, beta=None):
+    mixture.use(sets, beta)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def quick_args(tmp_path, *extra):
+    return am.parse_args(["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(tmp_path),
+                          "--max-seq-length", "64", "--attacks", "none", "--max-train-examples", "64",
+                          "--max-eval-examples", "32", "--epochs", "1", "--adv-epochs", "1", "--lr", "1e-2",
+                          "--reduction-factor", "4", "--batch-size", "16", "--beta-grid-step", "0.5",
+                          "--train-attacks", "deepwordbug", "--adv-train-examples", "6", *extra])
+
+
+def test_beta_one_and_zero_reproduce_each_adapter_exactly(tmp_path):
+    model, tokenizer, mixture = adapted_tiny(tmp_path)
+    enc = encode(tokenizer)
+    alone = [logits_of(model, mixture, enc, [k]) for k in (0, 1)]
+    assert not torch.allclose(alone[0], alone[1])  # the sets really differ
+    assert torch.equal(logits_of(model, mixture, enc, [0, 1], [1.0, 0.0]), alone[0])
+    assert torch.equal(logits_of(model, mixture, enc, [0, 1], [0.0, 1.0]), alone[1])
+    per_example = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(3, 1)  # alternate sets within one batch
+    mixed = logits_of(model, mixture, enc, [0, 1], per_example)
+    assert torch.equal(mixed[0::2], alone[0][0::2]) and torch.equal(mixed[1::2], alone[1][1::2])
+
+
+def test_per_example_output_mixing_equals_building_the_mixed_weights(tmp_path):
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=4)
+    enc = encode(tokenizer)
+    beta = torch.distributions.Dirichlet(torch.ones(3)).sample((len(TOY_TEXTS),))
+    mixed = logits_of(model, mixture, enc, [0, 1, 2], beta)
+    for i in range(len(TOY_TEXTS)):
+        am.merge_sets(model, [0, 1, 2], beta[i].tolist(), 3)  # phi_mix written into set 3
+        built = logits_of(model, mixture, {k: v[i: i + 1] for k, v in enc.items()}, [3])
+        assert torch.allclose(mixed[i: i + 1], built, atol=1e-5), (mixed[i], built)
+    assert not torch.allclose(mixed, logits_of(model, mixture, enc, [0]), atol=1e-3)
+
+
+def test_dynamic_beta_favours_the_confident_adapter_and_sums_to_one(tmp_path, toy_args):
+    entropies = torch.tensor([[0.1, 0.6], [0.6, 0.1], [0.3, 0.3]])
+    for rule in ("inverse-entropy", "softmax"):
+        beta = am.dynamic_beta(entropies, rule)
+        assert torch.allclose(beta.sum(-1), torch.ones(3))
+        assert beta[0, 0] > beta[0, 1] and beta[1, 1] > beta[1, 0] and torch.isclose(beta[2, 0], beta[2, 1])
+    assert torch.allclose(am.dynamic_beta(entropies)[:, 0], entropies[:, 1] / entropies.sum(1))  # m = 1 closed form
+    model, tokenizer, mixture = adapted_tiny(tmp_path)
+    with torch.no_grad():  # make adapter set 1 far more confident: scale its classifier
+        model.classifier.linears[1].weight.mul_(50), model.classifier.linears[1].bias.mul_(50)
+    toy_args.beta_grid_step, toy_args.temperature = 0.1, 1.0
+    for rule in ("inverse-entropy", "min-entropy"):
+        predict = am.MixupPredictor(model, tokenizer, mixture, [0, 1], "dynamic", toy_args, torch.device("cpu"),
+                                    nullcontext, rule)
+        logits, beta = predict.run(TOY_TEXTS)
+        assert np.allclose(beta.sum(1), 1) and (beta[:, 1] > beta[:, 0]).all()
+        assert logits.shape == (len(TOY_TEXTS), 2) and predict.passes == (3 if rule == "inverse-entropy" else 11)
+
+
+def test_backbone_bit_identical_and_other_sets_unchanged_after_training(tmp_path):
+    args = quick_args(tmp_path)
+    am.validate(args)
+    run = common.start_run(args, am.METHOD)
+    data = common.load_task(args)
+    model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
+    mixture = am.add_adapters(model, 2, "houlsby", 4, "relu")
+    backbone = {n: p.clone() for n, p in model.named_parameters() if ".linears." not in n or "pooler" in n}
+    backbone = {n: p for n, p in backbone.items() if ".linears." not in n}
+    before = [am.set_state(model, k) for k in (0, 1)]
+    rows = list(zip(common.texts_of(data, data.train), data.train["label"]))
+    am.train_set(model, mixture, 0, rows[:32], rows[32:48], data, tokenizer, run, args, 1, 1e-2, "t")
+    after = dict(model.named_parameters())
+    assert backbone and all(torch.equal(p, after[n]) for n, p in backbone.items())
+    assert not all(torch.equal(v, am.set_state(model, 0)[k]) for k, v in before[0].items())
+    assert all(torch.equal(v, am.set_state(model, 1)[k]) for k, v in before[1].items())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@needs_nltk
+def test_adversarial_cache_round_trips_and_resumes(tmp_path, toy_args, monkeypatch):
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
+    predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"),
+                                nullcontext)
+    samples = [(t, i % 2) for i, t in enumerate(TOY_TEXTS[:4])]
+    path = str(tmp_path / "adv.jsonl")
+    first = am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args)
+    assert [r["index"] for r in first] == [0, 1, 2, 3]
+    assert {r["status"] for r in first} <= {"successful", "failed", "skipped"}
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:  # interrupted after two examples, in the middle of writing the third
+        f.write("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    attacked = []
+    real_build = am.build_attack
+
+    def counting_build(*a, **k):
+        attack = real_build(*a, **k)
+        real_attack = attack.attack
+        attack.attack = lambda example, label: attacked.append(example) or real_attack(example, label)
+        return attack
+
+    monkeypatch.setattr(am, "build_attack", counting_build)
+    resumed = am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args)
+    assert attacked == [TOY_TEXTS[2], TOY_TEXTS[3]]
+    assert resumed[:2] == first[:2] and [r["index"] for r in resumed] == [0, 1, 2, 3]  # cached lines kept as is
+    attacked.clear()
+    assert am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args) == resumed
+    assert attacked == []  # a finished cache is never attacked again
+
+
+def test_bad_flags_end_with_one_line_and_exit_2(tmp_path):
+    for flags, message in ((["--beta", "1.5"], "--beta must be in [0, 1], got 1.5"),
+                           (["--beta", "often"], "--beta must be a number"),
+                           (["--train-attacks", "pwws,nope"], "unknown attack 'nope' in --train-attacks")):
+        with pytest.raises(common.UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            am.validate(quick_args(tmp_path, *flags))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "adapter_mixup.py"), "--beta", "-0.2"],
+                         capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: --beta must be in [0, 1], got -0.2"
+
+
+def fake_generation(successes):
+    def generate(name, predict, samples, columns, path, args, resources=None):
+        return [{"index": i, "label": y, "status": "successful" if i < successes else "failed", "original": t,
+                 "perturbed": t.replace("good", "g00d").replace("bad", "b4d")} for i, (t, y) in enumerate(samples)]
+    return generate
+
+
+def test_empty_adversarial_set_is_reported_and_the_run_still_finishes(tmp_path, monkeypatch):
+    monkeypatch.setattr(am, "generate_adversarial", fake_generation(0))
+    results = am.main(quick_args(tmp_path))
+    extra = results["extra"]
+    assert extra["known_attacks"] == [] and "no deepwordbug attack succeeded" in extra["warnings"][0]
+    assert [r["key"] for r in extra["rows"]] == ["clean"] and results["clean_accuracy"] is not None
+    again = am.main(quick_args(tmp_path))  # the same flags: the clean adapter comes back from the cache
+    assert again["extra"]["training"]["clean"]["cached"].endswith(".pt")
+    assert again["clean_accuracy"] == results["clean_accuracy"]
+
+
+def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkeypatch):
+    monkeypatch.setattr(am, "generate_adversarial", fake_generation(5))
+    results = am.main(quick_args(tmp_path, "--beta", "dev", "--baseline", "full-at", "--full-epochs", "1"))
+    rows = {r["key"]: r for r in results["extra"]["rows"]}
+    assert list(rows) == ["clean", "adv-deepwordbug", "at", "soup", "v1", "v2", "full-at"]
+    assert rows["v2"]["passes_per_example"] == 3 and rows["v1"]["passes_per_example"] == 1
+    assert rows["v2"]["params"]["trainable"] == 2 * rows["clean"]["params"]["trainable"]
+    assert rows["full-at"]["params"]["trainable_pct_of_backbone"] == 100.0
+    assert 0 < rows["clean"]["params"]["trainable_pct_of_backbone"] < 100
+    assert results["setting"] == rows["v1"]["setting"] and results["extra"]["beta_v1"] in (0.0, 0.5, 1.0)
+    assert [p["beta"] for p in results["extra"]["beta_curve"]["points"]] == [0.0, 0.5, 1.0]
+    assert results["extra"]["adversarial_data"]["deepwordbug"]["kept_train"] == 4
+    run = next(os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("toy__"))
+    assert os.path.isfile(os.path.join(run, "beta_curve.csv")) and os.path.isfile(os.path.join(run, "beta_curve.png"))
+    assert json.load(open(os.path.join(run, "results.json")))["extra"]["rows"][4]["key"] == "v1"
+    # the checkpoint loads back into a fresh adapted model: same weights, same v2-free clean logits
+    ckpt = torch.load(os.path.join(run, "adapters.pt"))
+    model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
+    mixture = am.add_adapters(model, len(ckpt["slots"]), "houlsby", 4, "relu")
+    for k, name in enumerate(ckpt["slots"]):
+        am.load_set_state(model, k, ckpt["state"][name])
+    assert all(torch.equal(am.set_state(model, k)[t], v) for k, name in enumerate(ckpt["slots"])
+               for t, v in ckpt["state"][name].items())
+    assert any(f.startswith("clean_") for f in os.listdir(os.path.join(tmp_path, "adpmixup_cache")))
+
+
+def test_bench_reports_adapter_and_full_costs(tmp_path, capsys):
+    out = am.main(quick_args(tmp_path, "--bench", "--bench-steps", "1"))
+    assert set(out["timing"]) == {"full fine-tuning", "adapter set"}
+    assert out["timing"]["adapter set"][1] < out["timing"]["full fine-tuning"][1]
+    assert "inference passes per example" in capsys.readouterr().out
+
+
+@needs_nltk
+def test_textfooler_generation_runs_offline_with_injected_substitutes(tmp_path, toy_args):
+    from conftest import minilm_or_skip
+
+    resources = common.offline_attack_resources(minilm_or_skip())  # neighbour table cached in TA_CACHE_DIR
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
+    predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"), nullcontext)
+    samples = [(t, 1) for t in TOY_TEXTS[:2]]
+    records = am.generate_adversarial("textfooler", predict, samples, ("sentence",), str(tmp_path / "tf.jsonl"),
+                                      toy_args, resources)
+    assert [r["index"] for r in records] == [0, 1] and all(r["seconds"] >= 0 for r in records)
+
+
+@needs_nltk
+def test_pair_inputs_are_attacked_and_cached_as_pairs(tmp_path, toy_args):
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=2)
+    toy_args.temperature, toy_args.beta_grid_step = 1.0, 0.1
+    predict = am.MixupPredictor(model, tokenizer, mixture, [0, 1], "dynamic", toy_args, torch.device("cpu"),
+                                nullcontext)
+    pairs = [(("the movie was good", "a plot is bad"), 0), (("the cast was brilliant", "the story was fine"), 1)]
+    assert predict([p for p, _ in pairs]).shape == (2, 2)
+    records = am.generate_adversarial("deepwordbug", predict, pairs, ("premise", "hypothesis"),
+                                      str(tmp_path / "pairs.jsonl"), toy_args)
+    assert all(len(r["perturbed"]) == 2 and r["original"] == list(p) for r, (p, _) in zip(records, pairs))
