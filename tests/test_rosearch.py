@@ -1,0 +1,236 @@
+# Tests of rosearch.py (README.md section "RoSearch"): search space, ops and padding, evolution, resume, CLI.
+import json
+import os
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import rosearch as rs
+from common import UsageError, count_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_OPS = ["conv3", "max_pool3", "identity"]
+
+
+def make_space(ops=None, max_cells=3, hidden=(8, 16), min_compression=1.0):
+    return rs.Space(list(ops or rs.OPS), 1, max_cells, list(hidden), embed_dim=16, num_labels=2,
+                    embedding_params=1000, embedding_tables=968,
+                    teacher_params={"total": 60_000, "non_embedding": 59_000}, min_compression=min_compression)
+
+
+def evo_args(**kw):
+    base = dict(seed=3, population=8, tournament=3, cycles=20, crossover_prob=0.3)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def planted_fitness(target):
+    """A deterministic stand-in for KD + probe attack: closeness to a planted genotype."""
+    def evaluate(genotype, index):
+        dist = abs(len(genotype["cells"]) - len(target["cells"])) + (genotype["hidden"] != target["hidden"])
+        for c, cell in enumerate(genotype["cells"][: len(target["cells"])]):
+            dist += sum(e != t for n, tn in zip(cell, target["cells"][c]) for e, t in zip(n, tn))
+        score = 100.0 - 5.0 * dist
+        return {"R": score, "A": score, "E": 0.5, "E_max": 1.0, "params": {"total": 1, "non_embedding": 1},
+                "compression": {"total": 2.0, "non_embedding": 2.0}}
+    return evaluate
+
+
+def test_genotype_json_roundtrip_and_stable_hash():
+    genotype = {"hidden": 128, "cells": [[[[1, "conv3"], [0, "identity"]], [[2, "zero"], [1, "max_pool3"]],
+                                          [[3, "conv7"], [2, "dil_conv5"]]]]}
+    back = json.loads(json.dumps(genotype))
+    assert back == genotype and rs.genotype_hash(back) == rs.genotype_hash(genotype)
+    assert rs.genotype_hash({"cells": genotype["cells"], "hidden": 128}) == rs.genotype_hash(genotype)
+    assert rs.genotype_hash(genotype) == "381a53de9747"  # pinned: a hash may never change across versions
+    other = json.loads(json.dumps(genotype))
+    other["cells"][0][0][0][1] = "conv5"
+    assert rs.genotype_hash(other) != rs.genotype_hash(genotype)
+
+
+def test_random_genotypes_valid_and_within_budget():
+    space = make_space(max_cells=4, hidden=(8, 16, 32), min_compression=6.0)
+    history = rs.evolve(space, evo_args(population=30, cycles=0), [0.5, 0.5, 0.0], planted_fitness(
+        rs.random_genotype(space, random.Random(0))))
+    assert len({r["hash"] for r in history}) == 30
+    for r in history:
+        assert rs.is_valid(r["genotype"], space) and rs.within_budget(r["genotype"], space)
+    rng = random.Random(1)
+    assert all(rs.is_valid(rs.random_genotype(space, rng), space) for _ in range(200))
+
+
+def test_meta_param_count_matches_the_built_student():
+    from common import tiny_bert
+
+    teacher, _ = tiny_bert(2, "/tmp/rosearch_test_tiny")
+    emb = teacher.base_model.embeddings
+    space = rs.Space(list(rs.OPS), 1, 3, [16], 64, 2, sum(p.numel() for p in emb.parameters()),
+                     sum(m.weight.numel() for m in emb.modules() if isinstance(m, torch.nn.Embedding)),
+                     count_params(teacher))
+    ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
+                          run=SimpleNamespace(device=torch.device("cpu")))
+    for seed in range(5):
+        genotype = rs.random_genotype(space, random.Random(seed))
+        assert rs.student_params(genotype, space) == count_params(rs.build_student(genotype, ctx))
+
+
+@pytest.mark.parametrize("name", list(rs.OPS))
+def test_every_op_keeps_shape_and_ignores_padding(name):
+    torch.manual_seed(0)
+    op = rs.Op(name, 8, heads=2).eval()
+    x = torch.randn(2, 9, 8)
+    mask = torch.ones(2, 9, 1)
+    mask[1, 5:] = 0
+    garbage = x.clone()
+    garbage[1, 5:] = 1e3 * torch.randn(4, 8)
+    y, y_garbage = op(x, mask), op(garbage, mask)
+    assert y.shape == x.shape
+    assert torch.allclose(y, y_garbage, atol=1e-5)
+    assert torch.all(y[1, 5:] == 0) and torch.isfinite(y).all()
+
+
+def test_student_logits_ignore_padded_tokens_and_checkpoint_loads_back(tmp_path):
+    from common import tiny_bert
+
+    teacher, _ = tiny_bert(2, str(tmp_path / "tiny"))
+    space = rs.Space(list(rs.OPS), 1, 3, [8], 64, 2, 1, 0, count_params(teacher), heads=2)
+    ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
+                          run=SimpleNamespace(device=torch.device("cpu")))
+    genotype = {"hidden": 8, "cells": [rs.random_cell(space, random.Random(s)) for s in range(3)]}
+    student = rs.build_student(genotype, ctx).eval()
+    ids = torch.tensor([[2, 40, 41, 42, 3, 0, 0], [2, 40, 41, 42, 3, 77, 88]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]] * 2)
+    logits = student(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert not any(p.requires_grad for p in student.embeddings.parameters())
+    torch.save({"genotype": genotype, "state_dict": student.state_dict(),
+                "config": {"embed_dim": 64, "num_labels": 2, "heads": 2}}, tmp_path / "student.pt")
+    back = rs.load_student(str(tmp_path / "student.pt"), teacher).eval()
+    assert torch.allclose(back(input_ids=ids, attention_mask=mask), logits)
+
+
+def test_mutation_and_crossover_produce_valid_genotypes():
+    space = make_space(max_cells=4, hidden=(8, 16, 32))
+    rng = random.Random(0)
+    kinds_seen = set()
+    for _ in range(300):
+        a, b = rs.random_genotype(space, rng), rs.random_genotype(space, rng)
+        child = rs.mutate(a, space, rng)
+        assert rs.is_valid(child, space) and child != a
+        kinds_seen.add((len(child["cells"]) != len(a["cells"]), child["hidden"] != a["hidden"]))
+        assert rs.is_valid(rs.mutate(rs.crossover(a, b, rng), space, rng), space)
+    assert kinds_seen == {(False, False), (True, False), (False, True)}  # op/input, depth and width all happen
+    assert rs.is_valid(a, space) and not rs.is_valid({"hidden": 8, "cells": [[[[2, "conv3"]] * 2] * 3]}, space)
+
+
+def test_evolution_finds_a_planted_optimum():
+    space = make_space(ops=SMALL_OPS, max_cells=2, hidden=(8,))
+    target = {"hidden": 8, "cells": [[[[1, "conv3"], [0, "identity"]], [[2, "max_pool3"], [1, "conv3"]],
+                                      [[3, "identity"], [2, "conv3"]]]]}
+    history = rs.evolve(space, evo_args(population=10, tournament=4, cycles=250, crossover_prob=0.0),
+                        [0.5, 0.5, 0.0], planted_fitness(target))
+    best = max(history, key=lambda r: r["fitness"])
+    assert best["genotype"] == target
+    assert max(r["fitness"] for r in history[:10]) < best["fitness"]  # found by evolution, not the initial draw
+
+
+def test_resume_after_interruption_reproduces_the_history(tmp_path, capsys):
+    space = make_space(ops=SMALL_OPS, max_cells=3)
+    target = rs.random_genotype(space, random.Random(9))
+    args, weights = evo_args(), [0.5, 0.5, 0.1]
+    full = rs.evolve(space, args, weights, planted_fitness(target))
+    path = tmp_path / "history_rosearch.jsonl"
+    stand_in = planted_fitness(target)
+
+    def interrupted(genotype, index):
+        if index == 13:
+            raise KeyboardInterrupt
+        return stand_in(genotype, index)
+
+    def append(record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    with pytest.raises(KeyboardInterrupt):
+        rs.evolve(space, args, weights, interrupted, on_record=append)
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4][:40]  # a torn write in the middle of the file
+    path.write_text("\n".join(lines) + "\n")
+    stored = rs.read_history(str(path))
+    assert "line 5 is corrupt" in capsys.readouterr().err and len(stored) == 12
+    calls = []
+    resumed = rs.evolve(space, args, weights, lambda g, i: calls.append(i) or stand_in(g, i), stored)
+    assert calls == [4] + list(range(13, args.population + args.cycles))  # only the lost and the new ones
+    assert [(r["hash"], r["fitness"]) for r in resumed] == [(r["hash"], r["fitness"]) for r in full]
+
+
+def test_bad_search_spaces_are_one_line_errors(tmp_path):
+    with pytest.raises(UsageError, match="no genotype meets --min-compression"):
+        rs.check_space(make_space(hidden=(64,), min_compression=1000.0))
+    with pytest.raises(UsageError, match="search space exhausted"):
+        rs.evolve(make_space(ops=["identity"], max_cells=1, hidden=(8,)),  # 576 genotypes < P
+                  evo_args(population=600, tournament=2, cycles=0), [1, 1, 0],
+                  planted_fitness({"hidden": 8, "cells": []}))
+    (tmp_path / "history_rosearch.jsonl").write_text("not json\n{\"index\": 1}\n")
+    with pytest.raises(UsageError, match="no valid line"):
+        rs.read_history(str(tmp_path / "history_rosearch.jsonl"))
+    for flags, message in [(["--ops", "conv9"], "unknown op 'conv9'"), (["--fitness-weights", "0,0,1"], r"w_r \+ w_a"),
+                           (["--min-cells", "3", "--max-cells", "2"], "--max-cells")]:
+        with pytest.raises(UsageError, match=message):
+            rs.validate(rs.parse_args(["--task", "toy", "--model", "tiny", *flags]))
+    out = subprocess.run([sys.executable, "rosearch.py", "--task", "toy", "--model", "tiny", "--ops", ""], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: --ops is empty"), out.stderr
+
+
+def test_kd_loss_limits():
+    logits, teacher = torch.randn(4, 2), torch.randn(4, 2)
+    batch = {"labels": torch.tensor([0, 1, 1, 0]), "teacher_logits": teacher}
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    assert torch.allclose(rs.kd_loss(0.0, 2.0)(logits, batch), ce)
+    assert rs.kd_loss(1.0, 2.0)(teacher, batch).abs() < 1e-6
+    assert rs.kd_loss(1.0, 2.0)(logits, batch) > 0
+
+
+def run_cli(tmp_path, capsys, *flags):
+    """The script's main() in-process (saves the interpreter start); returns what it printed."""
+    argv = ["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(tmp_path / "runs"), "--cache-dir",
+            str(tmp_path / "cache"), "--max-train-examples", "64", "--max-eval-examples", "40", "--max-seq-length",
+            "32",
+            "--epochs", "1", "--lr", "1e-3", "--attacks", "none", "--hidden", "8", "--max-cells", "2",
+            "--proxy-epochs", "1", "--final-epochs", "1", "--top-k", "1", "--probe-examples", "3", "--speed-examples",
+            "16", "--student-batch-size", "32", "--population", "3", "--tournament", "2", "--cycles", "1", *flags]
+    capsys.readouterr()
+    rs.main(rs.parse_args(argv))
+    return capsys.readouterr().out
+
+
+def test_cli_search_rows_attack_probe_resume_and_bench(tmp_path, capsys):
+    # one real run: tiny teacher, DeepWordBug probe on 3 dev sentences, 3 + 1 candidates, teacher + hand-made rows
+    out = run_cli(tmp_path, capsys, "--fitness-attack", "deepwordbug", "--extra-rows", "teacher,handmade",
+                  "--handmade-cells", "1")
+    (run_dir,) = [os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs")]
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert results["setting"] == "RoSearch student" and results["compression"] > 1
+    assert [r["setting"] for r in results["extra"]["rows"]] == ["hand-made student", "teacher"]
+    assert results["extra"]["compression"]["non_embedding"] >= 4.6
+    history = [json.loads(line) for line in open(os.path.join(run_dir, "history_rosearch.jsonl"))]
+    assert len(history) == 4 and all(0 <= r["R"] <= 100 for r in history)
+    assert {"R", "A", "E", "params", "fitness", "genotype"} <= set(history[0])
+    assert os.path.isfile(os.path.join(run_dir, "analysis.md")) and "bench" not in out
+    # resume from a history cut after two candidates with a corrupt last line: same history, no teacher re-run
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    lines = open(os.path.join(run_dir, "history_rosearch.jsonl")).read().splitlines()
+    (cut / "history_rosearch.jsonl").write_text("\n".join(lines[:2] + ["{garbage"]) + "\n")
+    out = run_cli(tmp_path, capsys, "--fitness-attack", "deepwordbug", "--extra-rows", "none", "--resume", str(cut))
+    assert "fine-tuning" not in out and "resuming: 2 stored" in out
+    resumed_dir = max((os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs")), key=os.path.getmtime)
+    resumed = [json.loads(line) for line in open(os.path.join(resumed_dir, "history_rosearch.jsonl"))]
+    assert [(r["hash"], round(r["fitness"], 6)) for r in resumed] == [(r["hash"], round(r["fitness"], 6))
+                                                                      for r in history]
+    out = run_cli(tmp_path, capsys, "--bench", "--bench-candidates", "1", "--fitness-attack", "pgd")
+    assert "s per evaluated candidate" in out and "vs teacher" in out
