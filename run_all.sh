@@ -94,6 +94,8 @@ method_args() {
     freelb:quick) echo --epochs 3 --adv-steps 2 --adv-lr 0.01 --adv-init-mag 0.02 ;;
     freelb:cpu-real) echo --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;  # offline.md 5d: visible on MiniLM
     freelb:*) echo --adv-steps 5 --adv-lr 0.03 --adv-init-mag 0.05 ;;
+    robust_ticket:quick) echo --epochs 3 --search-epochs 2 --retrain-epochs 3 --adv-steps 2 ;;
+    robust_ticket:cpu-real) echo --search-epochs 1 --retrain-epochs 1 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;
     early_bird_adv:quick) echo --epochs 3 --search-lr 3e-3 --adv-steps 2 --check-every 0.1 --window 2 ;;
     early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 ;;
     early_bird_adv:full) echo --bf16 ;;

@@ -1,0 +1,499 @@
+# Robust Lottery Tickets for Pre-trained Language Models (ACL 2022, arXiv 2211.03013) — README.md "Robust tickets"
+# Stage 1 fine-tune; Stage 2 learn hard-concrete masks (Eqs. 1-5) with an adversarial loss + L0 penalty (Eqs. 6-8) on
+# frozen weights; Stage 3 draw a ticket by global bottom-k of log(alpha), rewind it to the pre-trained weights, retrain.
+import argparse
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
+                    check_range, count_params, evaluate_accuracy, evaluate_model, finetune, finish_run,
+                    linear_schedule, load_model, load_task, make_loader, print_summary, results_template, start_run,
+                    state_copy, tokenize, usage_errors, validate_common_args)
+
+METHOD = "robust_ticket"
+# hard-concrete distribution (Louizos et al. 2018), as in the paper and the official masked_linear.py
+GAMMA, ZETA = -0.1, 1.1  # stretch limits ("l", "r" in the official code)
+BETA = 2.0 / 3.0  # temperature, fixed (never annealed)
+U_EPS = 1e-4  # u ~ U(0, 1) clamped to [U_EPS, 1 - U_EPS]
+EVAL_ZERO_LOG_ALPHA = math.log(1 / 11)  # -2.398: eval gate (Eq. 5) exactly 0 at or below it, exactly 1 at or above -it
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Robust lottery tickets (Zheng et al., ACL 2022): search, draw, retrain")
+    add_common_args(p, METHOD, lr=2e-5, epochs=3)
+    add_adversary_args(p, steps=5, lr=0.03, init_mag=0.05, max_norm=0.0)  # Table 6, SST-2; unbounded (App. B.3)
+    m = p.add_argument_group("robust ticket")
+    m.add_argument("--finetuned", default=None, help="reuse this fine-tuned checkpoint folder as stage 1 (theta)")
+    m.add_argument("--skip-finetune-eval", action="store_true", help="do not evaluate/attack the Fine-tune row")
+    m.add_argument("--mask-init", type=float, default=0.9, help="initial eval gate value (code mask_p; -> log a=ln 5)")
+    m.add_argument("--mask-lr", type=float, default=0.1, help="AdamW lr of the mask scores log(alpha) (Table 6)")
+    m.add_argument("--mask-weight-decay", type=float, default=1e-6, help="weight decay of log(alpha) (Table 6)")
+    m.add_argument("--search-epochs", type=float, default=20, help="epochs of mask search (official code)")
+    m.add_argument("--max-grad-norm", type=float, default=1.0, help="clip of the adversarial-loss grad of log(alpha)")
+    m.add_argument("--l0-lambda", type=float, default=0.5, help="lambda, coefficient of R(m) in Eq. 6 (Table 6)")
+    m.add_argument("--lambda-startup", type=float, default=0.1, help="share of search steps with lambda_t = 0")
+    m.add_argument("--lambda-warmup", type=float, default=0.3, help="share of search steps of the linear lambda ramp")
+    m.add_argument("--l0-mean", default="global", choices=["global", "per-matrix"],
+                   help="R(m) as the global mean of Eq. 4, or the official mean of per-matrix means")
+    m.add_argument("--search-select", default="dev", choices=["dev", "last"],
+                   help="mask checkpoint: best dev accuracy with eval (soft) gates, per epoch (code), or the last")
+    m.add_argument("--mask-scores", default=None, help="skip stage 2: load log(alpha) from a mask_scores.pt")
+    m.add_argument("--draw", default="robust", choices=["robust", "magnitude", "random"],
+                   help="rank by learned log(alpha) (RobustT), |fine-tuned weight| (w/o mask learning), or random")
+    m.add_argument("--sparsity", default="0.3", help="share of masked weights pruned; a comma list draws several")
+    m.add_argument("--rewind", action=argparse.BooleanOptionalAction, default=True,
+                   help="retrain from the pre-trained weights theta_0 with a fresh classifier (paper, Sec. 3.3)")
+    m.add_argument("--retrain-epochs", type=float, default=3, help="ticket retraining epochs (Table 5)")
+    m.add_argument("--retrain-adv", action="store_true", help="retrain the ticket with FreeLB (paper: plain CE)")
+    m.add_argument("--bench", action="store_true", help="print mask-search/dense-FreeLB step time and ticket/dense "
+                   "inference time, then exit")
+    m.add_argument("--bench-steps", type=int, default=2, help="timed steps per measurement of --bench")
+    m.add_argument("--bench-seq-length", type=int, default=32, help="tokens per sequence of the --bench batches")
+    args = p.parse_args(argv)
+    validate_common_args(args)
+    try:
+        args.sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--sparsity must be numbers in [0, 1) separated by commas, got '{args.sparsity}'")
+    if not args.sparsities:
+        raise UsageError("--sparsity is empty; give e.g. 0.3 or 0.3,0.5,0.7")
+    for s in args.sparsities:
+        check_range("sparsity", s, 0, 1, high_open=True)
+    check_range("mask-init", args.mask_init, 0, 1, low_open=True, high_open=True)
+    for name in ("mask_lr", "search_epochs", "retrain_epochs"):
+        check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
+    for name in ("l0_lambda", "mask_weight_decay", "max_grad_norm"):
+        check_range(name.replace("_", "-"), getattr(args, name), 0)
+    check_range("lambda-startup", args.lambda_startup, 0, 1)
+    check_range("lambda-warmup", args.lambda_warmup, 0, 1)
+    check_range("bench-steps", args.bench_steps, 1)
+    check_range("bench-seq-length", args.bench_seq_length, 8, 512)
+    if args.finetuned is not None and not os.path.isfile(os.path.join(args.finetuned, "config.json")):
+        raise UsageError(f"--finetuned {args.finetuned} is not a checkpoint folder (no config.json); give the "
+                         f"'finetuned' folder of an earlier run, or drop the flag to fine-tune")
+    if args.mask_scores is not None and not os.path.isfile(args.mask_scores):
+        raise UsageError(f"--mask-scores {args.mask_scores} does not exist; give the mask_scores.pt of a search run")
+    adversary_from_args(args)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hard-concrete gates (paper Sec. 3.2, Eqs. 1-5)
+# ---------------------------------------------------------------------------------------------------------------
+class HardConcreteGate(nn.Module):
+    """One stochastic gate per weight: a fresh sample per forward in train mode, the deterministic gate in eval."""
+
+    def __init__(self, shape, init: float, device=None):
+        super().__init__()
+        # eval gate (Eq. 5) equal to `init` everywhere: sigmoid(log_alpha) = (init - GAMMA) / (ZETA - GAMMA)
+        p = (init - GAMMA) / (ZETA - GAMMA)
+        self.log_alpha = nn.Parameter(torch.full(shape, math.log(p / (1 - p)), device=device))
+
+    def forward(self):
+        if self.training:  # Eq. 1: s = sigmoid((log u - log(1 - u) + log alpha) / beta), noise on log_alpha's device
+            # (in-place ops: the gate costs a few passes over a weight-sized tensor, see --bench)
+            noise = torch.logit(torch.rand_like(self.log_alpha), eps=U_EPS)  # log u - log(1 - u), u clamped
+            s = torch.sigmoid(noise.add_(self.log_alpha).mul_(1 / BETA))
+            return s.mul(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)  # Eqs. 2-3: stretch, then hard-clip to [0, 1]
+        return self.deterministic()
+
+    def deterministic(self):
+        """Eq. 5, the test-time gate: soft in (0, 1), exactly 0 / 1 for log alpha beyond -/+ 2.398."""
+        return torch.sigmoid(self.log_alpha).mul(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)
+
+    def expected_l0(self):
+        """Eq. 4 per gate: P(gate != 0) = sigmoid(log alpha - beta * log(-gamma / zeta))."""
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+class MaskedLinear(nn.Module):
+    """F.linear(x, W * gate(), b): the frozen Linear is kept as is; only one masked weight exists at a time."""
+
+    def __init__(self, linear: nn.Linear, init: float):
+        super().__init__()
+        self.linear = linear
+        self.gate = HardConcreteGate(linear.weight.shape, init, linear.weight.device)
+
+    def forward(self, x):
+        return F.linear(x, self.linear.weight * self.gate(), self.linear.bias)
+
+
+def masked_linears(model) -> list:
+    """(name, Linear) of every linear layer of the encoder and pooler: Q, K, V, attention output, FFN in/out, pooler
+    (73 for bert-base); the embeddings, LayerNorms, biases and the classifier head are never masked."""
+    body = getattr(model, "base_model", model)
+    prefix = getattr(model, "base_model_prefix", "")
+    layers = [(f"{prefix}.{n}" if body is not model else n, m) for n, m in body.named_modules()
+              if isinstance(m, (nn.Linear, MaskedLinear)) and not n.endswith(".linear")]
+    if not layers:
+        raise UsageError(f"{type(model).__name__} has no nn.Linear layers to mask; use a BERT-family model")
+    return layers
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def attach_gates(model, init: float) -> dict:
+    """Wrap every masked linear in a MaskedLinear; freeze all weights (only log_alpha is trained). -> {name: gate}"""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = {}
+    for name, linear in masked_linears(model):
+        wrapped = MaskedLinear(linear, init)
+        _set_submodule(model, name, wrapped)
+        gates[name] = wrapped.gate
+    return gates
+
+
+def detach_gates(model):
+    for name, wrapped in masked_linears(model):
+        if isinstance(wrapped, MaskedLinear):
+            _set_submodule(model, name, wrapped.linear)
+
+
+def l0_penalty(gates: dict, mode: str = "global"):
+    """R(m), Eq. 4: expected share of non-zero gates (global mean), or the official mean of per-matrix means."""
+    if mode == "per-matrix":
+        return torch.stack([g.expected_l0().mean() for g in gates.values()]).mean()
+    total = sum(g.log_alpha.numel() for g in gates.values())
+    return sum(g.expected_l0().sum() for g in gates.values()) / total
+
+
+@torch.no_grad()
+def gate_stats(gates: dict) -> dict:
+    """Logged in search: expected L0, share of eval gates exactly 0 or 1, and exactly 0 (the mask's own sparsity)."""
+    n = sum(g.log_alpha.numel() for g in gates.values())
+    zero = one = 0
+    for g in gates.values():
+        m = g.deterministic()
+        zero, one = zero + (m == 0).sum().item(), one + (m == 1).sum().item()
+    return {"sparsity/expected_l0": l0_penalty(gates).item(), "sparsity/binary_share": (zero + one) / n,
+            "sparsity/eval_zero_share": zero / n}
+
+
+def lambda_at(step: int, total: int, args) -> float:
+    """lambda_t: 0 for the first 10 % of steps, a linear ramp over the next 30 %, then lambda (as the paper intends)."""
+    ramp = (step - args.lambda_startup * total) / max(args.lambda_warmup * total, 1e-12)
+    return args.l0_lambda * min(max(ramp, 0.0), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: adversarial mask search (Eq. 6: min_m E max_delta L(f(x + delta; m * theta), y) + lambda R(m))
+# ---------------------------------------------------------------------------------------------------------------
+def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
+    """Learn log_alpha on the frozen fine-tuned model. Returns ({name: log_alpha on CPU}, history)."""
+    device = run.device
+    model.to(device)
+    gates = attach_gates(model, args.mask_init)
+    log_alphas = [g.log_alpha for g in gates.values()]
+    optimizer = torch.optim.AdamW(log_alphas, lr=args.mask_lr, weight_decay=args.mask_weight_decay)
+    total = max(1, math.ceil(args.search_epochs * len(train_loader)))
+    scheduler = linear_schedule(optimizer, total, args.warmup)
+    epoch_ends = {min(total, (e + 1) * len(train_loader)) for e in range(math.ceil(args.search_epochs))}
+    best = {"dev_accuracy": -1.0, "scores": None, "step": 0}
+    history, step, started = [], 0, time.time()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=total, desc="search", leave=False, disable=None)
+    while step < total:
+        for batch in train_loader:
+            model.train()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            # Eqs. 6-8 as FreeLB (official code): grads of log_alpha averaged over the K ascent states, a fresh gate
+            # sample per forward; K = 0 is clean CE ("w/o Adv"); token_type_ids are passed (the code drops them)
+            result = adversarial_backward(model, batch, adv, mode="freelb", autocast=run.autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(log_alphas, args.max_grad_norm)
+            lam = lambda_at(step, total, args)
+            penalty = l0_penalty(gates, args.l0_mean)  # + lambda_t R(m), outside the max and unclipped (as the code)
+            if lam > 0:
+                (lam * penalty).backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}", l0=f"{penalty.item():.3f}")
+            run.log({"losses/adv_loss": result.loss, "losses/adv_loss_first_step": result.losses[0],
+                     "losses/l0_penalty": penalty.item(), "charts/lambda": lam, "charts/grad_norm": float(grad_norm),
+                     "charts/mask_lr": scheduler.get_last_lr()[0]}, step)
+            if step in epoch_ends:
+                acc = evaluate_accuracy(model, dev_loader, device, run.autocast)  # eval gates: soft (code)
+                stats = gate_stats(gates)
+                run.log({"eval/search_dev_accuracy": acc, **stats}, step)
+                history.append({"step": step, "dev_accuracy": acc, **stats})
+                print(f"[search] step {step}/{total} dev acc {acc:.4f}  E[L0] {stats['sparsity/expected_l0']:.3f}  "
+                      f"binary {stats['sparsity/binary_share']:.3f}  zero {stats['sparsity/eval_zero_share']:.3f}",
+                      flush=True)
+                if args.search_select == "last" or acc > best["dev_accuracy"]:
+                    scores = {n: g.log_alpha.detach().to("cpu", copy=True) for n, g in gates.items()}
+                    best = {"dev_accuracy": acc, "scores": scores, "step": step}
+            if step >= total:
+                break
+    bar.close()
+    detach_gates(model)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    print(f"[search] {total} steps, {(time.time() - started) / total:.3f} s/step (dev evals included)"
+          + (f", peak GPU memory {peak:.1f} GiB" if peak else ""), flush=True)
+    return best["scores"], {"history": history, "selected_step": best["step"], "dev_accuracy": best["dev_accuracy"],
+                            "steps": total, "seconds_per_step": (time.time() - started) / total, "peak_gpu_gib": peak}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: draw (global bottom-k), rewind, fold, retrain, export
+# ---------------------------------------------------------------------------------------------------------------
+def draw_masks(scores: dict, sparsities: list) -> list:
+    """One {name: bool keep-mask} per sparsity s, pruning exactly round(s * N) of the N weights with the lowest score
+    over all matrices together (official: global_unstructured L1 on sigmoid(log alpha)); ties broken by position."""
+    flat = torch.cat([v.detach().flatten().float().cpu() for v in scores.values()])
+    order = torch.argsort(flat, stable=True)
+    masks = []
+    for s in sparsities:
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[order[: int(round(s * flat.numel()))]] = False
+        chunks = keep.split([v.numel() for v in scores.values()])
+        masks.append({n: c.view(v.shape) for (n, v), c in zip(scores.items(), chunks)})
+    return masks
+
+
+def draw_scores(model, args) -> dict:
+    """Scores of the ablation draws: |fine-tuned weight| (one-shot magnitude, "w/o mask learning") or random (Rand)."""
+    layers = masked_linears(model)
+    if args.draw == "magnitude":
+        return {n: m.weight.detach().abs().cpu() for n, m in layers}
+    gen = torch.Generator().manual_seed(args.seed)
+    return {n: torch.rand(m.weight.shape, generator=gen) for n, m in layers}
+
+
+def fold_mask(model, masks: dict) -> list:
+    """W <- m * W (pruned weights exactly 0) and keep them at 0 while retraining by masking their gradients
+    (AdamW then never moves them: zero moments, and decoupled decay of 0 is 0). Returns the hook handles."""
+    layers = dict(masked_linears(model))
+    handles = []
+    for name, keep in masks.items():
+        weight = layers[name].weight
+        keep = keep.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            weight.mul_(keep)
+        if weight.requires_grad:
+            handles.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
+    return handles
+
+
+def save_mask(path: str, masks: dict):
+    """The mask as bits (np.packbits of the kept flags in layer order) with the layer names and shapes."""
+    bits = torch.cat([m.flatten() for m in masks.values()]).numpy()
+    np.savez_compressed(path, bits=np.packbits(bits), names=np.array(list(masks)),
+                        shapes=np.array([",".join(map(str, m.shape)) for m in masks.values()]), n=len(bits))
+
+
+def load_mask(path: str) -> dict:
+    stored = np.load(path)
+    bits = torch.from_numpy(np.unpackbits(stored["bits"], count=int(stored["n"])).astype(bool))
+    shapes = [tuple(int(d) for d in s.split(",")) for s in stored["shapes"]]
+    chunks = bits.split([math.prod(s) for s in shapes])
+    return {str(n): c.view(s) for n, c, s in zip(stored["names"], chunks, shapes)}
+
+
+def sparsity_of(model, masks: dict) -> dict:
+    pruned = sum((~m).sum().item() for m in masks.values())
+    masked = sum(m.numel() for m in masks.values())
+    params = count_params(model)
+    return {"pruned": pruned, "masked_weights": masked, "over_masked": pruned / masked,
+            "over_all": pruned / params["total"], "over_non_embedding": pruned / params["non_embedding"],
+            "params": {**params, "nonzero": params["total"] - pruned}}
+
+
+def row_of(results: dict) -> dict:
+    keys = ("setting", "params", "sparsity", "compression", "wall_clock", "dev_accuracy", "clean_accuracy", "attacks",
+            "pgd_accuracy")
+    return {k: results[k] for k in keys} | {"extra": {k: v for k, v in results["extra"].items() if k != "rows"}}
+
+
+def reseed(seed: int, train_loader):
+    torch.manual_seed(seed)
+    train_loader.generator.manual_seed(seed)
+
+
+def setting_name(args, s: float) -> str:
+    if args.draw != "robust":
+        return f"{args.draw} s={s:g}"
+    return f"{'w/o adv' if args.adv_steps == 0 else 'ticket'} s={s:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --bench: one mask-search step vs one dense FreeLB step (same K), folded ticket vs dense inference
+# ---------------------------------------------------------------------------------------------------------------
+def bench(args):
+    """Dense and masked copies of one model, timed in alternation (drifting load hits both alike). On CPU the clock is
+    the CPU time of a single thread, so other jobs on a shared machine do not skew the ratio; on CUDA, wall time."""
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # idle threads spin and would count as CPU time
+    adv = adversary_from_args(args)
+    dense, _ = load_model(args.model, 2, args.max_seq_length, os.path.join(args.output_dir, ".tiny-bert"))
+    masked = copy.deepcopy(dense)
+    gates = attach_gates(masked, args.mask_init)
+    dense.to(device), masked.to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(1000 if dense.config.vocab_size > 2000 else 5, dense.config.vocab_size,
+                        (args.batch_size, args.bench_seq_length), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.randint(0, 2, (args.batch_size,), generator=gen)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def timed_pair(fn_a, fn_b):
+        totals = [0.0, 0.0]
+        for rep in range(args.bench_steps + 1):  # the first round warms up
+            for i, fn in enumerate((fn_a, fn_b)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = clock()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                totals[i] += (clock() - start) if rep else 0.0
+        return totals[0] / args.bench_steps, totals[1] / args.bench_steps
+
+    def train_step(model, params, penalty=None):
+        opt = torch.optim.AdamW(params, lr=1e-12)
+
+        def step():
+            model.train()
+            adversarial_backward(model, batch, adv, mode="freelb")
+            if penalty is not None:
+                penalty().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    dense_step, search_step = timed_pair(train_step(dense, list(dense.parameters())),
+                                         train_step(masked, [g.log_alpha for g in gates.values()],
+                                                    lambda: l0_penalty(gates)))
+    del masked, gates
+    ticket = copy.deepcopy(dense).eval()
+    fold_mask(ticket, draw_masks(draw_scores(ticket, args), [max(args.sparsities)])[0])
+    dense.eval()
+    with torch.no_grad():
+        dense_inf, ticket_inf = timed_pair(lambda: dense(**inputs), lambda: ticket(**inputs))
+    unit = "ms wall" if device.type == "cuda" else "ms CPU"
+    print(f"[bench] model {args.model} device {device} batch {args.batch_size}x{args.bench_seq_length} K={adv.steps}")
+    print(f"[bench] dense FreeLB step {dense_step * 1e3:.1f} {unit}   mask-search step {search_step * 1e3:.1f} {unit}"
+          f"   ratio {search_step / dense_step:.2f}x (target <= 1.5x)")
+    print(f"[bench] inference: dense {dense_inf * 1e3:.1f} {unit}   folded ticket (s={max(args.sparsities):g}) "
+          f"{ticket_inf * 1e3:.1f} {unit}   ratio {ticket_inf / dense_inf:.2f}x", flush=True)
+    return {"search_over_dense": search_step / dense_step, "ticket_over_dense_inference": ticket_inf / dense_inf}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main(args):
+    if args.bench:
+        return bench(args)
+    run = start_run(args, METHOD)
+    data = load_task(args)
+    cache = os.path.join(run.dir, "tiny-bert")
+    model, tokenizer = load_model(args.finetuned or args.model, data.num_labels, args.max_seq_length, cache)
+    train_loader = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer, args.batch_size,
+                               shuffle=True, seed=args.seed)
+    dev_loader = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size,
+                             shuffle=False)
+    adv = adversary_from_args(args)
+    wall, rows = {}, []
+
+    # ---- Stage 1: fine-tune the dense model (theta), the "Fine-tune" row ------------------------------------------
+    start = time.time()
+    if args.finetuned is not None:
+        ft = {"dev_accuracy": evaluate_accuracy(model.to(run.device), dev_loader, run.device, run.autocast)}
+    else:
+        ft = finetune(model, train_loader, dev_loader, run, args.epochs, args.lr, args.weight_decay, args.warmup,
+                      tag="stage1")
+        model.save_pretrained(os.path.join(run.dir, "finetuned"))
+        tokenizer.save_pretrained(os.path.join(run.dir, "finetuned"))
+    wall["stage1_finetune"] = time.time() - start
+    finetuned_state = state_copy(model)
+    if not args.skip_finetune_eval:
+        start = time.time()
+        ft_results = results_template(args, METHOD, "Fine-tune", model) | {"sparsity": 0.0, "compression": 1.0}
+        ft_results["dev_accuracy"] = 100.0 * ft["dev_accuracy"]
+        evaluate_model(model, tokenizer, data, args, run, ft_results, prefix="finetune_")
+        ft_results["wall_clock"] = {"stage1_finetune": wall["stage1_finetune"], "eval": time.time() - start}
+        rows.append(row_of(ft_results))
+
+    # ---- Stage 2: search the robust ticket: hard-concrete masks on the frozen theta --------------------------------
+    start = time.time()
+    search = {}
+    if args.draw != "robust":
+        scores = draw_scores(model, args)
+    elif args.mask_scores is not None:
+        scores = torch.load(args.mask_scores)
+        shapes = {n: m.weight.shape for n, m in masked_linears(model)}
+        if {n: v.shape for n, v in scores.items()} != shapes:
+            raise UsageError(f"--mask-scores {args.mask_scores} does not match the layers of {args.model}")
+    else:
+        print(f"[search] {len(masked_linears(model))} masked matrices, K={adv.steps}, lambda={args.l0_lambda}",
+              flush=True)
+        reseed(args.seed, train_loader)
+        scores, search = search_masks(model, train_loader, dev_loader, run, args, adv)
+        torch.save(scores, os.path.join(run.dir, "mask_scores.pt"))
+        assert all(torch.equal(v.cpu(), finetuned_state[k]) for k, v in model.state_dict().items()), "weights moved"
+    wall["stage2_search"] = time.time() - start
+
+    # ---- Stage 3: draw at each sparsity, rewind to theta_0 (fresh classifier), retrain, export, evaluate -----------
+    for s, masks in zip(args.sparsities, draw_masks(scores, args.sparsities)):
+        start = time.time()
+        reseed(args.seed, train_loader)  # every draw (and ablation run) gets the same head, data order and dropout
+        ticket, _ = load_model(args.model, data.num_labels, args.max_seq_length, cache)
+        if not args.rewind:
+            ticket.load_state_dict(finetuned_state)
+        ticket.to(run.device)
+        hooks = fold_mask(ticket, masks)
+        sp = sparsity_of(ticket, masks)
+        print(f"[draw s={s:g}] pruned {sp['pruned']:,} of {sp['masked_weights']:,} masked weights "
+              f"({100 * sp['over_masked']:.2f}%; {100 * sp['over_all']:.2f}% of all parameters)", flush=True)
+        run.log({"sparsity/target": s, "sparsity/realised_masked": sp["over_masked"],
+                 "sparsity/realised_all": sp["over_all"]}, int(round(100 * s)))
+        tag = f"retrain_s{s:g}"
+        retrain = finetune(ticket, train_loader, dev_loader, run, args.retrain_epochs, args.lr, args.weight_decay,
+                           args.warmup, adversary=adv if args.retrain_adv else None, tag=tag)
+        for h in hooks:
+            h.remove()
+        assert all((m.weight[~masks[n].to(run.device)] == 0).all() for n, m in masked_linears(ticket)), "mask leaked"
+        out = os.path.join(run.dir, f"ticket_s{s:g}")
+        ticket.save_pretrained(out)  # a standard checkpoint: the mask is folded into the weights
+        tokenizer.save_pretrained(out)
+        save_mask(os.path.join(out, "mask.npz"), masks)
+        retrain_seconds = time.time() - start
+        start = time.time()
+        res = results_template(args, METHOD, setting_name(args, s), ticket)
+        res.update(params=sp["params"], sparsity=sp["over_masked"], compression=1 / (1 - sp["over_all"]),
+                   dev_accuracy=100.0 * retrain["dev_accuracy"])
+        evaluate_model(ticket, tokenizer, data, args, run, res, prefix=f"ticket_s{s:g}_")
+        res["wall_clock"] = {**wall, "stage3_retrain": retrain_seconds, "eval": time.time() - start}
+        res["extra"] = {"target_sparsity": s, "sparsity": sp, "draw": args.draw, "rewind": args.rewind,
+                        "retrain": retrain, "search": search, "checkpoint": os.path.basename(out)}
+        rows.append(row_of(res))
+        ticket.cpu()
+
+    main_row = next(r for r in rows if r["setting"] != "Fine-tune")
+    results = results_template(args, METHOD, main_row["setting"]) | main_row
+    results["wall_clock"] = dict(main_row["wall_clock"])  # finish_run adds "total" to the top level only
+    results["extra"] = {**main_row["extra"], "rows": rows}
+    finish_run(run, results)
+    print_summary([(r["setting"], r) for r in rows])
+    return results
+
+
+if __name__ == "__main__":
+    with usage_errors():
+        main(parse_args())
