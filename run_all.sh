@@ -101,14 +101,14 @@ method_args() {
     early_bird_adv:full) echo --bf16 ;;
     adapter_mixup:quick) echo --epochs 3 --adv-epochs 2 --lr 1e-2 --train-attacks deepwordbug --adv-train-examples 60 \
                               --beta-grid-step 0.25 --baseline full-at --full-epochs 1 --full-lr 3e-3 ;;
-    adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 300 \
+    adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 200 \
                                  --beta-grid-step 0.25 --baseline full-at --full-lr 1e-4 --full-epochs 1 \
                                  --attacks "$attacks,textfooler" --attack-substitutes "$model" ;;
     rosearch:quick) echo --hidden 16 --max-cells 3 --population 4 --tournament 2 --cycles 4 --proxy-epochs 1 \
                          --final-epochs 2 --top-k 1 --fitness-attack pgd --probe-examples 100 --probe-pgd-radius 0.05 \
                          --extra-rows teacher,handmade,accuracy-only ;;
-    rosearch:cpu-real) echo --max-cells 4 --population 8 --tournament 3 --cycles 22 --proxy-epochs 1 --final-epochs 3 \
-                            --top-k 2 --fitness-attack deepwordbug --probe-examples 30 \
+    rosearch:cpu-real) echo --max-cells 4 --population 6 --tournament 3 --cycles 24 --proxy-epochs 1 --final-epochs 2 \
+                            --top-k 2 --fitness-attack deepwordbug --probe-examples 20 \
                             --extra-rows teacher,handmade,accuracy-only ;;
     rosearch:full) echo --extra-rows teacher,handmade,accuracy-only --bf16 ;;
     adapter_mixup:full) echo --train-attacks textfooler --baseline full-at ;;
