@@ -43,7 +43,7 @@ def main(args):
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
     ours = callable_wrapper(Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device))
     stock = HuggingFaceModelWrapper(model, tokenizer)  # pads to tokenizer.model_max_length = --max-seq-length
-    print(f"model {args.model}  max length {tokenizer.model_max_length}  {len(samples)} examples", flush=True)
+    print(f"model {args.finetuned or args.model}  max length {tokenizer.model_max_length}  {len(samples)} examples", flush=True)
     print(f"{'attack':<14}{'stock s':>10}{'ours s':>10}{'speed-up':>10}{'same outcome':>14}{'clean':>8}{'aua':>8}")
     for name in args.attacks.split(","):
         t_ours, s_ours, r_ours = timed_attack(name, ours, samples, data.text_columns, args.eval_batch_size)
