@@ -42,11 +42,20 @@ def train_seconds(row: dict) -> float:
 
 
 def size_column(row: dict) -> str:
+    params = row.get("params") or {}
     if row.get("sparsity") is not None:
         return f"sparsity {100 * row['sparsity']:.0f}%"
     if row.get("compression") is not None:
-        return f"{row['compression']:.1f}x smaller"
+        return f"compression {row['compression']:.1f}x"
+    if params.get("trainable_pct_of_backbone") is not None:
+        return f"trainable {params['trainable_pct_of_backbone']:.1f}%"
     return ""
+
+
+def count(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
 def group(rows: list) -> dict:
@@ -64,8 +73,8 @@ def summary_table(rows: list, failures: list) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, setting), rs in group(rows).items():
         params = rs[0].get("params") or {}
-        cells = [method, setting, str(len(rs)), f"{params.get('total', 0) / 1e6:.2f}M" if params else "-",
-                 f"{params.get('non_embedding', 0) / 1e6:.2f}M" if params else "-", size_column(rs[0]),
+        cells = [method, setting, str(len(rs)), count(params.get("total")), count(params.get("non_embedding")),
+                 size_column(rs[0]),
                  mean_std([train_seconds(r) for r in rs]), mean_std([r.get("clean_accuracy") for r in rs])]
         for a in attacks:
             ms = [(r.get("attacks") or {}).get(a) for r in rs]
@@ -90,18 +99,23 @@ def plot_clean_vs_aua(rows, out_dir):
     groups = group(rows)
     costs = [np.mean([train_seconds(r) for r in rs]) for rs in groups.values()]
     scale = 600.0 / max(max(costs), 1e-9)
+    methods = list(dict.fromkeys(m for m, _ in groups))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, attack in zip(axes[0], attacks):
         for ((method, setting), rs), cost in zip(groups.items(), costs):
             aua = [r["attacks"][attack]["aua"] for r in rs if attack in (r.get("attacks") or {})]
             if not aua:
                 continue
             clean = np.mean([r["clean_accuracy"] for r in rs])
-            ax.scatter(clean, np.mean(aua), s=30 + scale * cost, alpha=0.6)
-            ax.annotate(setting, (clean, np.mean(aua)), fontsize=7)
+            ax.scatter(clean, np.mean(aua), s=30 + scale * cost, alpha=0.55, color=colours[method],
+                       label=method if method not in ax.get_legend_handles_labels()[1] else None)
+            ax.annotate(setting, (clean, np.mean(aua)), fontsize=6, alpha=0.8, xytext=(3, 3),
+                        textcoords="offset points")
         ax.set_xlabel("clean accuracy %")
         ax.set_ylabel(f"accuracy under {attack} %")
         ax.set_title(f"{attack} (marker area ~ training seconds)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, markerscale=0.4, loc="best")
     fig.tight_layout()
     path = os.path.join(out_dir, "clean_vs_aua.png")
     fig.savefig(path, dpi=110)
