@@ -99,8 +99,11 @@ method_args() {
     early_bird_adv:quick) echo --epochs 3 --search-lr 3e-3 --adv-steps 2 --check-every 0.1 --window 2 ;;
     early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 ;;
     early_bird_adv:full) echo --bf16 ;;
-    adapter_mixup:quick) echo --epochs 3 --adv-epochs 2 --lr 1e-2 --train-attacks deepwordbug --adv-train-examples 60 \
-                              --beta-grid-step 0.25 --baseline full-at --full-epochs 1 --full-lr 3e-3 ;;
+    # a frozen *random* tiny BERT gives adapters nothing to work with: in quick mode the backbone is the tiny BERT
+    # that this run's fine-tune stage trained on the toy task (a stand-in for a pre-trained model)
+    adapter_mixup:quick) ft=$(ls -d "$out"/runs/"$task"__finetune__"$seed"__*/model 2>/dev/null | tail -n 1)
+                         echo ${ft:+--model "$ft"} --epochs 2 --adv-epochs 2 --train-attacks deepwordbug \
+                              --adv-train-examples 60 --beta-grid-step 0.25 --baseline full-at --full-epochs 1 ;;
     adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 200 \
                                  --beta-grid-step 0.25 --baseline full-at --full-lr 1e-4 --full-epochs 1 \
                                  --attacks "$attacks,textfooler" --attack-substitutes "$model" ;;
