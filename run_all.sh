@@ -124,8 +124,18 @@ mkdir -p "$out/logs" "$out/failed" "$out/runs"
 start=$(date +%s)
 n_seeds=$(echo $seeds | wc -w); n_methods=$(echo $only | wc -w)
 if [ "$mode" = full ]; then
-  echo "estimate: about $((n_seeds * 6)) GPU-hours on one A100-class GPU for $n_methods methods x $n_seeds seed(s)" \
-       "(1000 attacked examples x 3 attacks per model dominate); see README 'Troubleshooting' to scale down"
+  # attacked predictors per method: finetune 1, freelb 1, robust_ticket 1 + sweep, early_bird 1, rosearch 4, adapter 7
+  n_rows=0
+  for m in $only; do
+    case $m in finetune|freelb|early_bird_adv) n_rows=$((n_rows + 1)) ;; rosearch) n_rows=$((n_rows + 4)) ;;
+      adapter_mixup) n_rows=$((n_rows + 7)) ;; robust_ticket) n_rows=$((n_rows + 1 + $(echo $sweep | wc -w))) ;; esac
+  done
+  n_attacks=$(echo "$attacks" | tr ',' ' ' | wc -w)
+  attack_h=$(( n_seeds * n_rows * n_attacks * attack_examples * 2 / 3600 ))
+  echo "estimate (assumptions, not measurements): ~2 s per attacked example per recipe and ~20 GPU-minutes of"
+  echo "  training per method on one GPU => attacks ~${attack_h} h (${n_rows} predictors x ${n_attacks} recipes x" \
+       "${attack_examples} examples x ${n_seeds} seed(s)) + training ~$(( n_seeds * n_methods / 3 )) h." \
+       "Scale down with --attack-examples or --only."
 fi
 echo "run_all: mode=$mode task=$task model=$model attacks=$attacks seeds=[$seeds] -> $out"
 for seed in $seeds; do
