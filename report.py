@@ -21,7 +21,11 @@ def load_rows(results_dir: str) -> list:
         extra_rows = (result.get("extra") or {}).get("rows") or []
         settings = {r.get("setting") for r in extra_rows}
         for r in ([result] if result.get("setting") not in settings else []) + extra_rows:
-            rows.append({**base, **r, "method": r.get("method", base["method"]), "path": path})
+            row = {**base, **r, "method": r.get("method", base["method"]), "path": path}
+            if r.get("setting") == result.get("setting"):  # the run's main row carries the run's curves
+                row["extra"] = {**(r.get("extra") or {}), **{k: v for k, v in (result.get("extra") or {}).items()
+                                                             if k != "rows"}}
+            rows.append(row)
     return rows
 
 
@@ -171,21 +175,23 @@ def plot_curves(rows, out_dir):
         fig.tight_layout()
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
-    curves = [(r, (r.get("extra") or {}).get("mask_distance")) for r in rows if r["method"] == "early_bird_adv"]
-    curves = [(r, c) for r, c in curves if c]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for r, curve in curves:
-            epochs = curve["epochs"]
-            for key in ("heads", "ffn"):
-                if key in curve:
-                    ax.plot(epochs[1:] if len(curve[key]) < len(epochs) else epochs, curve[key], marker=".",
-                            label=f"{key} (seed {r['seed']})")
-            if curve.get("draw_epoch") is not None:
-                ax.axvline(curve["draw_epoch"], ls="--", c="grey")
-        ax.set_xlabel("search epoch")
-        ax.set_ylabel("normalised Hamming distance to previous masks")
-        ax.set_title("Early-bird: mask distance (dashed: draw point)")
+    tickets = [r for r in rows if r["method"] == "early_bird_adv" and (r.get("extra") or {}).get("window_distances")]
+    if tickets:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for i, r in enumerate(tickets):
+            extra = r["extra"]
+            epochs = [w["epoch"] for w in extra["window_distances"]]
+            for key, style in (("d_head", "-"), ("d_ffn", "--")):
+                ax.plot(epochs, [max(w[key]) for w in extra["window_distances"]], style, marker=".",
+                        color=plt.get_cmap("tab10")(i), label=f"{key[2:]} (seed {r['seed']})")
+            if extra.get("draw_epoch") is not None:
+                ax.axvline(extra["draw_epoch"], ls=":", color=plt.get_cmap("tab10")(i))
+        epsilon = (tickets[0].get("extra") or {}).get("epsilon")
+        if epsilon:
+            ax.axhline(epsilon, color="grey", lw=0.8)
+        ax.set_xlabel("search epoch (checkpoint)")
+        ax.set_ylabel("max Hamming distance to the next checkpoints")
+        ax.set_title("Early-bird: mask distance (dotted: draw point)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         made.append(os.path.join(out_dir, "early_bird_distance.png"))
