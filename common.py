@@ -744,7 +744,7 @@ class Predictor:
 
 def callable_wrapper(predict: Callable):
     """A TextAttack ModelWrapper around any `list[str] -> logits` callable (a method's whole predictor)."""
-    prepare_textattack_offline()
+    import_textattack()
     from textattack.models.wrappers import ModelWrapper
 
     class CallableModelWrapper(ModelWrapper):
@@ -772,7 +772,7 @@ def offline_attack_resources(model_dir: str, cache_dir: Optional[str] = None) ->
 
     from transformers import AutoModel, AutoTokenizer
 
-    prepare_textattack_offline()
+    import_textattack()
     from textattack.shared import WordEmbedding
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -827,14 +827,21 @@ def prepare_textattack_offline():
         nltk.download = lambda *a, **k: True  # WordSwapWordNet calls nltk.download("omw-1.4") on every build
 
 
+def import_textattack():
+    """Import TextAttack offline-safe and quiet; undo the cache variable it exports to every child process."""
+    prepare_textattack_offline()
+    import textattack
+
+    os.environ.pop("PYTORCH_TRANSFORMERS_CACHE", None)  # else every later `import transformers` warns (deprecated)
+    textattack.shared.logger.setLevel(logging.ERROR)  # not "Unknown if model of class ... compatible" (a warning)
+    return textattack
+
+
 def build_attack(name: str, model_wrapper, resources: Optional[AttackResources] = None, query_budget=None,
                  max_modify_rate=None, model_batch_size: int = 128):
     """A TextAttack recipe by its CLI name; the recipe is stock unless `resources` injects substitutes."""
-    prepare_textattack_offline()
-    import textattack
+    textattack = import_textattack()
     from textattack.constraints.overlap import MaxWordsPerturbed
-
-    textattack.shared.logger.setLevel(logging.ERROR)  # not "Unknown if model of class ... compatible" (a warning)
     from textattack.constraints.semantics.sentence_encoders import SentenceEncoder
 
     if name not in ATTACK_RECIPES:

@@ -172,6 +172,7 @@ def trained_tiny(tmp_path_factory):
     return args, data, run, model, tokenizer
 
 
+@needs_nltk  # importing textattack needs the NLTK stopwords
 def test_wrapper_logits_equal_the_models_own(trained_tiny):
     _, data, _, model, tokenizer = trained_tiny
     texts = common.texts_of(data, data.test)[:20]
@@ -228,6 +229,7 @@ def test_textfooler_runs_with_injected_substitutes(trained_tiny):
     assert calls, "the injected sentence encoder was used"
 
 
+@needs_nltk
 def test_query_budget_and_modify_rate_reach_the_attack(trained_tiny):
     _, _, _, model, tokenizer = trained_tiny
     wrapper = common.callable_wrapper(common.Predictor(model, tokenizer, 64, 32, "cpu"))

@@ -11,6 +11,7 @@ import torch
 
 import rosearch as rs
 from common import UsageError, count_params
+from conftest import needs_nltk  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_OPS = ["conv3", "max_pool3", "identity"]
@@ -208,6 +209,7 @@ def run_cli(tmp_path, capsys, *flags):
     return capsys.readouterr().out
 
 
+@needs_nltk  # the DeepWordBug probe imports textattack, which needs the NLTK stopwords
 def test_cli_search_rows_attack_probe_resume_and_bench(tmp_path, capsys):
     # one real run: tiny teacher, DeepWordBug probe on 3 dev sentences, 3 + 1 candidates, teacher + hand-made rows
     out = run_cli(tmp_path, capsys, "--fitness-attack", "deepwordbug", "--extra-rows", "teacher,handmade",
