@@ -201,6 +201,34 @@ def plot_curves(rows, out_dir):
     return made
 
 
+BENCH_PATTERNS = [  # (log file, label, regex whose first group is the ratio or figure)
+    ("wrapper.log", "attack wrapper: TextAttack stock / ours (time, same outcomes)", r"^\S+\s+[\d.]+\s+[\d.]+\s+([\d.]+x\s+\d+/\d+)"),
+    ("robust_ticket.log", "robust ticket: mask-search step / dense FreeLB step", r"mask-search step .* ratio ([\d.]+x)"),
+    ("robust_ticket.log", "robust ticket: folded ticket / dense inference", r"inference: .* ratio ([\d.]+x)"),
+    ("early_bird_adv.log", "early-bird: projected speed-up of training vs FreeLB", r"projected_speedup\s+([\d.]+)"),
+    ("early_bird_adv.log", "early-bird: search cost in FreeLB steps", r"search_in_freelb_steps\s+([\d.]+)"),
+    ("early_bird_adv.log", "early-bird: pruned / dense inference throughput", r"inference_speedup\s+([\d.]+)"),
+    ("rosearch.log", "RoSearch: seconds per evaluated candidate", r"([\d.]+) s per evaluated candidate"),
+    ("rosearch.log", "RoSearch: student / teacher inference throughput", r"= ([\d.]+x) \(params"),
+    ("adapter_mixup.log", "AdpMixup: adapter step / full fine-tuning step", r"adapter / full step time: ([\d.]+x)"),
+    ("adapter_mixup.log", "AdpMixup: projected training AdpMixup vs full AT (s)", r"AdpMixup (\d+s) .* vs full AT"),
+]
+
+
+def bench_table(bench_dir: str) -> str:
+    """One table of the ratios that `run_all.sh --bench` measured (read from its per-benchmark logs)."""
+    import re
+
+    lines = ["| benchmark | measured |", "|---|---|"]
+    for name, label, pattern in BENCH_PATTERNS:
+        path = os.path.join(bench_dir, name)
+        text = open(path).read() if os.path.isfile(path) else ""
+        match = re.search(pattern, text, re.M)
+        value = " vs ".join(" ".join(g.split()) for g in match.groups()) if match else f"not measured (see {name})"
+        lines.append(f"| {label} | {value} |")
+    return "\n".join(lines)
+
+
 def read_failures(results_dir):
     failures = []
     for path in sorted(glob.glob(os.path.join(results_dir, "failed", "*.txt"))):
@@ -215,7 +243,12 @@ def main():
                                      "run_all.sh output folder (no training).")
     parser.add_argument("results_dir", help="folder written by run_all.sh (results.json files anywhere below it)")
     parser.add_argument("--title", default=None, help="heading of summary.md (e.g. the scale it was run at)")
+    parser.add_argument("--bench-table", action="store_true", help="print the table of `run_all.sh --bench` logs "
+                        "in RESULTS_DIR instead")
     args = parser.parse_args()
+    if args.bench_table:
+        print(bench_table(args.results_dir))
+        return
     rows = load_rows(args.results_dir)
     failures = read_failures(args.results_dir)
     if not rows and not failures:

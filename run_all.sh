@@ -80,12 +80,16 @@ if [ "$mode" = bench ]; then
   [ -n "$(minilm)" ] && bench_model=$(minilm) || bench_model=tiny
   bench_data=(--task toy); [ -d ../shared/data/sst2 ] && bench_data=(--task sst2 --data-dir ../shared/data/sst2)
   b=(--no-cuda --output-dir "${out}/bench" "${bench_data[@]}" --model "$bench_model" --max-seq-length 128)
-  echo "== attack wrapper vs TextAttack's stock wrapper"; $PY bench.py "${b[@]}" --attack-examples 50
+  mkdir -p "$out/bench"
+  echo "== attack wrapper vs TextAttack's stock wrapper"
+  $PY bench.py "${b[@]}" --attack-examples 50 2>&1 | tee "$out/bench/wrapper.log"
   for script in robust_ticket early_bird_adv rosearch adapter_mixup; do
     extra=()  # early-bird's bench really searches until the masks converge: bound its data and budget
     [ $script = early_bird_adv ] && extra=(--max-train-examples 2000 --max-seq-length 64 --epochs 3 --bench-steps 5)
-    echo "== $script --bench"; $PY $script.py --bench "${b[@]}" "${extra[@]}" || echo "$script --bench FAILED"
+    echo "== $script --bench"
+    $PY $script.py --bench "${b[@]}" "${extra[@]}" 2>&1 | tee "$out/bench/$script.log" || echo "$script --bench FAILED"
   done
+  echo; echo "== benchmark table ($bench_model, CPU unless CUDA)"; $PY report.py "$out/bench" --bench-table
   exit 0
 fi
 
