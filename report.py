@@ -211,7 +211,7 @@ BENCH_PATTERNS = [  # (log file, label, regex whose first group is the ratio or 
     ("rosearch.log", "RoSearch: seconds per evaluated candidate", r"([\d.]+) s per evaluated candidate"),
     ("rosearch.log", "RoSearch: student / teacher inference throughput", r"= ([\d.]+x) \(params"),
     ("adapter_mixup.log", "AdpMixup: adapter step / full fine-tuning step", r"adapter / full step time: ([\d.]+x)"),
-    ("adapter_mixup.log", "AdpMixup: projected training AdpMixup vs full AT (s)", r"AdpMixup (\d+s) .* vs full AT"),
+    ("adapter_mixup.log", "AdpMixup: projected training AdpMixup vs full AT (s)", r"AdpMixup (\d+s) .* vs full AT (\d+s)"),
 ]
 
 
