@@ -159,14 +159,14 @@ def plot_curves(rows, out_dir):
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     curves = [(r, (r.get("extra") or {}).get("beta_curve")) for r in rows if r["method"] == "adapter_mixup"]
-    curves = [(r, c) for r, c in curves if c]
+    curves = [(r, c["points"] if isinstance(c, dict) else c) for r, c in curves if c]
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for r, curve in curves:
             betas = [p["beta"] for p in curve]
             for key in [k for k in curve[0] if k != "beta"]:
                 ax.plot(betas, [p[key] for p in curve], marker=".", label=f"{key} (seed {r['seed']})")
-        ax.set_xlabel("beta (0 = clean adapter, 1 = adversarial adapter)")
+        ax.set_xlabel("beta (weight of the clean adapter: 1 = clean adapter alone)")
         ax.set_ylabel("accuracy %")
         ax.set_title("AdpMixup: beta trade-off")
         ax.legend(fontsize=7)
