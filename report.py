@@ -127,6 +127,17 @@ def plot_clean_vs_aua(rows, out_dir):
     return [path]
 
 
+def finish_plot(fig, ax, path, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_curves(rows, out_dir):
     """The method-specific curves: robust-ticket sparsity sweep, AdpMixup beta curve, early-bird mask distance."""
     import matplotlib
@@ -149,14 +160,8 @@ def plot_curves(rows, out_dir):
             s = sorted(by_s)
             ax.errorbar([100 * x for x in s], [np.mean(by_s[x]) for x in s], [np.std(by_s[x]) for x in s],
                         marker="o", label=label, capsize=3)
-        ax.set_xlabel("sparsity of the masked weights %")
-        ax.set_ylabel("accuracy %")
-        ax.set_title("Robust ticket: sparsity sweep")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        made.append(os.path.join(out_dir, "robust_ticket_sparsity.png"))
-        fig.tight_layout()
-        fig.savefig(made[-1], dpi=110)
+        made.append(finish_plot(fig, ax, os.path.join(out_dir, "robust_ticket_sparsity.png"),
+                                "sparsity of the masked weights %", "accuracy %", "Robust ticket: sparsity sweep"))
         plt.close(fig)
     curves = [(r, (r.get("extra") or {}).get("beta_curve")) for r in rows if r["method"] == "adapter_mixup"]
     curves = [(r, c["points"] if isinstance(c, dict) else c) for r, c in curves if c]
@@ -166,14 +171,9 @@ def plot_curves(rows, out_dir):
             betas = [p["beta"] for p in curve]
             for key in [k for k in curve[0] if k != "beta"]:
                 ax.plot(betas, [p[key] for p in curve], marker=".", label=f"{key} (seed {r['seed']})")
-        ax.set_xlabel("beta (weight of the clean adapter: 1 = clean adapter alone)")
-        ax.set_ylabel("accuracy %")
-        ax.set_title("AdpMixup: beta trade-off")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        made.append(os.path.join(out_dir, "adapter_mixup_beta.png"))
-        fig.tight_layout()
-        fig.savefig(made[-1], dpi=110)
+        made.append(finish_plot(fig, ax, os.path.join(out_dir, "adapter_mixup_beta.png"),
+                                "beta (weight of the clean adapter: 1 = clean adapter alone)", "accuracy %",
+                                "AdpMixup: beta trade-off"))
         plt.close(fig)
     tickets = [r for r in rows if r["method"] == "early_bird_adv" and (r.get("extra") or {}).get("window_distances")]
     if tickets:
@@ -186,17 +186,9 @@ def plot_curves(rows, out_dir):
                         color=plt.get_cmap("tab10")(i), label=f"{key[2:]} (seed {r['seed']})")
             if extra.get("draw_epoch") is not None:
                 ax.axvline(extra["draw_epoch"], ls=":", color=plt.get_cmap("tab10")(i))
-        epsilon = (tickets[0].get("extra") or {}).get("epsilon")
-        if epsilon:
-            ax.axhline(epsilon, color="grey", lw=0.8)
-        ax.set_xlabel("search epoch (checkpoint)")
-        ax.set_ylabel("max Hamming distance to the next checkpoints")
-        ax.set_title("Early-bird: mask distance (dotted: draw point)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        made.append(os.path.join(out_dir, "early_bird_distance.png"))
-        fig.tight_layout()
-        fig.savefig(made[-1], dpi=110)
+        made.append(finish_plot(fig, ax, os.path.join(out_dir, "early_bird_distance.png"), "search epoch (checkpoint)",
+                                "max Hamming distance to the next checkpoints",
+                                "Early-bird: mask distance (dotted: draw point)"))
         plt.close(fig)
     return made
 
