@@ -613,6 +613,8 @@ def main(args, resources=None):
                       ("v1", f"AdpMixup v1 (beta={beta_v1:g})", predictor(["v1"]), generation + mixing),
                       ("v2", f"AdpMixup v2 ({args.dynamic_rule})", predictor(mix_sets, "dynamic"), generation + mixing)]
     rows, transfer_sets = [], {}
+    same_as = {1.0: "clean", **({0.0: f"adv-{known[0]}"} if m == 1 else {})}  # v1 at a grid end = one adapter
+    done = {}
     for key, setting, predict, cost in rows_spec:
         start = time.time()
         stored = per_set * (len(mix_sets) if key in ("soup", "v1", "v2") else 1)
@@ -622,13 +624,19 @@ def main(args, resources=None):
                "dev_accuracy": accuracy(predict, dev_texts, dev_labels),
                "clean_accuracy": accuracy(predict, test_texts, test_labels)}
         print(f"[eval {key}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
-        row["attacks"] = evaluate_robustness(predict, data, args, run, f"{key}_", resources)
+        if key == "v1" and same_as.get(beta_v1) in done:  # bit-identical weights: the attacks are deterministic
+            print(f"[eval v1] beta={beta_v1:g} is the {same_as[beta_v1]} adapter itself: its attack results reused",
+                  flush=True)
+            row["attacks"] = copy.deepcopy(done[same_as[beta_v1]]["attacks"])
+        else:
+            row["attacks"] = evaluate_robustness(predict, data, args, run, f"{key}_", resources)
         mark_known(row, known)
         if key == "clean":
             transfer_sets = read_transfer_sets(run.dir, row["attacks"], data)
         row["transfer"] = {a: accuracy(predict, *zip(*s)) for a, s in transfer_sets.items() if s}
         row["wall_clock"] = {**{c: wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
+        done[key] = row
     if known:
         extra["profiling"] = profile(predictor(mix_sets, "dynamic"), mix_sets, test_texts,
                                      transfer_sets or {a: adv_val[a] for a in known},

@@ -64,7 +64,7 @@ case $mode in
     attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-100} out=${out:-results/sst2-minilm-cpu}
     sweep=${sweep:-"0.3 0.7"}
     common=(--no-cuda --max-seq-length 64 --max-train-examples 2000 --dev-size 500 --eval-batch-size 128 --lr 1e-4
-            --epochs 1) ;;
+            --epochs 2) ;;
   full|bench)
     task=${task:-sst2} model=${model:-bert-base-uncased} attacks=${attacks:-textfooler,bert-attack,textbugger}
     attack_examples=${attack_examples:-1000} out=${out:-results/full} sweep=${sweep:-"0.3 0.5 0.7 0.9"}
@@ -101,9 +101,9 @@ method_args() {
     freelb:cpu-real) echo --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;  # offline.md 5d: visible on MiniLM
     freelb:*) echo --adv-steps 5 --adv-lr 0.03 --adv-init-mag 0.05 ;;
     robust_ticket:quick) echo --epochs 3 --search-epochs 2 --retrain-epochs 3 --adv-steps 2 ;;
-    robust_ticket:cpu-real) echo --search-epochs 1 --retrain-epochs 1 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;
+    robust_ticket:cpu-real) echo --search-epochs 1 --retrain-epochs 2 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;
     early_bird_adv:quick) echo --epochs 3 --search-lr 3e-3 --adv-steps 2 --check-every 0.1 --window 2 ;;
-    early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 ;;
+    early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 $(method_args freelb) ;;  # same K as FreeLB
     early_bird_adv:full) echo --bf16 ;;
     # a frozen *random* tiny BERT gives adapters nothing to work with: in quick mode the backbone is the tiny BERT
     # that this run's fine-tune stage trained on the toy task (a stand-in for a pre-trained model)
@@ -150,7 +150,11 @@ for seed in $seeds; do
     log="$out/logs/${m}__${seed}.log"
     printf '[%5ss] %-16s seed %s ... ' "$(( t0 - start ))" "$m" "$seed"
     extra=($(method_args "$m"))
-    [ "$m" = robust_ticket ] && extra+=(--sparsity "$(echo $sweep | tr ' ' ',')")
+    # the seed's fine-tune row is robust ticket's stage 1; its FreeLB row is early-bird's speed-up reference
+    ft=$(ls -d "$out"/runs/"$task"__finetune__"$seed"__*/model 2>/dev/null | tail -n 1)
+    freelb=$(ls "$out"/runs/"$task"__freelb__"$seed"__*/results.json 2>/dev/null | tail -n 1)
+    [ "$m" = robust_ticket ] && extra+=(--sparsity "$(echo $sweep | tr ' ' ',')" ${ft:+--finetuned "$ft" --skip-finetune-eval})
+    [ "$m" = early_bird_adv ] && extra+=(${freelb:+--baseline-results "$freelb"})
     if $PY "$(script_of "$m")" "${common[@]}" "${extra[@]}" --seed "$seed" --exp-name "$m" \
          --output-dir "$out/runs" > "$log" 2>&1; then
       echo "ok ($(( $(date +%s) - t0 ))s)"

@@ -195,6 +195,22 @@ def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkey
     assert any(f.startswith("clean_") for f in os.listdir(os.path.join(tmp_path, "adpmixup_cache")))
 
 
+def test_v1_at_a_grid_end_reuses_that_adapters_attacks_instead_of_attacking_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(am, "generate_adversarial", fake_generation(5))
+    attacked = []
+
+    def fake_robustness(predict, data, args, run, prefix, resources=None):
+        attacked.append(prefix)
+        with open(os.path.join(run.dir, f"{prefix}pwws.csv"), "w") as f:
+            f.write("perturbed_text,ground_truth,result\n")
+        metrics = dict(clean=90.0, aua=float(len(attacked)), suc=50.0, avg_queries=10.0, csv=f"{prefix}pwws.csv")
+        return {"pwws": metrics}
+    monkeypatch.setattr(am, "evaluate_robustness", fake_robustness)
+    rows = {r["key"]: r for r in am.main(quick_args(tmp_path, "--beta", "1.0"))["extra"]["rows"]}
+    assert "v1_" not in attacked and "soup_" in attacked and "v2_" in attacked
+    assert rows["v1"]["attacks"] == rows["clean"]["attacks"] != rows["soup"]["attacks"]
+
+
 def test_bench_reports_adapter_and_full_costs(tmp_path, capsys):
     out = am.main(quick_args(tmp_path, "--bench", "--bench-steps", "1"))
     assert set(out["timing"]) == {"full fine-tuning", "adapter set"}
