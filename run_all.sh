@@ -7,14 +7,17 @@
 #   bash run_all.sh --bench         the performance ratios, one table
 #   bash run_all.sh report [DIR]    rebuild summary.md and plots from existing runs (no training)
 # Options: --seeds "1 2 3"  --task T  --model M  --data-dir D  --attacks a,b  --attack-examples N  --out DIR
-#          --only "finetune freelb robust_ticket early_bird_adv rosearch adapter_mixup"  --sweep "0.3 0.5 0.7"
+#          --only "finetune freelb robust_ticket ticket_wo_adv ticket_magnitude ticket_random early_bird_adv rosearch
+#                  adapter_mixup"  --sweep "0.3 0.5 0.7"  --ablation-sparsity 0.3
+# ticket_*: the robust-ticket ablations of the paper's Tables 1/3 (w/o Adv, one-shot magnitude, random draw).
 set -uo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
 PY=${PYTHON:-python3}
 
 mode=full seeds="1" task="" model="" data_dir="" attacks="" attack_examples="" out="" sweep="" report_dir=""
-only="finetune freelb robust_ticket early_bird_adv rosearch adapter_mixup"
+ablation_s=0.3
+only="finetune freelb robust_ticket ticket_wo_adv ticket_magnitude ticket_random early_bird_adv rosearch adapter_mixup"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) mode=quick ;;
@@ -30,7 +33,8 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --only) only=$2; shift ;;
     --sweep) sweep=$2; shift ;;
-    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    --ablation-sparsity) ablation_s=$2; shift ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see: bash run_all.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -124,8 +128,12 @@ method_args() {
     *) echo "" ;;
   esac
 }
-script_of() { case $1 in finetune|freelb) echo finetune.py ;; *) echo "$1.py" ;; esac; }
+script_of() { case $1 in finetune|freelb) echo finetune.py ;; ticket_*) echo robust_ticket.py ;; *) echo "$1.py" ;; esac; }
 
+known=" finetune freelb robust_ticket ticket_wo_adv ticket_magnitude ticket_random early_bird_adv rosearch adapter_mixup "
+for m in $only; do
+  [ "${known#* $m }" != "$known" ] || { echo "error: unknown method '$m' in --only; choose from:$known" >&2; exit 2; }
+done
 mkdir -p "$out/logs" "$out/failed" "$out/runs"
 start=$(date +%s)
 n_seeds=$(echo $seeds | wc -w); n_methods=$(echo $only | wc -w)
@@ -133,7 +141,7 @@ if [ "$mode" = full ]; then
   # attacked predictors per method: finetune 1, freelb 1, robust_ticket 1 + sweep, early_bird 1, rosearch 4, adapter 7
   n_rows=0
   for m in $only; do
-    case $m in finetune|freelb|early_bird_adv) n_rows=$((n_rows + 1)) ;; rosearch) n_rows=$((n_rows + 4)) ;;
+    case $m in finetune|freelb|early_bird_adv|ticket_*) n_rows=$((n_rows + 1)) ;; rosearch) n_rows=$((n_rows + 4)) ;;
       adapter_mixup) n_rows=$((n_rows + 7)) ;; robust_ticket) n_rows=$((n_rows + 1 + $(echo $sweep | wc -w))) ;; esac
   done
   n_attacks=$(echo "$attacks" | tr ',' ' ' | wc -w)
@@ -155,6 +163,12 @@ for seed in $seeds; do
     freelb=$(ls "$out"/runs/"$task"__freelb__"$seed"__*/results.json 2>/dev/null | tail -n 1)
     [ "$m" = robust_ticket ] && extra+=(--sparsity "$(echo $sweep | tr ' ' ',')" ${ft:+--finetuned "$ft" --skip-finetune-eval})
     [ "$m" = early_bird_adv ] && extra+=(${freelb:+--baseline-results "$freelb"})
+    case $m in  # the ablations: robust ticket's flags with one change, at one sparsity, same stage-1 model
+      ticket_*) extra=($(method_args robust_ticket) --sparsity "$ablation_s"
+                       ${ft:+--finetuned "$ft" --skip-finetune-eval})
+                case $m in ticket_wo_adv) extra+=(--adv-steps 0) ;; ticket_magnitude) extra+=(--draw magnitude) ;;
+                           ticket_random) extra+=(--draw random) ;; esac ;;
+    esac
     if $PY "$(script_of "$m")" "${common[@]}" "${extra[@]}" --seed "$seed" --exp-name "$m" \
          --output-dir "$out/runs" > "$log" 2>&1; then
       echo "ok ($(( $(date +%s) - t0 ))s)"
