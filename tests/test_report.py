@@ -31,3 +31,17 @@ def test_summary_groups_seeds_expands_rows_and_marks_failures(tmp_path):
     assert "| 15.0 ± 0.0 |" in ticket_line  # training seconds: search + retrain, not evaluation or total
     assert "sparsity 70%" in ticket_line
     assert "rosearch | FAILED (seed 1) | error: --ops is empty" in table
+
+
+def test_bench_table_reads_each_log_and_says_what_was_not_measured(tmp_path):
+    (tmp_path / "robust_ticket.log").write_text(
+        "[bench] dense FreeLB step 4115.6 ms CPU   mask-search step 5001.4 ms CPU   ratio 1.22x (target <= 1.5x)\n"
+        "[bench] inference: dense 219.1 ms CPU   folded ticket (s=0.3) 218.5 ms CPU   ratio 1.00x\n")
+    (tmp_path / "early_bird_adv.log").write_text("[bench] projected_speedup            2.548\n")
+    lines = report.bench_table(str(tmp_path)).splitlines()
+    assert lines[0] == "| benchmark | measured | target |"
+    row = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines[2:]}
+    assert row["robust ticket: mask-search step / dense FreeLB step (same K)"] == "1.22x"
+    assert row["robust ticket: folded ticket / dense inference"] == "1.00x"
+    assert next(v for k, v in row.items() if k.startswith("early-bird: time-to-ticket")) == "2.548x"
+    assert row["RoSearch: seconds per evaluated candidate"] == "not measured (see rosearch.log)"
