@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --only) only=$2; shift ;;
     --sweep) sweep=$2; shift ;;
     --ablation-sparsity) ablation_s=$2; shift ;;
-    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;  # the header comment
     *) echo "error: unknown option $1 (see: bash run_all.sh --help)" >&2; exit 2 ;;
   esac
   shift
