@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
                     check_range, count_params, evaluate_accuracy, evaluate_model, finetune, finish_run,
                     linear_schedule, load_model, load_task, make_loader, print_summary, results_template, start_run,
-                    state_copy, tokenize, usage_errors, validate_common_args)
+                    pick_device, state_copy, sync, tokenize, usage_errors, validate_common_args)
 
 METHOD = "robust_ticket"
 # hard-concrete distribution (Louizos et al. 2018), as in the paper and the official masked_linear.py
@@ -132,7 +132,7 @@ def masked_linears(model) -> list:
     body = getattr(model, "base_model", model)
     prefix = getattr(model, "base_model_prefix", "")
     layers = [(f"{prefix}.{n}" if body is not model else n, m) for n, m in body.named_modules()
-              if isinstance(m, (nn.Linear, MaskedLinear)) and not n.endswith(".linear")]
+              if isinstance(m, nn.Linear)]
     if not layers:
         raise UsageError(f"{type(model).__name__} has no nn.Linear layers to mask; use a BERT-family model")
     return layers
@@ -156,7 +156,7 @@ def attach_gates(model, init: float) -> dict:
 
 
 def detach_gates(model):
-    for name, wrapped in masked_linears(model):
+    for name, wrapped in list(model.named_modules()):
         if isinstance(wrapped, MaskedLinear):
             _set_submodule(model, name, wrapped.linear)
 
@@ -281,11 +281,11 @@ def fold_mask(model, masks: dict) -> list:
     handles = []
     for name, keep in masks.items():
         weight = layers[name].weight
-        keep = keep.to(weight.device, weight.dtype)
+        drop = ~keep.to(weight.device)  # bool: a quarter of a float mask's memory
         with torch.no_grad():
-            weight.mul_(keep)
+            weight.masked_fill_(drop, 0.0)
         if weight.requires_grad:
-            handles.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
+            handles.append(weight.register_hook(lambda grad, drop=drop: grad.masked_fill(drop, 0.0)))
     return handles
 
 
@@ -336,7 +336,7 @@ def setting_name(args, s: float) -> str:
 def bench(args):
     """Dense and masked copies of one model, timed in alternation (drifting load hits both alike). On CPU the clock is
     the CPU time of a single thread, so other jobs on a shared machine do not skew the ratio; on CUDA, wall time."""
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.cuda)
     if device.type == "cpu":
         torch.set_num_threads(1)  # idle threads spin and would count as CPU time
     adv = adversary_from_args(args)
@@ -357,12 +357,10 @@ def bench(args):
         totals = [0.0, 0.0]
         for rep in range(args.bench_steps + 1):  # the first round warms up
             for i, fn in enumerate((fn_a, fn_b)):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 start = clock()
                 fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 totals[i] += (clock() - start) if rep else 0.0
         return totals[0] / args.bench_steps, totals[1] / args.bench_steps
 
@@ -414,7 +412,8 @@ def main(args):
     # ---- Stage 1: fine-tune the dense model (theta), the "Fine-tune" row ------------------------------------------
     start = time.time()
     if args.finetuned is not None:
-        ft = {"dev_accuracy": evaluate_accuracy(model.to(run.device), dev_loader, run.device, run.autocast)}
+        model.to(run.device)
+        ft = {}  # its dev accuracy is only needed for the Fine-tune row
     else:
         ft = finetune(model, train_loader, dev_loader, run, args.epochs, args.lr, args.weight_decay, args.warmup,
                       tag="stage1")
@@ -425,6 +424,8 @@ def main(args):
     if not args.skip_finetune_eval:
         start = time.time()
         ft_results = results_template(args, METHOD, "Fine-tune", model) | {"sparsity": 0.0, "compression": 1.0}
+        if "dev_accuracy" not in ft:
+            ft["dev_accuracy"] = evaluate_accuracy(model, dev_loader, run.device, run.autocast)
         ft_results["dev_accuracy"] = 100.0 * ft["dev_accuracy"]
         evaluate_model(model, tokenizer, data, args, run, ft_results, prefix="finetune_")
         ft_results["wall_clock"] = {"stage1_finetune": wall["stage1_finetune"], "eval": time.time() - start}
