@@ -613,8 +613,7 @@ def main(args, resources=None):
                       ("v1", f"AdpMixup v1 (beta={beta_v1:g})", predictor(["v1"]), generation + mixing),
                       ("v2", f"AdpMixup v2 ({args.dynamic_rule})", predictor(mix_sets, "dynamic"), generation + mixing)]
     rows, transfer_sets = [], {}
-    same_as = {1.0: "clean", **({0.0: f"adv-{known[0]}"} if m == 1 else {})}  # v1 at a grid end = one adapter
-    done = {}
+    attacked = {}  # weights fingerprint -> (row key, attacks): v1 at a grid end or at 1/(m+1) is another row's weights
     for key, setting, predict, cost in rows_spec:
         start = time.time()
         stored = per_set * (len(mix_sets) if key in ("soup", "v1", "v2") else 1)
@@ -624,19 +623,20 @@ def main(args, resources=None):
                "dev_accuracy": accuracy(predict, dev_texts, dev_labels),
                "clean_accuracy": accuracy(predict, test_texts, test_labels)}
         print(f"[eval {key}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
-        if key == "v1" and same_as.get(beta_v1) in done:  # bit-identical weights: the attacks are deterministic
-            print(f"[eval v1] beta={beta_v1:g} is the {same_as[beta_v1]} adapter itself: its attack results reused",
-                  flush=True)
-            row["attacks"] = copy.deepcopy(done[same_as[beta_v1]]["attacks"])
+        weights = fingerprint(set_state(model, slot[key])) if key in slot else None  # None: v2 mixes per input
+        if weights in attacked:  # bit-identical weights and seeded attacks: the same results
+            print(f"[eval {key}] same weights as the {attacked[weights][0]} row: its attack results reused", flush=True)
+            row["attacks"] = copy.deepcopy(attacked[weights][1])
         else:
             row["attacks"] = evaluate_robustness(predict, data, args, run, f"{key}_", resources)
+            if weights is not None:
+                attacked[weights] = (key, row["attacks"])
         mark_known(row, known)
         if key == "clean":
             transfer_sets = read_transfer_sets(run.dir, row["attacks"], data)
         row["transfer"] = {a: accuracy(predict, *zip(*s)) for a, s in transfer_sets.items() if s}
         row["wall_clock"] = {**{c: wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
-        done[key] = row
     if known:
         extra["profiling"] = profile(predictor(mix_sets, "dynamic"), mix_sets, test_texts,
                                      transfer_sets or {a: adv_val[a] for a in known},
