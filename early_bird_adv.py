@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import prune_linear_layer
 
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
-                    check_range, count_params, cross_entropy, evaluate_accuracy, evaluate_model, finetune, finish_run,
-                    linear_schedule, load_model, load_task, make_loader, parse_attacks, print_summary,
+                    check_range, count_params, cross_entropy, evaluate_model, finetune, finish_run,
+                    linear_schedule, load_model, load_task, make_loader, print_summary,
                     results_template, set_seed, start_run, state_copy, tokenize, usage_errors, validate_common_args)
 
 METHOD = "early_bird_adv"
@@ -378,19 +378,8 @@ def dense_row(args, data, tokenizer, run, loaders, setting, adversary):
     row["wall_clock"].update(train=ft["seconds"], finetune=ft["seconds"])
     row["extra"].update(flops_per_token=flops_per_token(model, args.max_seq_length),
                         throughput=inference_throughput(model, loaders["test"], run))
-    evaluate(model, tokenizer, data, args, run, row, f"{setting}_")
+    evaluate_model(model, tokenizer, data, args, run, row, f"{setting}_")
     return row, model
-
-
-def evaluate(model, tokenizer, data, args, run, results, prefix):
-    """common.evaluate_model; with --attacks none only the clean accuracy (TextAttack is never imported)."""
-    if parse_attacks(args.attacks):
-        return evaluate_model(model, tokenizer, data, args, run, results, prefix=prefix)
-    test = make_loader(tokenize(data, data.test, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size,
-                       shuffle=False)
-    results["clean_accuracy"] = 100.0 * evaluate_accuracy(model, test, run.device, run.autocast)
-    print(f"[eval {prefix}] clean test accuracy {results['clean_accuracy']:.2f}% (n={len(data.test)})", flush=True)
-    return results
 
 
 def row_of(r):
@@ -468,7 +457,7 @@ def main(args):
         heads_kept=search["head_keep"].sum(1).tolist(), ffn_widths=search["ffn_keep"].sum(1).tolist(),
         dense_params=dense, flops_per_token=flops, dense_flops_per_token=dense_flops, flops_ratio=flops / dense_flops,
         throughput=inference_throughput(model, loaders["test"], run), ticket_dir="ticket")
-    evaluate(model, tokenizer, data, args, run, results, "ticket_")
+    evaluate_model(model, tokenizer, data, args, run, results, "ticket_")
     rows = [(results["setting"], results)]
     if args.with_baselines:
         for setting in ("freelb", "finetune"):
