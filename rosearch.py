@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from common import (ATTACK_RECIPES, Predictor, UsageError, add_common_args, build_attack, callable_wrapper, check_range,
                     count_params, evaluate_model, finetune, finish_run, load_model, load_task, make_loader,
+                    offline_attack_resources,
                     pgd_accuracy, print_summary, results_template, run_attack, set_seed, start_run, texts_of,
                     tokenize, usage_errors, validate_common_args)
 
@@ -513,12 +514,8 @@ def robustness(student, ctx) -> dict:
     ctx.probe_model.predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size,
                                         ctx.run.device, ctx.run.autocast)
     if ctx.probe_attack is None:
-        resources = None
-        if getattr(args, "attack_substitutes", None):
-            from common import offline_attack_resources
-            resources = offline_attack_resources(args.attack_substitutes)
         ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_model.predict(t)),
-                                        resources, args.attack_query_budget, args.attack_max_modify_rate,
+                                        ctx.resources, args.attack_query_budget, args.attack_max_modify_rate,
                                         args.eval_batch_size)
     ctx.probe_attack.clear_cache()  # the goal function caches the previous candidate's outputs
     summary, _ = run_attack(ctx.probe_attack, ctx.probe_samples, ctx.data.text_columns, None, desc="probe")
@@ -568,7 +565,7 @@ def evaluate_row(model, setting, ctx, prefix, dev_accuracy, extra=None) -> dict:
     ratio = compression(row["params"], ctx.space)
     row["compression"] = ratio["total"]
     row["extra"] = {"compression": ratio, **(extra or {})}
-    evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, prefix=prefix)
+    evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, prefix=prefix, resources=ctx.resources)
     speed = examples_per_second(model, ctx)  # the teacher timed right after, under the same machine load
     teacher_speed = speed if model is ctx.teacher else examples_per_second(ctx.teacher, ctx)
     row["extra"]["inference"] = {"examples_per_s": speed, "teacher_examples_per_s": teacher_speed,
@@ -630,7 +627,7 @@ def run_search(label, weights, ctx, evaluated):
         key = genotype_hash(genotype)
         if key not in evaluated:  # both searches share evaluations: a genotype's R, A, E do not depend on weights
             evaluated[key] = train_and_score(genotype, ctx, args.proxy_epochs, f"search/{key}")[1]
-        return {k: v for k, v in evaluated[key].items() if k not in ("index", "fitness", "genotype", "hash")}
+        return evaluated[key]  # evolve() sets index, fitness, genotype and hash on its own copy
 
     def on_record(record):
         with open(path, "a") as f:
@@ -682,6 +679,8 @@ def main(args):
     ctx = SimpleNamespace(args=args, run=run, data=data, teacher=teacher, tokenizer=tokenizer, encoded=encoded,
                           space=space, loss_fn=kd_loss(args.kd_alpha, args.kd_temperature), probe_attack=None,
                           finalists={},
+                          resources=(offline_attack_resources(args.attack_substitutes)  # built once, for every attack
+                                     if getattr(args, "attack_substitutes", None) else None),
                           probe_model=SimpleNamespace(predict=None),
                           probe_samples=list(zip(texts_of(data, probe), probe["label"])),
                           dev_loader=make_loader(encoded["dev"], tokenizer, args.eval_batch_size, False),
