@@ -261,8 +261,8 @@ def simplex_grid(n_sets, step):
 
 
 class MixupPredictor:
-    """beta None: adapter set sets[0] alone; a list: that fixed mix; 'dynamic': beta(x) from the entropies of the
-    S single-set predictions (S passes batched by repeating the batch, plus the mixed pass)."""
+    """beta None: adapter set sets[0] alone (a fixed mix is merged into a set first); 'dynamic': beta(x) from the
+    entropies of the S single-set predictions (S passes batched by repeating the batch, plus the mixed pass)."""
 
     def __init__(self, model, tokenizer, mixture, sets, beta, args, device, autocast, rule="inverse-entropy"):
         self.model, self.tokenizer, self.mixture, self.sets, self.beta = model, tokenizer, mixture, sets, beta
@@ -282,11 +282,10 @@ class MixupPredictor:
         self.model.eval()
         batch = enc["input_ids"].size(0)
         if self.beta != "dynamic":
-            self.mixture.use(self.sets, self.beta)
+            self.mixture.use(self.sets, None)
             with self.autocast():
                 logits = common._logits(self.model(**enc)).float()
-            beta = torch.tensor([1.0] if self.beta is None else self.beta).expand(batch, -1)
-            return logits, beta
+            return logits, torch.ones(batch, 1)
         grid = self.candidates.size(0)  # copy g of the batch uses candidate mix g (one-hot = single adapter)
         self.mixture.use(self.sets, self.candidates.repeat_interleave(batch, 0).to(self.device))
         with self.autocast():
@@ -495,8 +494,8 @@ def main(args, resources=None):
     clean_rows = list(zip(texts_of(data, data.train), data.train["label"]))
     dev_rows = list(zip(texts_of(data, data.dev), data.dev["label"]))
     test_texts, test_labels = texts_of(data, data.test), list(data.test["label"])
-    predictor = lambda sets, beta=None, rule=args.dynamic_rule: MixupPredictor(  # noqa: E731
-        model, tokenizer, mixture, [slot[s] for s in sets], beta, args, run.device, run.autocast, rule)
+    predictor = lambda sets, beta=None: MixupPredictor(  # noqa: E731
+        model, tokenizer, mixture, [slot[s] for s in sets], beta, args, run.device, run.autocast, args.dynamic_rule)
 
     # ---- Stage 1: clean adapter phi_0 on D_tr, best on dev (spec §3.4 step 1); reused from the cache if trained
     print("=== Stage 1: clean adapter ===", flush=True)
