@@ -533,7 +533,7 @@ def train_and_score(genotype, ctx, epochs, tag):
                    ctx.args.student_weight_decay, ctx.args.warmup, loss_fn=ctx.loss_fn, tag=tag)
     kd_seconds, start = time.time() - start, time.time()
     score = robustness(student, ctx)
-    params = count_params(student)
+    params = student_params(genotype, ctx.space)  # equal to count_params(student) (tests/test_rosearch.py)
     ratio = compression(params, ctx.space)
     record = {"A": 100.0 * fit["dev_accuracy"], **score, "E": 1.0 / ratio[ctx.space.basis],
               "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
@@ -666,10 +666,9 @@ def main(args):
     # Stage 1: the teacher, fine-tuned once; its train/dev logits cached to disk (§4.3)
     teacher, tokenizer, encoded, teacher_dev, results_wall["teacher"] = prepare_teacher(args, data, run)
     word = teacher.get_input_embeddings()
-    emb = teacher.base_model.embeddings
+    emb = count_params(teacher.base_model.embeddings)  # the block every student shares: tables + its LayerNorm
     space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, word.embedding_dim,
-                  data.num_labels, sum(p.numel() for p in emb.parameters()),
-                  sum(m.weight.numel() for m in emb.modules() if isinstance(m, nn.Embedding)), count_params(teacher),
+                  data.num_labels, emb["total"], emb["total"] - emb["non_embedding"], count_params(teacher),
                   args.compression_basis, args.min_compression, args.heads, args.cell_combine, args.cell_residual,
                   args.dropout)
     check_space(space)
