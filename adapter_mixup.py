@@ -20,11 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import attacks
 import common
-from common import (ATTACK_RECIPES, UsageError, add_common_args, build_attack, callable_wrapper, check_range,
-                    count_params, evaluate_accuracy, evaluate_model, evaluate_robustness, finetune, finish_run,
-                    load_model, load_task, make_loader, parse_attacks, print_summary, results_template, set_seed,
-                    start_run, texts_of, tokenize, usage_errors)
+import offline
+from attacks import build_attack, callable_wrapper, evaluate_model, evaluate_robustness
+from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, evaluate_accuracy, finetune,
+                    finish_run, load_model, load_task, make_loader, parse_attacks, print_summary, results_template,
+                    set_seed, start_run, texts_of, tokenize, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
@@ -475,7 +477,7 @@ def main(args, resources=None):
         return bench(args)
     run = start_run(args, METHOD)
     if resources is None and args.attack_substitutes:  # offline TextFooler/TextBugger stand-ins, built once
-        resources = common.offline_attack_resources(args.attack_substitutes)
+        resources = offline.offline_attack_resources(args.attack_substitutes)
     data = load_task(args)
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
                                   os.path.join(args.output_dir, ".tiny-bert"))
@@ -627,7 +629,7 @@ def main(args, resources=None):
             print(f"[eval {key}] same weights as the {attacked[weights][0]} row: its attack results reused", flush=True)
             row["attacks"] = copy.deepcopy(attacked[weights][1])
         else:
-            row["attacks"] = evaluate_robustness(predict, data, args, run, f"{key}_", resources)
+            row["attacks"] = evaluate_robustness(predict, data, args, run, f"{key}_", resources, row=row)
             if weights is not None:
                 attacked[weights] = (key, row["attacks"])
         mark_known(row, known)
@@ -741,7 +743,7 @@ def full_at_baseline(args, data, run, train_rows, dev_rows, known, transfer_sets
     dev = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size, False)
     row["dev_accuracy"] = 100.0 * evaluate_accuracy(model, dev, run.device, run.autocast)
     mark_known(row, known)
-    predict = common.Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
+    predict = attacks.Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
     row["transfer"] = {a: accuracy(predict, *zip(*s)) for a, s in transfer_sets.items() if s}
     row["wall_clock"] = {"clean_adapter": wall["clean_adapter"], "adversarial_generation":
                          wall["adversarial_generation"], "full_at": stats["seconds"], "evaluation": time.time() - start}

@@ -1,12 +1,13 @@
 # Benchmark of the shared attack wrapper (README.md section "Benchmarks"): the same recipe on the same examples through
-# common.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
+# attacks.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
 # every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
 import argparse
 import time
 
-from common import (add_common_args, attack_sample, build_attack, callable_wrapper, finetune, load_model, load_task,
-                    make_loader, minilm_path, Predictor, run_attack, start_run, tokenize, usage_errors,
+from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack
+from common import (add_common_args, finetune, load_model, load_task, make_loader, start_run, tokenize, usage_errors,
                     validate_common_args)
+from offline import minilm_path
 
 
 def parse_args(argv=None):
@@ -21,16 +22,16 @@ def parse_args(argv=None):
 def timed_attack(name, wrapper, samples, columns, batch_size):
     attack = build_attack(name, wrapper, model_batch_size=batch_size)
     start = time.time()
-    summary, results = run_attack(attack, samples, columns, desc=name)
-    return time.time() - start, summary, [(type(r).__name__, r.perturbed_result.attacked_text.text) for r in results]
+    summary, rows = run_attack(attack, samples, columns, desc=name)
+    return time.time() - start, summary, [(r["result"], r["perturbed_text"]) for r in rows]
 
 
 def main(args):
     from textattack.models.wrappers import HuggingFaceModelWrapper
 
     validate_common_args(args)
-    data = load_task(args)
     run = start_run(args, "bench_wrapper")
+    data = load_task(args)
     if args.finetuned:
         model, tokenizer = load_model(args.finetuned, data.num_labels, args.max_seq_length)
     else:
@@ -39,7 +40,7 @@ def main(args):
                             True, args.seed)
         dev = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, 256, False)
         finetune(model, train, dev, run, args.epochs, args.lr)
-    model.eval()  # the stock wrapper does not call eval(); without it dropout makes its outcomes random
+    model.to(run.device).eval()  # --finetuned loads on the CPU; without eval() dropout makes outcomes random
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
     ours = callable_wrapper(Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device))
     stock = HuggingFaceModelWrapper(model, tokenizer)  # pads to tokenizer.model_max_length = --max-seq-length

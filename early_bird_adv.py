@@ -12,10 +12,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import prune_linear_layer
 
+from attacks import evaluate_model
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
-                    check_range, count_params, cross_entropy, evaluate_model, finetune, finish_run,
-                    linear_schedule, load_model, load_task, make_loader, print_summary,
-                    results_template, set_seed, start_run, state_copy, tokenize, usage_errors, validate_common_args)
+                    check_range, count_params, cross_entropy, finetune, finish_run, linear_schedule, load_model,
+                    load_task, make_loader, print_summary, results_template, set_seed, start_run, state_copy, tokenize,
+                    usage_errors, validate_common_args)
 
 METHOD = "early_bird_adv"
 SETTINGS = {"ticket": "early-bird ticket", "freelb": "FreeLB", "finetune": "fine-tune"}
@@ -365,7 +366,8 @@ def fresh_model(args, num_labels, train_loader=None):
     set_seed(args.seed)
     if train_loader is not None:
         train_loader.generator.manual_seed(args.seed)
-    return load_model(args.model, num_labels, args.max_seq_length, os.path.join(args.output_dir, ".tiny-bert"))[0]
+    return load_model(args.model, num_labels, args.max_seq_length, os.path.join(args.output_dir, ".tiny-bert"),
+                      attn_implementation="eager")[0]  # the head gates go in through head_mask (eager attention)
 
 
 def dense_row(args, data, tokenizer, run, loaders, setting, adversary):
@@ -385,7 +387,7 @@ def dense_row(args, data, tokenizer, run, loaders, setting, adversary):
 
 def row_of(r):
     keep = ("setting", "params", "sparsity", "compression", "wall_clock", "dev_accuracy", "clean_accuracy", "attacks",
-            "pgd_accuracy")
+            "pgd_accuracy", "data", "test_predictions", "test_labels")
     return {**{k: r[k] for k in keep}, **{k: r["extra"].get(k) for k in ("flops_per_token", "throughput")}}
 
 

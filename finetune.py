@@ -3,9 +3,9 @@
 import argparse
 import time
 
-from common import (add_adversary_args, add_common_args, adversary_from_args, evaluate_model, finetune, finish_run,
-                    load_model, load_task, make_loader, results_template, start_run, tokenize, usage_errors,
-                    validate_common_args)
+from attacks import evaluate_model
+from common import (add_adversary_args, add_common_args, adversary_from_args, finetune, finish_run, load_model,
+                    load_task, make_loader, results_template, start_run, tokenize, usage_errors, validate_common_args)
 
 
 def parse_args(argv=None):
@@ -22,8 +22,8 @@ def main(args):
     validate_common_args(args)
     adversary = adversary_from_args(args)
     method = "freelb" if adversary.steps > 0 else "finetune"
-    data = load_task(args)
     run = start_run(args, method)
+    data = load_task(args)
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, run.dir + "/tiny")
     train_loader = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer,
                                args.batch_size, shuffle=True, seed=args.seed)

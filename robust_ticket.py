@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attacks import evaluate_model
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
-                    check_range, count_params, evaluate_accuracy, evaluate_model, finetune, finish_run,
-                    linear_schedule, load_model, load_task, make_loader, print_summary, results_template, start_run,
-                    pick_device, state_copy, sync, tokenize, usage_errors, validate_common_args)
+                    check_range, count_params, evaluate_accuracy, finetune, finish_run, linear_schedule, load_model,
+                    load_task, make_loader, pick_device, print_summary, results_template, start_run, state_copy, sync,
+                    tokenize, usage_errors, validate_common_args)
 
 METHOD = "robust_ticket"
 # hard-concrete distribution (Louizos et al. 2018), as in the paper and the official masked_linear.py
@@ -315,7 +316,7 @@ def sparsity_of(model, masks: dict) -> dict:
 
 def row_of(results: dict) -> dict:
     keys = ("setting", "params", "sparsity", "compression", "wall_clock", "dev_accuracy", "clean_accuracy", "attacks",
-            "pgd_accuracy")
+            "pgd_accuracy", "data", "test_predictions", "test_labels")
     return {k: results[k] for k in keys} | {"extra": {k: v for k, v in results["extra"].items() if k != "rows"}}
 
 

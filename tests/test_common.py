@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import ROOT, SST2_DIR, minilm_or_skip, needs_nltk, needs_sst2
 
+import attacks
 import common
+import offline
 
 
 def parse(extra, tmp_path):
@@ -149,8 +151,8 @@ def test_pgd_accuracy_is_below_clean_accuracy(toy_args):
     model, tokenizer = common.load_model("tiny", 2, 64, str(toy_args.output_dir))
     loader = common.make_loader(common.tokenize(data, data.dev, tokenizer, 64), tokenizer, 64, shuffle=False)
     clean = common.evaluate_accuracy(model, loader, "cpu")
-    assert common.pgd_accuracy(model, loader, "cpu", radius=5.0, steps=5) <= clean
-    assert common.pgd_accuracy(model, loader, "cpu", radius=1e-6, steps=2) == pytest.approx(clean, abs=0.01)
+    assert attacks.pgd_accuracy(model, loader, "cpu", radius=5.0, steps=5) <= clean
+    assert attacks.pgd_accuracy(model, loader, "cpu", radius=1e-6, steps=2) == pytest.approx(clean, abs=0.01)
 
 
 # ------------------------------------------------------------------------------------------------ attacks
@@ -176,8 +178,8 @@ def trained_tiny(tmp_path_factory):
 def test_wrapper_logits_equal_the_models_own(trained_tiny):
     _, data, _, model, tokenizer = trained_tiny
     texts = common.texts_of(data, data.test)[:20]
-    predict = common.Predictor(model, tokenizer, 64, batch_size=7, device="cpu")
-    wrapper = common.callable_wrapper(predict)
+    predict = attacks.Predictor(model, tokenizer, 64, batch_size=7, device="cpu")
+    wrapper = attacks.callable_wrapper(predict)
     got = wrapper(texts)
     model.eval()
     with torch.no_grad():
@@ -189,14 +191,14 @@ def test_wrapper_logits_equal_the_models_own(trained_tiny):
 def test_deepwordbug_and_pwws_end_to_end(trained_tiny):
     args, data, run, model, tokenizer = trained_tiny
     results = common.results_template(args, "test", "dense", model)
-    common.evaluate_model(model, tokenizer, data, args, run, results)
+    attacks.evaluate_model(model, tokenizer, data, args, run, results)
     for name in ("deepwordbug", "pwws"):
         m = results["attacks"][name]
         assert m["n"] == 12
         assert m["aua"] == pytest.approx(m["clean"] * (1 - m["suc"] / 100), abs=1e-6)  # Aua = Clean x (1 - Suc)
         assert m["suc"] > 0 and m["queries"] > 0
         lines = open(os.path.join(run.dir, m["csv"])).read().splitlines()
-        assert len(lines) == 13 and lines[0].startswith("original_text,perturbed_text")
+        assert len(lines) == 13 and lines[0].startswith("index,seed,result")
 
 
 @needs_nltk
@@ -208,7 +210,7 @@ def test_textfooler_runs_with_injected_substitutes(trained_tiny):
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(len(words), 16)).astype(np.float32)
     # make antonym-free "synonym" clusters: words of the same polarity sit close together
-    for label, group in common.TOY_WORDS.items():
+    for label, group in offline.TOY_WORDS.items():
         for w in group:
             if w in words:
                 matrix[words.index(w)] = (1.0 if label else -1.0) + 0.05 * rng.normal(size=16)
@@ -221,10 +223,10 @@ def test_textfooler_runs_with_injected_substitutes(trained_tiny):
         calls.append(len(sentences))
         return torch.ones(len(sentences), 8)  # every sentence equally similar: the constraint passes
 
-    resources = common.AttackResources(word_embedding=embedding, sentence_encoder=encoder)
-    wrapper = common.callable_wrapper(common.Predictor(model, tokenizer, 64, 32, "cpu"))
-    attack = common.build_attack("textfooler", wrapper, resources)
-    summary, results = common.run_attack(attack, common.attack_sample(data, 6, 0), data.text_columns)
+    resources = offline.AttackResources(word_embedding=embedding, sentence_encoder=encoder)
+    wrapper = attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu"))
+    attack = attacks.build_attack("textfooler", wrapper, resources)
+    summary, results = attacks.run_attack(attack, attacks.attack_sample(data, 6, 0), data.text_columns)
     assert summary["n"] == 6 and summary["queries"] > 0
     assert calls, "the injected sentence encoder was used"
 
@@ -232,8 +234,8 @@ def test_textfooler_runs_with_injected_substitutes(trained_tiny):
 @needs_nltk
 def test_query_budget_and_modify_rate_reach_the_attack(trained_tiny):
     _, _, _, model, tokenizer = trained_tiny
-    wrapper = common.callable_wrapper(common.Predictor(model, tokenizer, 64, 32, "cpu"))
-    attack = common.build_attack("deepwordbug", wrapper, query_budget=7, max_modify_rate=0.2, model_batch_size=16)
+    wrapper = attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu"))
+    attack = attacks.build_attack("deepwordbug", wrapper, query_budget=7, max_modify_rate=0.2, model_batch_size=16)
     assert attack.goal_function.query_budget == 7 and attack.goal_function.batch_size == 16
     assert any(type(c).__name__ == "MaxWordsPerturbed" for c in attack.constraints)
 
@@ -248,8 +250,8 @@ def cli(*argv, env_extra=None):
 @pytest.mark.parametrize("argv, needle", [
     (["--task", "sst5"], "unknown --task 'sst5'"),
     (["--task", "sst2", "--data-dir", "/nonexistent/sst2"], "--data-dir /nonexistent/sst2 is not a folder"),
-    (["--task", "sst2", "--data-dir", "/tmp"], "no train.tsv"),
-    (["--task", "toy", "--model", "/nonexistent/model"], "could not load model '/nonexistent/model'"),
+    (["--task", "sst2", "--data-dir", "/tmp", "--attacks", "none"], "no train.tsv"),
+    (["--task", "toy", "--model", "/nonexistent/model", "--attacks", "none"], "could not load model '/nonexistent/model'"),
     (["--task", "toy", "--model", "tiny", "--lr", "-1"], "--lr must be in (0, None]"),
     (["--task", "toy", "--model", "tiny", "--attack-max-modify-rate", "1.5"], "--attack-max-modify-rate must be in"),
     (["--task", "toy", "--model", "tiny", "--attacks", "hotflipp"], "unknown attack 'hotflipp'"),
@@ -286,5 +288,5 @@ def test_real_minilm_loads_and_predicts(tmp_path):
     model, tokenizer = common.load_model(path, 2, 64)
     assert tokenizer.model_max_length == 64
     assert common.count_params(model)["total"] > 22_000_000
-    logits = common.Predictor(model, tokenizer, 64, 8, "cpu")(["a charming movie", "a dull one"])
+    logits = attacks.Predictor(model, tokenizer, 64, 8, "cpu")(["a charming movie", "a dull one"])
     assert logits.shape == (2, 2)

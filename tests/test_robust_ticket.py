@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import offline
 import robust_ticket as rt
 
 QUICK = ["--task", "toy", "--model", "tiny", "--no-cuda", "--attacks", "none", "--max-seq-length", "32",
@@ -15,7 +16,7 @@ QUICK = ["--task", "toy", "--model", "tiny", "--no-cuda", "--attacks", "none", "
 
 
 def tiny(num_labels=2):
-    return common.tiny_bert(num_labels, os.path.join("/tmp", "robust_ticket_test_tiny"))
+    return offline.tiny_bert(num_labels, os.path.join("/tmp", "robust_ticket_test_tiny"))
 
 
 def test_expected_l0_matches_monte_carlo():

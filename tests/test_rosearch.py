@@ -64,7 +64,7 @@ def test_random_genotypes_valid_and_within_budget():
 
 
 def test_meta_param_count_matches_the_built_student():
-    from common import tiny_bert
+    from offline import tiny_bert
 
     teacher, _ = tiny_bert(2, "/tmp/rosearch_test_tiny")
     emb = teacher.base_model.embeddings
@@ -94,7 +94,7 @@ def test_every_op_keeps_shape_and_ignores_padding(name):
 
 
 def test_student_logits_ignore_padded_tokens_and_checkpoint_loads_back(tmp_path):
-    from common import tiny_bert
+    from offline import tiny_bert
 
     teacher, _ = tiny_bert(2, str(tmp_path / "tiny"))
     space = rs.Space(list(rs.OPS), 1, 3, [8], 64, 2, 1, 0, count_params(teacher), heads=2)

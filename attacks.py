@@ -1,0 +1,269 @@
+# The shared attack protocol (README.md, "Protocol and metrics"): TextAttack recipes against a method's whole
+# predictor on one seeded sample of the test split; per-example seeds, CSV rows written as they finish (a killed run
+# resumes), the configuration and per-example outcomes recorded next to every number so report.py compares like with
+# like and pairs rows example by example. Methods call evaluate_model (or evaluate_robustness for a custom predictor).
+import csv
+import logging
+import os
+import time
+import traceback
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import offline
+from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits, adversarial_backward,
+                    fingerprint, make_loader, parse_attacks, predict_labels, set_seed, texts_of, tokenize)
+
+
+def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
+    """Accuracy under K-step l2 PGD on the word embeddings at `radius` (cheap; not a text attack)."""
+    adv = Adversary(steps=steps, lr=2.5 * radius / steps, init_mag=0.0, max_norm=radius, norm_type="l2")
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        result = adversarial_backward(model, batch, adv, mode="attack", autocast=autocast)
+        correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
+        total += batch["labels"].numel()
+    model.zero_grad(set_to_none=True)
+    return correct / max(total, 1)
+
+
+class Predictor:
+    """list[str | (str, str)] -> logits (numpy): batches queries, pads each batch to its own longest sequence."""
+
+    def __init__(self, model, tokenizer, max_length: int, batch_size: int, device, autocast=nullcontext):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.batch_size, self.device, self.autocast = batch_size, device, autocast
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        self.model.eval()
+        outputs = []
+        for i in range(0, len(texts), self.batch_size):
+            chunk = list(texts[i: i + self.batch_size])
+            pair = isinstance(chunk[0], (tuple, list))
+            args = (list(map(lambda t: t[0], chunk)), list(map(lambda t: t[1], chunk))) if pair else (chunk,)
+            enc = self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="pt").to(self.device)
+            with self.autocast():
+                outputs.append(_logits(self.model(**enc)).float().cpu())
+        return torch.cat(outputs).numpy()
+
+
+def callable_wrapper(predict: Callable):
+    """A TextAttack ModelWrapper around any `list[str] -> logits` callable (a method's whole predictor)."""
+    import_textattack()
+    from textattack.models.wrappers import ModelWrapper
+
+    class CallableModelWrapper(ModelWrapper):
+        def __init__(self, fn):
+            self.model = fn
+
+        def __call__(self, text_input_list):
+            return self.model(text_input_list)
+
+    return CallableModelWrapper(predict)
+
+
+def import_textattack():
+    """Import TextAttack offline-safe and quiet; undo the cache variable it exports to every child process."""
+    offline.prepare_textattack_offline()
+    import textattack
+
+    os.environ.pop("PYTORCH_TRANSFORMERS_CACHE", None)  # else every later `import transformers` warns (deprecated)
+    textattack.shared.logger.setLevel(logging.ERROR)  # not "Unknown if model of class ... compatible" (a warning)
+    return textattack
+
+
+def build_attack(name: str, model_wrapper, resources=None, query_budget=None, max_modify_rate=None,
+                 model_batch_size: int = 128):
+    """A TextAttack recipe by its CLI name; stock, unless `resources` (offline.AttackResources) injects substitutes."""
+    textattack = import_textattack()
+    from textattack.constraints.overlap import MaxWordsPerturbed
+
+    if name not in ATTACK_RECIPES:
+        raise UsageError(f"unknown attack '{name}'; choose from: {', '.join(ATTACK_RECIPES)}")
+    attack = offline.build_with_resources(getattr(textattack.attack_recipes, ATTACK_RECIPES[name]), model_wrapper,
+                                          resources)
+    if max_modify_rate is not None:
+        attack.constraints.append(MaxWordsPerturbed(max_percent=max_modify_rate))
+    attack.goal_function.query_budget = query_budget or float("inf")
+    attack.goal_function.batch_size = model_batch_size
+    return attack
+
+
+def attack_sample(data: TaskData, n: int, seed: int) -> list:
+    """Seeded random sample of the test split: [(input, label)], the same for every run with the same seed."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(data.test), size=min(n, len(data.test)), replace=False))
+    subset = data.test.select(idx)
+    return list(zip(texts_of(data, subset), subset["label"]))
+
+
+def example_seed(attack_seed: int, index: int) -> int:
+    """The seed example `index` of the seeded sample is attacked under: its outcome depends on nothing else."""
+    return (attack_seed * 1_000_003 + index) % (2 ** 31 - 1)
+
+
+OUTCOME = {"Successful": "S", "Failed": "F", "Skipped": "K"}  # F: the attack failed, the example is robust
+CSV_FIELDS = ["index", "seed", "result", "ground_truth", "original_output", "perturbed_output", "num_queries",
+              "perturbed_words", "original_text", "perturbed_text"]
+
+
+def attack_one(attack, text, label: int, column_names: tuple, seed: int) -> dict:
+    """One example under its own seed, with the recipe's caches cleared: a per-example CSV row."""
+    from textattack.attack_results import SkippedAttackResult, SuccessfulAttackResult
+
+    set_seed(seed)
+    attack.clear_cache()
+    example = OrderedDict(zip(column_names, text)) if isinstance(text, (tuple, list)) else text
+    result = attack.attack(example, int(label))
+    original, perturbed = result.original_result.attacked_text, result.perturbed_result.attacked_text
+    changed = len(original.all_words_diff(perturbed)) if isinstance(result, SuccessfulAttackResult) else 0
+    return {"seed": seed, "result": type(result).__name__.replace("AttackResult", ""), "ground_truth": int(label),
+            "original_output": int(result.original_result.output), "perturbed_output": int(result.perturbed_result.output),
+            "num_queries": 0 if isinstance(result, SkippedAttackResult) else int(result.perturbed_result.num_queries),
+            "perturbed_words": 100.0 * changed / max(1, len(original.words)),
+            "original_text": original.printable_text(), "perturbed_text": perturbed.printable_text()}
+
+
+def summarise_attack(rows: list) -> dict:
+    """TextAttack's summary metrics (percentages) from per-example rows, plus what the report pairs and checks:
+    the outcome of each example in sample order (S successful, F failed = robust, K skipped = misclassified) and the
+    histograms of predictions and labels on the sample."""
+    outcomes = "".join(OUTCOME.get(r["result"], "?") for r in rows)
+    n, skipped, failed, succeeded = len(rows), outcomes.count("K"), outcomes.count("F"), outcomes.count("S")
+    queries = [int(r["num_queries"]) for r, o in zip(rows, outcomes) if o != "K"]
+    perturbed = [float(r["perturbed_words"]) for r, o in zip(rows, outcomes) if o == "S"]
+    return {
+        "n": n,
+        "clean": 100.0 * (n - skipped) / max(n, 1),  # TextAttack "Original accuracy"
+        "aua": 100.0 * failed / max(n, 1),  # "Accuracy under attack"
+        "suc": 100.0 * succeeded / max(succeeded + failed, 1),  # "Attack success rate"
+        "queries": float(np.mean(queries)) if queries else 0.0,  # "Avg num queries"
+        "perturbed_words": float(np.mean(perturbed)) if perturbed else 0.0,  # "Average perturbed word %"
+        "outcomes": outcomes,
+        "predictions": np.bincount([int(r["original_output"]) for r in rows]).tolist(),
+        "labels": np.bincount([int(r["ground_truth"]) for r in rows]).tolist(),
+    }
+
+
+def read_attack_csv(csv_path: str, key: str) -> dict:
+    """Rows already attacked under the same key (recipe, sample, predictor): index -> row. Anything else: {}."""
+    meta = csv_path + ".key"
+    if not (os.path.isfile(csv_path) and os.path.isfile(meta) and open(meta).read().strip() == key):
+        return {}
+    with open(csv_path, newline="") as f:
+        return {int(r["index"]): r for r in csv.DictReader(f) if r.get("perturbed_text") is not None}
+
+
+def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack",
+               attack_seed: int = 0, key: str = "", indices=None):
+    """Attack samples[i] for i in `indices` (default: all), each under example_seed(attack_seed, i). Rows go to the
+    per-example CSV as they finish; examples already in a CSV with the same `key` are not attacked again (resume).
+    Returns (summary dict, rows in sample order)."""
+    indices = list(range(len(samples))) if indices is None else list(indices)
+    done = read_attack_csv(csv_path, key) if csv_path else {}
+    todo = [i for i in indices if i not in done]
+    if done and todo != indices:
+        print(f"[{desc}] resuming: {len(indices) - len(todo)} of {len(indices)} examples already in {csv_path}",
+              flush=True)
+    out = None
+    if csv_path:
+        fresh = not done
+        if fresh:
+            with open(csv_path + ".key", "w") as f:
+                f.write(key)
+        out = open(csv_path, "w" if fresh else "a", newline="")
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+        if fresh:
+            writer.writeheader()
+    try:
+        for i in tqdm(todo, desc=desc, leave=False, disable=None):
+            done[i] = {"index": i, **attack_one(attack, samples[i][0], samples[i][1], column_names,
+                                                example_seed(attack_seed, i))}
+            if out is not None:
+                writer.writerow(done[i])
+                out.flush()
+    finally:
+        if out is not None:
+            out.close()
+    rows = [done[i] for i in indices]
+    return summarise_attack(rows), rows
+
+
+def attack_config(args, name: str, resources, samples: list) -> dict:
+    """Everything an Aua depends on besides the predictor: only rows that agree on all of it are comparable."""
+    substituted = resources is not None and name in offline.SUBSTITUTABLE
+    return {"recipe": ATTACK_RECIPES[name], "attack_seed": args.attack_seed, "n_requested": args.attack_examples,
+            "resources": getattr(resources, "label", "injected") if substituted else "real",
+            "query_budget": args.attack_query_budget, "max_modify_rate": args.attack_max_modify_rate,
+            "max_seq_length": args.max_seq_length, "sample": fingerprint([list(map(str, s)) for s in samples])}
+
+
+def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefix: str = "", resources=None,
+                        row: Optional[dict] = None) -> dict:
+    """Every --attacks recipe on the seeded test sample against the whole predictor. Returns {attack: metrics}.
+    With `row` (the results row being evaluated), row["attacks"] fills recipe by recipe and results.json is rewritten
+    after each one; a recipe that raises is recorded as {"error": ...} and the next one still runs."""
+    names = parse_attacks(args.attacks)
+    metrics = {} if row is None else row.setdefault("attacks", {})
+    if row is not None:
+        row["data"] = data.identity
+        run.track(prefix, row)
+    if not names:
+        return metrics  # --attacks none: TextAttack is never imported
+    if resources is None and getattr(args, "attack_substitutes", None):
+        resources = offline.offline_attack_resources(args.attack_substitutes)
+    samples = attack_sample(data, args.attack_examples, args.attack_seed)
+    wrapper = callable_wrapper(predict)
+    for name in names:
+        start, config = time.time(), attack_config(args, name, resources, samples)
+        csv_path = os.path.join(run.dir, f"attack_{prefix}{name}.csv")
+        try:
+            attack = build_attack(name, wrapper, resources, args.attack_query_budget, args.attack_max_modify_rate,
+                                  args.eval_batch_size)
+            summary, _ = run_attack(attack, samples, data.text_columns, csv_path, f"{prefix}{name}", args.attack_seed,
+                                    key=fingerprint([config, prefix, run.dir]))
+        except Exception as e:  # noqa: BLE001 -- one recipe's failure must not lose the others (README "Results")
+            traceback.print_exc()
+            metrics[name] = {**config, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+            RECIPE_FAILURES.append(f"{prefix}{name}: {metrics[name]['error']}")
+            print(f"[attack {prefix}{name}] FAILED: {metrics[name]['error']}", flush=True)
+            run.checkpoint()
+            continue
+        metrics[name] = {**config, **summary, "seconds": time.time() - start, "csv": os.path.basename(csv_path)}
+        for k in ("clean", "aua", "suc", "queries"):
+            run.writer.add_scalar(f"robust/{prefix}{name}_{k}", summary[k], 0)
+        print(f"[attack {prefix}{name}] n={summary['n']} clean {summary['clean']:.1f}%  aua {summary['aua']:.1f}%  "
+              f"suc {summary['suc']:.1f}%  queries {summary['queries']:.1f}  ({metrics[name]['seconds']:.0f}s)",
+              flush=True)
+        run.checkpoint()
+    return metrics
+
+
+def evaluate_model(model, tokenizer, data: TaskData, args, run: Run, results: dict, prefix: str = "",
+                   predict: Optional[Callable] = None, resources=None) -> dict:
+    """Clean test accuracy and prediction histogram, optional embedding-PGD accuracy and every attack; fills
+    `results` in place (results.json is written before the attacks and after each one)."""
+    test_loader = make_loader(tokenize(data, data.test, tokenizer, args.max_seq_length), tokenizer,
+                              args.eval_batch_size, shuffle=False)
+    predictions, labels = predict_labels(model, test_loader, run.device, run.autocast)
+    results["clean_accuracy"] = 100.0 * float(np.mean(predictions == labels))
+    results["test_predictions"] = np.bincount(predictions, minlength=data.num_labels).tolist()
+    results["test_labels"] = np.bincount(labels, minlength=data.num_labels).tolist()
+    print(f"[eval {prefix or 'model'}] clean test accuracy {results['clean_accuracy']:.2f}% "
+          f"(n={len(data.test)}; predictions per class {results['test_predictions']})", flush=True)
+    if args.pgd_radius > 0:
+        results["pgd_accuracy"] = 100.0 * pgd_accuracy(model, test_loader, run.device, args.pgd_radius,
+                                                        autocast=run.autocast)
+    predict = predict or Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device,
+                                   run.autocast)
+    evaluate_robustness(predict, data, args, run, prefix, resources, row=results)
+    return results
