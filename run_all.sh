@@ -48,8 +48,7 @@ offline_env() {
     export NLTK_DATA="$HERE/../shared/offline/nltk_data"
   elif [ -z "${NLTK_DATA:-}" ]; then  # a user's machine: fetch the three NLTK resources once (needs internet)
     $PY -c "import nltk; [nltk.data.find(p) for p in ('corpora/stopwords', 'corpora/wordnet')]" 2>/dev/null ||
-      $PY -m nltk.downloader -q stopwords wordnet averaged_perceptron_tagger_eng universal_tagset ||
-      echo "warning: no NLTK data (stopwords, WordNet); attacks will fail: see README 'Offline use'" >&2
+      $PY -m nltk.downloader -q stopwords wordnet averaged_perceptron_tagger_eng universal_tagset 2>/dev/null || true
   fi
 }
 minilm() { $PY -c "import common; print(common.minilm_path() or '')"; }
@@ -78,6 +77,8 @@ case $mode in
 esac
 [ -n "$data_dir" ] && common+=(--data-dir "$data_dir")
 common+=(--task "$task" --model "$model" --attacks "$attacks" --attack-examples "$attack_examples")
+# every recipe's modules, NLTK data and downloads, checked once before any stage trains (exit 2 with the fix)
+[ "$mode" = bench ] || $PY offline.py --attacks "$attacks" || exit 2
 
 if [ "$mode" = bench ]; then
   offline_env

@@ -45,3 +45,25 @@ def toy_args(tmp_path):
     return parser.parse_args(["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(tmp_path),
                               "--max-seq-length", "64", "--attacks", "none", "--max-train-examples", "400",
                               "--max-eval-examples", "200", "--attack-examples", "10"])
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """A tiny BERT fine-tuned on the toy task (about 10 s): attacks have something to break."""
+    out = tmp_path_factory.mktemp("trained")
+    import argparse
+
+    import common
+
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, "test")
+    args = parser.parse_args(["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(out), "--lr", "3e-3",
+                              "--epochs", "2", "--max-seq-length", "64", "--max-train-examples", "1500",
+                              "--attacks", "deepwordbug,pwws", "--attack-examples", "12"])
+    data = common.load_task(args)
+    run = common.start_run(args, "test")
+    model, tokenizer = common.load_model("tiny", 2, 64, str(out / "tiny"))
+    train = common.make_loader(common.tokenize(data, data.train, tokenizer, 64), tokenizer, 32, True, 1)
+    dev = common.make_loader(common.tokenize(data, data.dev, tokenizer, 64), tokenizer, 128, False)
+    common.finetune(model, train, dev, run, args.epochs, args.lr)
+    return args, data, run, model, tokenizer

@@ -156,24 +156,6 @@ def test_pgd_accuracy_is_below_clean_accuracy(toy_args):
 
 
 # ------------------------------------------------------------------------------------------------ attacks
-@pytest.fixture(scope="module")
-def trained_tiny(tmp_path_factory):
-    """A tiny BERT fine-tuned on the toy task (about 10 s): attacks have something to break."""
-    out = tmp_path_factory.mktemp("trained")
-    parser = argparse.ArgumentParser()
-    common.add_common_args(parser, "test")
-    args = parser.parse_args(["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(out), "--lr", "3e-3",
-                              "--epochs", "2", "--max-seq-length", "64", "--max-train-examples", "1500",
-                              "--attacks", "deepwordbug,pwws", "--attack-examples", "12"])
-    data = common.load_task(args)
-    run = common.start_run(args, "test")
-    model, tokenizer = common.load_model("tiny", 2, 64, str(out / "tiny"))
-    train = common.make_loader(common.tokenize(data, data.train, tokenizer, 64), tokenizer, 32, True, 1)
-    dev = common.make_loader(common.tokenize(data, data.dev, tokenizer, 64), tokenizer, 128, False)
-    common.finetune(model, train, dev, run, args.epochs, args.lr)
-    return args, data, run, model, tokenizer
-
-
 @needs_nltk  # importing textattack needs the NLTK stopwords
 def test_wrapper_logits_equal_the_models_own(trained_tiny):
     _, data, _, model, tokenizer = trained_tiny

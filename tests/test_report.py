@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 import report
 
 
@@ -45,3 +47,80 @@ def test_bench_table_reads_each_log_and_says_what_was_not_measured(tmp_path):
     assert row["robust ticket: folded ticket / dense inference"] == "1.00x"
     assert next(v for k, v in row.items() if k.startswith("early-bird: time-to-ticket")) == "2.548x"
     assert row["RoSearch: seconds per evaluated candidate"] == "not measured (see rosearch.log)"
+
+
+def attack_entry(outcomes, resources="real", n=None):
+    n = len(outcomes) if n is None else n
+    return {"recipe": "PWWSRen2019", "attack_seed": 0, "n": n, "resources": resources, "query_budget": None,
+            "max_modify_rate": None, "sample": "abc", "outcomes": outcomes, "predictions": [n // 2, n - n // 2],
+            "aua": 100 * outcomes.count("F") / n, "suc": 50.0, "queries": 10.0}
+
+
+def write_row(folder, method, setting, seed, outcomes, task="sst2", resources="real", predictions=None, clean=85.0):
+    os.makedirs(folder)
+    result = {"method": method, "setting": setting, "task": task, "model": "m", "seed": seed, "max_seq_length": 64,
+              "data": {"task": task, "train": 100, "test": 200, "test_fingerprint": f"fp-{task}"},
+              "params": {"total": 10, "non_embedding": 5}, "wall_clock": {}, "clean_accuracy": clean,
+              "test_predictions": predictions or [100, 100], "test_labels": [100, 100],
+              "attacks": {"pwws": attack_entry(outcomes, resources)}, "extra": {}}
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_runs_of_other_tasks_or_attack_configs_are_never_averaged(tmp_path):
+    write_row(tmp_path / "a", "finetune", "fine-tune", 1, "F" * 10 + "S" * 90, task="sst2")
+    write_row(tmp_path / "b", "finetune", "fine-tune", 2, "F" * 50 + "S" * 50, task="qnli")
+    write_row(tmp_path / "c", "freelb", "FreeLB", 1, "F" * 10 + "S" * 90, resources="real")
+    write_row(tmp_path / "d", "freelb", "FreeLB", 1, "F" * 10 + "S" * 90, resources="substitutes:model")
+    table = report.summary_table(report.load_rows(str(tmp_path)), [])
+    assert "fine-tune [A]" in table and "fine-tune [B]" in table and "FreeLB [A]" in table
+    assert "finetune / fine-tune: 2 rows, not merged: they differ in task, test set" in table
+    assert "freelb / FreeLB: 2 rows, not merged: they differ in attack configuration" in table
+    assert "± " not in table.split("Notes:")[0]  # nothing was averaged
+
+
+def test_paired_delta_and_exact_mcnemar_against_the_methods_own_baseline(tmp_path):
+    from scipy.stats import binom
+
+    base = "F" * 10 + "S" * 90  # robust on examples 0-9
+    better = "FF" + "S" * 8 + "F" * 22 + "S" * 68  # loses 8 of those, gains 22 others: b = 22, c = 8
+    write_row(tmp_path / "ft", "finetune", "fine-tune", 1, base)
+    write_row(tmp_path / "fl", "freelb", "FreeLB", 1, better)
+    rows = report.load_rows(str(tmp_path))
+    groups = report.group(rows)
+    (ft,) = [g for g in groups if g[0] == "finetune"]
+    (fl,) = [g for g in groups if g[0] == "freelb"]
+    assert report.find_baselines(groups, fl) == [ft]
+    d = report.paired(groups[fl], groups[ft], "pwws")
+    assert d["delta"] == pytest.approx(14.0) and (d["b"], d["c"]) == (22, 8)
+    assert d["p"] == pytest.approx(2 * binom.cdf(8, 30, 0.5)) and d["p"] < 0.05
+    assert d["lo"] < 14.0 < d["hi"] and d["significant"]
+    same = report.paired(groups[ft], groups[ft], "pwws")
+    assert same["delta"] == 0 and same["p"] == 1.0 and not same["significant"]
+    table = report.summary_table(rows, [])
+    assert "+14.0 [" in table and "] * vs fine-tune" in table
+    assert "| freelb / FreeLB | finetune / fine-tune | pwws | 1 | 100 |" in table
+
+
+def test_a_collapsed_predictor_is_marked_and_not_read_as_robust(tmp_path):
+    write_row(tmp_path / "ft", "finetune", "fine-tune", 1, "F" * 10 + "S" * 90)
+    write_row(tmp_path / "fl", "freelb", "FreeLB", 1, "F" * 50 + "K" * 50, predictions=[200, 0], clean=50.0)
+    rows = report.load_rows(str(tmp_path))
+    fine_tune, freelb = (next(r for r in rows if r["method"] == m) for m in ("finetune", "freelb"))
+    assert report.collapsed(fine_tune) is None
+    assert "one class takes 100%" in report.collapsed(freelb)
+    near_majority = dict(fine_tune, test_predictions=[120, 80], clean_accuracy=51.0)
+    assert "within 2 points of the majority class" in report.collapsed(near_majority)
+    table = report.summary_table(rows, [])
+    line = next(ln for ln in table.splitlines() if ln.startswith("| freelb"))
+    assert "**(collapsed)**" in line and line.rstrip(" |").endswith("-")  # no Δ for a collapsed row
+    assert "is collapsed (one class takes 100% of the predictions): its Aua is not robustness" in table
+
+
+def test_seeds_column_counts_distinct_seeds(tmp_path):
+    write_row(tmp_path / "a", "finetune", "fine-tune", 1, "F" * 10 + "S" * 90)
+    write_row(tmp_path / "b", "finetune", "fine-tune", 1, "F" * 12 + "S" * 88)
+    write_row(tmp_path / "c", "finetune", "fine-tune", 2, "F" * 14 + "S" * 86)
+    line = next(ln for ln in report.summary_table(report.load_rows(str(tmp_path)), []).splitlines()
+                if ln.startswith("| finetune"))
+    assert "| 1,2 (3 runs) |" in line

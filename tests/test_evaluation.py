@@ -1,0 +1,227 @@
+# The evaluation layer a user can trust (issue 11): preflight before training, nothing finished is lost, per-example
+# seeds and resume, and the small fixes (labels, heads, attention, bf16, requirements).
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, needs_nltk
+
+import attacks
+import common
+import finetune
+import offline
+
+
+def cli(script, *argv, env_extra=None, cwd=ROOT):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------ preflight
+def test_preflight_names_missing_tensorflow_hub_and_skips_it_with_substitutes(monkeypatch):
+    real = offline.importlib.util.find_spec
+    monkeypatch.setattr(offline.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorflow_hub" else real(name, *a))
+    problems = offline.preflight_problems(["textfooler"])
+    assert problems and "needs tensorflow_hub for the Universal Sentence Encoder" in problems[0]
+    assert "pip install -r requirements.txt" in problems[0]
+    with pytest.raises(common.UsageError, match="tensorflow_hub"):
+        offline.preflight(["textbugger"])
+    assert not any("tensorflow" in p for p in offline.preflight_problems(["textfooler"], substitutes="/some/model"))
+
+
+def test_preflight_names_the_use_download_when_offline(monkeypatch):
+    monkeypatch.setattr(offline.importlib.util, "find_spec", lambda name, *a: object())  # every package "installed"
+    monkeypatch.setattr(offline, "reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(offline, "use_cached", lambda: False)
+    problems = offline.preflight_problems(["bert-attack"])
+    assert any("Universal Sentence Encoder (https://tfhub.dev/" in p for p in problems)
+    assert any("masked LM 'bert-base-uncased'" in p for p in problems)
+    monkeypatch.setattr(offline, "use_cached", lambda: True)  # a cached USE is enough offline
+    assert not any("Universal Sentence Encoder" in p for p in offline.preflight_problems(["textfooler"]))
+
+
+def test_preflight_names_missing_nltk_data(monkeypatch):
+    import nltk
+
+    def find(path):
+        if "wordnet" in path:
+            raise LookupError(path)
+        return path
+
+    monkeypatch.setattr(nltk.data, "find", find)
+    assert offline.preflight_problems(["deepwordbug"]) == []
+    (problem,) = offline.preflight_problems(["pwws"])
+    assert "NLTK data 'corpora/wordnet'" in problem and "nltk.downloader wordnet" in problem
+
+
+def test_unrunnable_recipe_exits_2_in_one_line_before_any_run_folder(tmp_path):
+    """In this offline sandbox TextFooler's USE and embeddings cannot be had: the script stops before training."""
+    if not offline.preflight_problems(["textfooler"]):
+        pytest.skip("TextFooler's resources are available here")
+    proc = cli("robust_ticket.py", "--task", "toy", "--model", "tiny", "--attacks", "textfooler", "--output-dir",
+               str(tmp_path / "runs"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --attacks textfooler needs") and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+# ------------------------------------------------------------------------------------------------ nothing lost
+@needs_nltk
+def test_failed_recipe_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch):
+    args = finetune.parse_args(["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(tmp_path),
+                                "--epochs", "1", "--lr", "3e-3", "--max-train-examples", "300",
+                                "--max-eval-examples", "100", "--max-seq-length", "64", "--attacks",
+                                "deepwordbug,pwws", "--attack-examples", "4", "--no-save-model"])
+    real_build, seen = attacks.build_attack, {}
+
+    def build(name, *a, **k):
+        if name == "pwws":  # results.json already holds the finished recipe when the next one starts
+            run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+            seen.update(json.load(open(run_dir / "results.json")))
+            raise RuntimeError("forced failure")
+        return real_build(name, *a, **k)
+
+    monkeypatch.setattr(attacks, "build_attack", build)
+    monkeypatch.setattr(common, "RECIPE_FAILURES", [])
+    monkeypatch.setattr(attacks, "RECIPE_FAILURES", common.RECIPE_FAILURES)
+    results = finetune.main(args)
+    assert seen["status"] == "partial" and seen["extra"]["rows"][0]["attacks"]["deepwordbug"]["n"] == 4
+    assert results["attacks"]["deepwordbug"]["n"] == 4 and "outcomes" in results["attacks"]["deepwordbug"]
+    assert results["attacks"]["pwws"]["error"] == "RuntimeError: forced failure"
+    assert results["attacks"]["pwws"]["recipe"] == "PWWSRen2019"  # the config is kept next to the error
+    on_disk = json.load(open(next(tmp_path.glob("*/results.json"))))
+    assert on_disk["status"] == "recipes failed" and on_disk["attacks"]["pwws"]["error"]
+    with pytest.raises(SystemExit) as exit_info:
+        with common.usage_errors():
+            pass
+    assert exit_info.value.code == 1
+
+
+@needs_nltk
+def test_results_record_data_identity_attack_config_and_histograms(trained_tiny, tmp_path):
+    args, data, run, model, tokenizer = trained_tiny
+    row = common.results_template(args, "finetune", "fine-tune", model)
+    attacks.evaluate_model(model, tokenizer, data, argparse.Namespace(**{**vars(args), "attacks": "deepwordbug"}),
+                           run, row)
+    assert row["data"]["task"] == "toy" and row["data"]["test"] == len(data.test)
+    assert len(row["data"]["test_fingerprint"]) == 12 and row["max_seq_length"] == 64
+    assert sum(row["test_predictions"]) == len(data.test) == sum(row["test_labels"])
+    m = row["attacks"]["deepwordbug"]
+    assert {k: m[k] for k in ("recipe", "attack_seed", "n_requested", "resources", "query_budget")} == {
+        "recipe": "DeepWordBugGao2018", "attack_seed": 0, "n_requested": 12, "resources": "real", "query_budget": None}
+    assert len(m["outcomes"]) == m["n"] == 12 and set(m["outcomes"]) <= set("SFK")
+    assert m["aua"] == pytest.approx(100 * m["outcomes"].count("F") / 12)
+    assert sum(m["predictions"]) == 12
+
+
+# ------------------------------------------------------------------------------------------------ seeds, resume
+@needs_nltk
+@pytest.mark.parametrize("recipe", ["deepwordbug", "pwws"])
+def test_an_examples_outcome_does_not_depend_on_the_examples_before_it(trained_tiny, recipe):
+    _, data, _, model, tokenizer = trained_tiny
+    attack = attacks.build_attack(recipe, attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    samples = attacks.attack_sample(data, 10, 0)
+    _, all_rows = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
+    _, tail_rows = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0, indices=range(5, 10))
+    assert tail_rows == all_rows[5:]
+    assert any(r["result"] == "Successful" for r in all_rows)  # something was attacked, not only skipped
+
+
+@needs_nltk
+def test_a_killed_attack_resumes_without_attacking_twice(trained_tiny, tmp_path, monkeypatch):
+    _, data, _, model, tokenizer = trained_tiny
+    attack = attacks.build_attack("deepwordbug",
+                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    samples = attacks.attack_sample(data, 8, 0)
+    _, uninterrupted = attacks.run_attack(attack, samples, data.text_columns, str(tmp_path / "a.csv"), key="k")
+    real_one, calls, killed = attacks.attack_one, [], []
+
+    def one(*a):
+        calls.append(a[4])
+        if len(calls) == 6 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt  # killed in the middle of the sixth example
+        return real_one(*a)
+
+    monkeypatch.setattr(attacks, "attack_one", one)
+    path = str(tmp_path / "b.csv")
+    with pytest.raises(KeyboardInterrupt):
+        attacks.run_attack(attack, samples, data.text_columns, path, key="k")
+    calls.clear()
+    summary, resumed = attacks.run_attack(attack, samples, data.text_columns, path, key="k")
+    assert len(calls) == 3  # examples 5, 6, 7: the five finished ones are not attacked again
+    strip = [{k: str(v) for k, v in r.items()} for r in uninterrupted]
+    assert [{k: str(v) for k, v in r.items()} for r in resumed] == strip
+    assert len(list(csv.DictReader(open(path)))) == 8
+    calls.clear()
+    attacks.run_attack(attack, samples, data.text_columns, path, key="another predictor")  # another key: fresh
+    assert len(calls) == 8
+
+
+# ------------------------------------------------------------------------------------------------ small fixes
+def test_labels_outside_the_task_are_one_line_exit_2(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i} good\t{i % 3}\n" for i in range(40)))
+    (data / "dev.tsv").write_text("sentence\tlabel\na fine film\t1\n")
+    proc = cli("finetune.py", "--task", "sst2", "--data-dir", str(data), "--model", "tiny", "--attacks", "none",
+               "--no-cuda", "--output-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "labels [2] outside [0, 2) for --task sst2" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_with_another_label_count_warns_by_name(tmp_path, capsys):
+    model, tokenizer = offline.tiny_bert(2, str(tmp_path / "vocab"))
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    common.load_model(str(tmp_path / "ckpt"), 2, 64)
+    assert "classifier head" not in capsys.readouterr().err
+    reloaded, _ = common.load_model(str(tmp_path / "ckpt"), 3, 64)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ckpt'} has a 2-label classifier head and this task has 3 labels" in err
+    assert reloaded.config.num_labels == 3
+
+
+def test_eager_attention_only_where_head_gates_need_it(tmp_path):
+    import early_bird_adv
+
+    model, _ = offline.tiny_bert(2, str(tmp_path / "vocab"))
+    model.save_pretrained(tmp_path / "ckpt")
+    offline.tiny_bert_tokenizer(str(tmp_path / "ckpt"))
+    plain, _ = common.load_model(str(tmp_path / "ckpt"), 2, 64)
+    assert plain.config._attn_implementation != "eager"
+    args = argparse.Namespace(model=str(tmp_path / "ckpt"), seed=1, max_seq_length=64, output_dir=str(tmp_path))
+    assert early_bird_adv.fresh_model(args, 2).config._attn_implementation == "eager"
+
+
+def test_bf16_without_cuda_warns_once(tmp_path):
+    proc = cli("finetune.py", "--task", "toy", "--model", "tiny", "--bf16", "--no-cuda", "--epochs", "0.05",
+               "--attacks", "none", "--max-train-examples", "64", "--max-eval-examples", "32", "--output-dir",
+               str(tmp_path), "--no-save-model", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("--bf16 needs CUDA") == 1
+
+
+def test_dev_requirements_include_the_runtime_pins():
+    lines = [line.strip() for line in open(os.path.join(ROOT, "requirements-dev.txt")) if line.strip()]
+    assert [line for line in lines if not line.startswith("#")][0] == "-r requirements.txt"
+    runtime = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert "tensorflow_hub==" in runtime and "transformers>=4.57,<5" in runtime
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_run_end_to_end(tmp_path):
+    proc = cli("finetune.py", "--task", "toy", "--model", "tiny", "--bf16", "--epochs", "1", "--attacks", "none",
+               "--max-train-examples", "256", "--max-eval-examples", "64", "--output-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "device: cuda" in proc.stdout and "--bf16 needs CUDA" not in proc.stderr
+    results = json.load(open(next(tmp_path.glob("*/results.json"))))
+    assert results["clean_accuracy"] > 50
