@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits, adversarial_backward,
-                    fingerprint, make_loader, parse_attacks, predict_labels, set_seed, texts_of, tokenize)
+                    fingerprint, make_loader, parse_attacks, parse_shard, predict_labels, set_seed, texts_of, tokenize)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -163,11 +163,77 @@ def read_attack_csv(csv_path: str, key: str) -> dict:
         return {int(r["index"]): r for r in csv.DictReader(f) if r.get("perturbed_text") is not None}
 
 
+def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, queue):
+    """A forked worker: its own copy of the attack and predictor, `threads` torch threads, one row per message."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's rayon pool does not survive fork (TextAttack sets it)
+    torch.set_num_threads(threads)
+    code = 0
+    try:
+        for i in indices:
+            queue.put((i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i))))
+    except Exception:  # noqa: BLE001 -- reported here; the parent attacks what this worker did not finish
+        traceback.print_exc()
+        code = 1
+    queue.close()
+    queue.join_thread()  # every row reaches the parent before the worker exits
+    os._exit(code)  # no inherited exit handlers or stream flushes (TensorBoard writer, pytest capture) in a fork
+
+
+def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers: int, desc: str):
+    """Yield (index, row) for every index in todo, attacked by `workers` forked processes (strided shares); a worker
+    that dies is reported and its unfinished examples are attacked here, so none is dropped."""
+    import multiprocessing as mp
+    import queue as queue_lib
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise UsageError("--attack-workers > 1 forks CPU workers, and a process that used CUDA cannot fork them: "
+                         "attack with --attack-workers 1 on a GPU")
+    ctx = mp.get_context("fork")
+    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
+    results = ctx.Queue()
+    shares = [todo[w::workers] for w in range(workers)]
+    procs = [ctx.Process(target=_attack_worker, args=(attack, samples, column_names, share, attack_seed, threads,
+                                                      results), daemon=True) for share in shares if share]
+    for p in procs:
+        p.start()
+    left = set(todo)
+    bar = tqdm(total=len(todo), desc=f"{desc} x{len(procs)}", leave=False, disable=None)
+    try:
+        while left and any(p.is_alive() for p in procs):
+            try:
+                i, row = results.get(timeout=1.0)
+            except queue_lib.Empty:
+                continue
+            left.discard(i)
+            bar.update(1)
+            yield i, row
+        while left:  # rows still queued by workers that finished in the meantime
+            try:
+                i, row = results.get(timeout=1.0)
+            except queue_lib.Empty:
+                break
+            left.discard(i)
+            bar.update(1)
+            yield i, row
+    finally:
+        bar.close()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    dead = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if left:
+        print(f"warning: [{desc}] {len(dead)} attack worker(s) died (exit codes {dead}): attacking their "
+              f"{len(left)} unfinished examples in the main process", flush=True)
+        for i in sorted(left):
+            yield i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i))
+
+
 def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack",
-               attack_seed: int = 0, key: str = "", indices=None):
-    """Attack samples[i] for i in `indices` (default: all), each under example_seed(attack_seed, i). Rows go to the
-    per-example CSV as they finish; examples already in a CSV with the same `key` are not attacked again (resume).
-    Returns (summary dict, rows in sample order)."""
+               attack_seed: int = 0, key: str = "", indices=None, workers: int = 1):
+    """Attack samples[i] for i in `indices` (default: all), each under example_seed(attack_seed, i), in this process
+    or in `workers` forked ones. Rows go to the per-example CSV as they finish; examples already in a CSV with the
+    same `key` are not attacked again (resume). Returns (summary dict, rows in sample order)."""
     indices = list(range(len(samples))) if indices is None else list(indices)
     done = read_attack_csv(csv_path, key) if csv_path else {}
     todo = [i for i in indices if i not in done]
@@ -184,10 +250,14 @@ def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[st
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
         if fresh:
             writer.writeheader()
+    if workers > 1 and len(todo) > 1:
+        finished = attack_in_workers(attack, samples, column_names, todo, attack_seed, workers, desc)
+    else:
+        finished = ((i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i)))
+                    for i in tqdm(todo, desc=desc, leave=False, disable=None))
     try:
-        for i in tqdm(todo, desc=desc, leave=False, disable=None):
-            done[i] = {"index": i, **attack_one(attack, samples[i][0], samples[i][1], column_names,
-                                                example_seed(attack_seed, i))}
+        for i, row in finished:
+            done[i] = {"index": i, **row}
             if out is not None:
                 writer.writerow(done[i])
                 out.flush()
@@ -222,15 +292,22 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
     if resources is None and getattr(args, "attack_substitutes", None):
         resources = offline.offline_attack_resources(args.attack_substitutes)
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
+    shard = parse_shard(getattr(args, "attack_shard", None))
+    indices = range(shard[0], len(samples), shard[1]) if shard else None
+    # the predictor's rounded logits on the sample: shards of one predictor merge, shards of two never do
+    predictor = fingerprint(np.round(np.asarray(predict([s[0] for s in samples]), dtype=float), 3).tolist())
     wrapper = callable_wrapper(predict)
     for name in names:
-        start, config = time.time(), attack_config(args, name, resources, samples)
+        start = time.time()
+        config = {**attack_config(args, name, resources, samples), "predictor": predictor,
+                  "shard": list(shard) if shard else None}
         csv_path = os.path.join(run.dir, f"attack_{prefix}{name}.csv")
         try:
             attack = build_attack(name, wrapper, resources, args.attack_query_budget, args.attack_max_modify_rate,
                                   args.eval_batch_size)
             summary, _ = run_attack(attack, samples, data.text_columns, csv_path, f"{prefix}{name}", args.attack_seed,
-                                    key=fingerprint([config, prefix, run.dir]))
+                                    key=fingerprint([config, prefix, run.dir]), indices=indices,
+                                    workers=getattr(args, "attack_workers", 1))
         except Exception as e:  # noqa: BLE001 -- one recipe's failure must not lose the others (README "Results")
             traceback.print_exc()
             metrics[name] = {**config, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}

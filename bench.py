@@ -1,6 +1,7 @@
 # Benchmark of the shared attack wrapper (README.md section "Benchmarks"): the same recipe on the same examples through
 # attacks.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
 # every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
+# With --compare-workers N: the same seeded sample attacked by 1 and by N attack workers (outcomes and time ratio).
 import argparse
 import time
 
@@ -15,15 +16,29 @@ def parse_args(argv=None):
     add_common_args(parser, "bench_wrapper", attacks="deepwordbug", lr=1e-4, epochs=1)
     parser.add_argument("--finetuned", default=None, help="a fine-tuned checkpoint to attack (default: fine-tune "
                         "--model on --max-train-examples first)")
+    parser.add_argument("--compare-workers", type=int, default=0, metavar="N", help="instead: attack the sample with "
+                        "1 and with N --attack-workers, compare per-example outcomes and time")
     parser.set_defaults(task="sst2", max_train_examples=1000, attack_examples=50, model=minilm_path() or "tiny")
     return parser.parse_args(argv)
 
 
-def timed_attack(name, wrapper, samples, columns, batch_size):
+def timed_attack(name, wrapper, samples, columns, batch_size, workers=1):
     attack = build_attack(name, wrapper, model_batch_size=batch_size)
     start = time.time()
-    summary, rows = run_attack(attack, samples, columns, desc=name)
+    summary, rows = run_attack(attack, samples, columns, desc=name, workers=workers)
     return time.time() - start, summary, [(r["result"], r["perturbed_text"]) for r in rows]
+
+
+def compare_workers(args, samples, columns, wrapper):
+    """1 worker vs N workers on the same seeded sample: identical outcomes expected, time ratio measured."""
+    print(f"{'attack':<14}{'1 worker s':>12}{f'{args.compare_workers} workers s':>14}{'speed-up':>10}"
+          f"{'same outcome':>14}{'aua':>8}")
+    for name in args.attacks.split(","):
+        t_one, s_one, r_one = timed_attack(name, wrapper, samples, columns, args.eval_batch_size)
+        t_n, _, r_n = timed_attack(name, wrapper, samples, columns, args.eval_batch_size, args.compare_workers)
+        same = sum(a == b for a, b in zip(r_one, r_n))
+        print(f"{name:<14}{t_one:>12.1f}{t_n:>14.1f}{t_one / t_n:>9.2f}x{same:>9}/{len(samples):<4}"
+              f"{s_one['aua']:>8.1f}", flush=True)
 
 
 def main(args):
@@ -43,6 +58,8 @@ def main(args):
     model.to(run.device).eval()  # --finetuned loads on the CPU; without eval() dropout makes outcomes random
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
     ours = callable_wrapper(Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device))
+    if args.compare_workers > 1:
+        return compare_workers(args, samples, data.text_columns, ours)
     stock = HuggingFaceModelWrapper(model, tokenizer)  # pads to tokenizer.model_max_length = --max-seq-length
     print(f"model {args.finetuned or args.model}  max length {tokenizer.model_max_length}  {len(samples)} examples", flush=True)
     print(f"{'attack':<14}{'stock s':>10}{'ours s':>10}{'speed-up':>10}{'same outcome':>14}{'clean':>8}{'aua':>8}")

@@ -117,7 +117,12 @@ def add_common_args(parser: argparse.ArgumentParser, exp_name: str, **defaults):
     a.add_argument("--attacks", default=defaults.get("attacks", "textfooler,bert-attack,textbugger"),
                    help=f"comma-separated TextAttack recipes from: {', '.join(ATTACK_RECIPES)}; 'none' to skip")
     a.add_argument("--attack-examples", type=int, default=1000, help="seeded random sample of the test split")
-    a.add_argument("--attack-seed", type=int, default=0, help="seed of the attacked sample (same for every run)")
+    a.add_argument("--attack-seed", type=int, default=0, help="seed of the attacked sample (same for every run); "
+                   "example i is attacked under a seed derived from (attack seed, i)")
+    a.add_argument("--attack-workers", type=int, default=1, help="attack the sample in N forked CPU processes, each "
+                   "with its own copy of the predictor and cores/N torch threads (same outcomes as 1)")
+    a.add_argument("--attack-shard", default=None, metavar="I/N", help="attack only positions I, I+N, ... of the "
+                   "sample (one job of a cluster array); `python report.py --merge-shards` joins the N run folders")
     a.add_argument("--attack-query-budget", type=int, default=None, help="max model queries per attacked example")
     a.add_argument("--attack-max-modify-rate", type=float, default=None, help="max share of words an attack may change")
     a.add_argument("--attack-substitutes", default=None, metavar="DIR",
@@ -161,6 +166,8 @@ def validate_common_args(args):
     check_range("warmup", args.warmup, 0, 1)
     check_range("dev-size", args.dev_size, 0, low_open=True)
     check_range("attack-examples", args.attack_examples, 1)
+    check_range("attack-workers", args.attack_workers, 1)
+    parse_shard(args.attack_shard)
     for name in ("max_train_examples", "max_eval_examples", "attack_query_budget"):
         if getattr(args, name) is not None:
             check_range(name.replace("_", "-"), getattr(args, name), 1)
@@ -179,6 +186,19 @@ def parse_attacks(spec: str) -> list:
         if name not in ATTACK_RECIPES:
             raise UsageError(f"unknown attack '{name}' in --attacks; choose from: {', '.join(ATTACK_RECIPES)}")
     return names
+
+
+def parse_shard(spec: Optional[str]):
+    """'I/N' -> (I, N): this process attacks sample positions I, I+N, I+2N, ... (report.py --merge-shards joins)."""
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UsageError(f"--attack-shard must look like I/N (e.g. 0/4), got {spec!r}")
+    if not 0 <= i < n:
+        raise UsageError(f"--attack-shard {spec}: need 0 <= I < N")
+    return i, n
 
 
 # ---------------------------------------------------------------------------------------------------------------

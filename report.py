@@ -65,7 +65,7 @@ def load_rows(results_dir: str) -> list:
     return rows
 
 
-ATTACK_CONFIG = ("recipe", "attack_seed", "n", "resources", "query_budget", "max_modify_rate", "sample")
+ATTACK_CONFIG = ("recipe", "attack_seed", "n", "resources", "query_budget", "max_modify_rate", "sample", "shard")
 
 
 def comparable_key(row: dict) -> tuple:
@@ -422,6 +422,10 @@ def plot_curves(rows, out_dir):
 BENCH_PATTERNS = [  # (log file, label, regex whose groups are the figure, unit appended, target from the issues)
     ("wrapper.log", "attack wrapper: TextAttack stock / ours (time, same outcomes)",
      r"^\S+\s+[\d.]+\s+[\d.]+\s+([\d.]+x\s+\d+/\d+)", "", ">= 3x, identical outcomes"),
+    ("workers.log", "attack workers: 1 / 2 workers, DeepWordBug (time, same outcomes)",
+     r"^deepwordbug\s+[\d.]+\s+[\d.]+\s+([\d.]+x\s+\d+/\d+)", "", ">= 1.6x, identical outcomes"),
+    ("workers.log", "attack workers: 1 / 2 workers, PWWS (time, same outcomes)",
+     r"^pwws\s+[\d.]+\s+[\d.]+\s+([\d.]+x\s+\d+/\d+)", "", ">= 1.6x, identical outcomes"),
     ("robust_ticket.log", "robust ticket: mask-search step / dense FreeLB step (same K)",
      r"mask-search step .* ratio ([\d.]+x)", "", "<= 1.5x"),
     ("robust_ticket.log", "robust ticket: folded ticket / dense inference", r"inference: .* ratio ([\d.]+x)", "",
@@ -465,6 +469,81 @@ def read_failures(results_dir):
     return failures
 
 
+def merge_shards(run_dirs: list, out_dir: str) -> dict:
+    """Join the run folders of one --attack-shard I/N set into OUT_DIR/results.json (+ the merged per-example CSVs),
+    equal to an unsharded run. Refuses (UsageError) an incomplete set, or shards of other configurations or
+    other predictors (the rounded logits on the attacked sample must agree)."""
+    import csv
+    import shutil
+
+    from attacks import CSV_FIELDS, summarise_attack
+    from common import UsageError, write_json_atomic
+
+    runs = []
+    for d in run_dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"{d} has no results.json")
+        runs.append((d, json.load(open(path))))
+    merged = json.loads(json.dumps(runs[0][1]))
+
+    def entries(result, rows_only=False):  # every attack entry of a results.json, by (row setting, recipe)
+        rows = [r for r in (result.get("extra") or {}).get("rows") or [] if isinstance(r, dict)]
+        top = [] if rows_only and result.get("setting") in {r.get("setting") for r in rows} else [result]
+        for r in top + rows:
+            for name, m in (r.get("attacks") or {}).items():
+                yield (r.get("setting"), name), m
+
+    shards = defaultdict(list)
+    for d, result in runs:
+        for key, m in entries(result, rows_only=True):  # the main row is also in extra.rows: count it once
+            shards[key].append((d, m))
+    joined = {}
+    for key, parts in shards.items():
+        if any("error" in m for _, m in parts):
+            raise UsageError(f"{key[0]} / {key[1]}: a shard failed ({next(m['error'] for _, m in parts if 'error' in m)})")
+        if any(not m.get("shard") for _, m in parts):
+            raise UsageError(f"{key[0]} / {key[1]}: {[d for d, m in parts if not m.get('shard')]} is not a shard run")
+        n_shards = {m["shard"][1] for _, m in parts}
+        same = {tuple(str(m.get(k)) for k in ("recipe", "attack_seed", "n_requested", "resources", "query_budget",
+                                               "max_modify_rate", "max_seq_length", "sample")) for _, m in parts}
+        if len(n_shards) != 1 or len(same) != 1:
+            raise UsageError(f"{key[0]} / {key[1]}: the shards differ in N or in the attack configuration")
+        if len({m["predictor"] for _, m in parts}) != 1:
+            raise UsageError(f"{key[0]} / {key[1]}: the shards attacked different predictors (their logits on the "
+                             f"sample differ): train once and attack that model, or make training deterministic")
+        n = n_shards.pop()
+        found = sorted(m["shard"][0] for _, m in parts)
+        if found != list(range(n)):
+            raise UsageError(f"{key[0]} / {key[1]}: incomplete shard set: have {found} of 0..{n - 1}")
+        rows = {}
+        for d, m in parts:
+            with open(os.path.join(d, m["csv"]), newline="") as f:
+                rows.update({int(r["index"]): r for r in csv.DictReader(f)})
+        indices = sorted(rows)
+        if indices != list(range(len(indices))):
+            raise UsageError(f"{key[0]} / {key[1]}: the shards' CSVs miss sample positions")
+        ordered = [rows[i] for i in indices]
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, parts[0][1]["csv"]), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(ordered)
+        joined[key] = {**parts[0][1], **summarise_attack(ordered), "shard": None, "seconds": sum(
+            m.get("seconds", 0.0) for _, m in parts), "merged_from": [os.path.abspath(d) for d, _ in parts]}
+    for key, m in entries(merged):
+        if key in joined:
+            m.clear()
+            m.update(joined[key])
+    merged["extra"] = merged.get("extra") or {}
+    merged["extra"]["merged_shards"] = [os.path.abspath(d) for d in run_dirs]
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(run_dirs[0], "args.json")):
+        shutil.copy(os.path.join(run_dirs[0], "args.json"), os.path.join(out_dir, "args.json"))
+    write_json_atomic(os.path.join(out_dir, "results.json"), merged)
+    return merged
+
+
 def main():
     parser = argparse.ArgumentParser(description="Rebuild summary.md and plots from the results.json files of a "
                                      "run_all.sh output folder (no training).")
@@ -472,7 +551,19 @@ def main():
     parser.add_argument("--title", default=None, help="heading of summary.md (e.g. the scale it was run at)")
     parser.add_argument("--bench-table", action="store_true", help="print the table of `run_all.sh --bench` logs "
                         "in RESULTS_DIR instead")
+    parser.add_argument("--merge-shards", nargs="+", metavar="RUN_DIR", default=None, help="instead: join the run "
+                        "folders of one --attack-shard I/N set into RESULTS_DIR/results.json (refuses incomplete or "
+                        "mismatched sets)")
     args = parser.parse_args()
+    if args.merge_shards:
+        from common import usage_errors
+
+        with usage_errors():
+            merged = merge_shards(args.merge_shards, args.results_dir)
+        print(f"merged {len(args.merge_shards)} shards into {os.path.join(args.results_dir, 'results.json')}: "
+              + ", ".join(f"{a} aua {m['aua']:.1f}% (n={m['n']})" for a, m in (merged.get("attacks") or {}).items()
+                          if "aua" in m))
+        return
     if args.bench_table:
         print(bench_table(args.results_dir))
         return

@@ -51,7 +51,7 @@ offline_env() {
       $PY -m nltk.downloader -q stopwords wordnet averaged_perceptron_tagger_eng universal_tagset 2>/dev/null || true
   fi
 }
-minilm() { $PY -c "import common; print(common.minilm_path() or '')"; }
+minilm() { $PY -c "import offline; print(offline.minilm_path() or '')"; }
 
 case $mode in
   quick)
@@ -88,6 +88,9 @@ if [ "$mode" = bench ]; then
   mkdir -p "$out/bench"
   echo "== attack wrapper vs TextAttack's stock wrapper"
   $PY bench.py "${b[@]}" --attack-examples 50 2>&1 | tee "$out/bench/wrapper.log"
+  echo "== attack workers: 1 vs 2 on the same seeded sample (both use every core)"
+  $PY bench.py "${b[@]}" --attack-examples 100 --attacks deepwordbug,pwws --compare-workers 2 2>&1 |
+    tee "$out/bench/workers.log"
   for script in robust_ticket early_bird_adv rosearch adapter_mixup; do
     extra=()  # early-bird's bench really searches until the masks converge: bound its data and budget
     [ $script = early_bird_adv ] && extra=(--max-train-examples 2000 --max-seq-length 64 --epochs 3 --bench-steps 5)

@@ -225,3 +225,74 @@ def test_cuda_bf16_run_end_to_end(tmp_path):
     assert "device: cuda" in proc.stdout and "--bf16 needs CUDA" not in proc.stderr
     results = json.load(open(next(tmp_path.glob("*/results.json"))))
     assert results["clean_accuracy"] > 50
+
+
+# ------------------------------------------------------------------------------------------------ workers
+@needs_nltk
+def test_two_workers_give_the_outcomes_of_one(trained_tiny, tmp_path):
+    _, data, _, model, tokenizer = trained_tiny
+    attack = attacks.build_attack("deepwordbug",
+                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    samples = attacks.attack_sample(data, 9, 0)
+    one_summary, one = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
+    two_summary, two = attacks.run_attack(attack, samples, data.text_columns, str(tmp_path / "w.csv"), attack_seed=0,
+                                          workers=2)
+    assert two == one and two_summary == one_summary
+    assert [int(r["index"]) for r in csv.DictReader(open(tmp_path / "w.csv"))] != []
+
+
+@needs_nltk
+def test_a_dead_worker_loses_no_example(trained_tiny, monkeypatch, capsys):
+    _, data, _, model, tokenizer = trained_tiny
+    attack = attacks.build_attack("deepwordbug",
+                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    samples = attacks.attack_sample(data, 6, 0)
+    _, one = attacks.run_attack(attack, samples, data.text_columns)
+    real_worker = attacks._attack_worker
+
+    def dying(attack, samples, columns, indices, seed, threads, queue):
+        if indices[0] == 0:  # the first worker dies (killed, out of memory) before it sends a row
+            os._exit(3)
+        real_worker(attack, samples, columns, indices, seed, threads, queue)
+
+    monkeypatch.setattr(attacks, "_attack_worker", dying)
+    _, two = attacks.run_attack(attack, samples, data.text_columns, workers=2)
+    assert two == one
+    assert "1 attack worker(s) died (exit codes [3]): attacking their 3 unfinished examples" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ shards
+@needs_nltk
+def test_three_shards_merge_into_the_unsharded_run(tmp_path):
+    import report
+
+    def run(out, *extra):
+        args = finetune.parse_args(["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(out),
+                                    "--epochs", "1", "--lr", "3e-3", "--max-train-examples", "300",
+                                    "--max-eval-examples", "100", "--max-seq-length", "64", "--attacks",
+                                    "deepwordbug", "--attack-examples", "7", "--no-save-model", *extra])
+        finetune.main(args)
+        return str(next(p for p in out.iterdir() if p.is_dir()))
+
+    whole = json.load(open(os.path.join(run(tmp_path / "whole"), "results.json")))["attacks"]["deepwordbug"]
+    shards = [run(tmp_path / f"shard{i}", "--attack-shard", f"{i}/3") for i in range(3)]
+    part = json.load(open(os.path.join(shards[1], "results.json")))["attacks"]["deepwordbug"]
+    assert part["n"] == 2 and part["shard"] == [1, 3]  # positions 1 and 4 of the 7
+    with pytest.raises(common.UsageError, match=r"incomplete shard set: have \[0, 2\] of 0..2"):
+        report.merge_shards([shards[0], shards[2]], str(tmp_path / "bad"))
+    other = json.load(open(os.path.join(shards[2], "results.json")))
+    other["attacks"]["deepwordbug"]["predictor"] = "another-model"
+    os.makedirs(tmp_path / "other")
+    json.dump(other, open(tmp_path / "other" / "results.json", "w"))
+    with pytest.raises(common.UsageError, match="attacked different predictors"):
+        report.merge_shards(shards[:2] + [str(tmp_path / "other")], str(tmp_path / "bad"))
+    merged = report.merge_shards(shards, str(tmp_path / "merged"))["attacks"]["deepwordbug"]
+    assert merged["outcomes"] == whole["outcomes"] and merged["aua"] == whole["aua"] and merged["n"] == 7
+    rows = list(csv.DictReader(open(tmp_path / "merged" / whole["csv"])))
+    assert [r["perturbed_text"] for r in rows] == [r["perturbed_text"] for r in
+                                                   csv.DictReader(open(os.path.join(run_dir_of(tmp_path / "whole"),
+                                                                                    whole["csv"])))]
+
+
+def run_dir_of(out):
+    return str(next(p for p in out.iterdir() if p.is_dir()))
