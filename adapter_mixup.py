@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 import attacks
 import common
 import offline
-from attacks import build_attack, callable_wrapper, evaluate_model, evaluate_robustness
+from attacks import build_attack, callable_wrapper, evaluate_model, evaluate_robustness, print_summary
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, evaluate_accuracy, finetune,
-                    finish_run, load_model, load_task, make_loader, parse_attacks, print_summary, results_template,
-                    set_seed, start_run, texts_of, tokenize, usage_errors)
+                    finish_run, load_model, load_task, make_loader, parse_attacks, results_template, set_seed,
+                    start_run, texts_of, tokenize, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)

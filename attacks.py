@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 import offline
-from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits, adversarial_backward,
-                    fingerprint, make_loader, parse_attacks, parse_shard, predict_labels, set_seed, texts_of, tokenize)
+from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
+                    adversarial_backward, fingerprint, make_loader, parse_attacks, parse_shard, predict_labels, set_seed,
+                    texts_of, tokenize)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -127,7 +128,8 @@ def attack_one(attack, text, label: int, column_names: tuple, seed: int) -> dict
     original, perturbed = result.original_result.attacked_text, result.perturbed_result.attacked_text
     changed = len(original.all_words_diff(perturbed)) if isinstance(result, SuccessfulAttackResult) else 0
     return {"seed": seed, "result": type(result).__name__.replace("AttackResult", ""), "ground_truth": int(label),
-            "original_output": int(result.original_result.output), "perturbed_output": int(result.perturbed_result.output),
+            "original_output": int(result.original_result.output),
+            "perturbed_output": int(result.perturbed_result.output),
             "num_queries": 0 if isinstance(result, SkippedAttackResult) else int(result.perturbed_result.num_queries),
             "perturbed_words": 100.0 * changed / max(1, len(original.words)),
             "original_text": original.printable_text(), "perturbed_text": perturbed.printable_text()}
@@ -344,3 +346,18 @@ def evaluate_model(model, tokenizer, data: TaskData, args, run: Run, results: di
                                    run.autocast)
     evaluate_robustness(predict, data, args, run, prefix, resources, row=results)
     return results
+
+
+def print_summary(rows: list):
+    """A small table of (name, results.json dict) rows: clean accuracy and Aua/Suc per attack."""
+    attacks = sorted({a for _, r in rows for a in r.get("attacks", {})})
+    header = f"{'setting':<28}{'params':>12}{'clean':>8}" + "".join(f"{a[:10] + ' aua/suc':>20}" for a in attacks)
+    print(header)
+    for name, r in rows:
+        params = (r.get("params") or {}).get("total", 0)
+        line = f"{name:<28}{params:>12,}{(r.get('clean_accuracy') or 0):>8.1f}"
+        for a in attacks:
+            m = r.get("attacks", {}).get(a)
+            cell = "FAILED" if m and "error" in m else f"{m['aua']:.1f}/{m['suc']:.1f}" if m else "-"
+            line += f"{cell:>20}"
+        print(line)

@@ -1,6 +1,6 @@
-# Shared infrastructure for the four method scripts (README.md, "common.py"): data, models, the
-# embedding-space adversary (FreeLB / PGD), plain fine-tuning, TextAttack evaluation, run bookkeeping.
-# Nothing method-specific lives here: masks, gates, cells, adapters and their losses stay in the method files.
+# Shared infrastructure of the method scripts (README.md, "common.py"): flags, data, models, the embedding-space
+# adversary (FreeLB / PGD), fine-tuning, run bookkeeping. The attack protocol is attacks.py; offline scaffolding is
+# offline.py. Nothing method-specific lives here: masks, gates, cells, adapters and their losses stay in the methods.
 import argparse
 import csv
 import hashlib
@@ -35,19 +35,10 @@ TASKS = {
     "toy": (("sentence",), 2, None, "test"),
 }
 # GLUE TSVs write some labels as words
-LABEL_NAMES = {
-    "mnli": ["entailment", "neutral", "contradiction"],
-    "qnli": ["entailment", "not_entailment"],
-    "rte": ["entailment", "not_entailment"],
-    "ag_news": ["World", "Sports", "Business", "Sci/Tech"],
-}
-ATTACK_RECIPES = {
-    "textfooler": "TextFoolerJin2019",
-    "bert-attack": "BERTAttackLi2020",
-    "textbugger": "TextBuggerLi2018",
-    "pwws": "PWWSRen2019",
-    "deepwordbug": "DeepWordBugGao2018",
-}
+LABEL_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
+               "rte": ["entailment", "not_entailment"], "ag_news": ["World", "Sports", "Business", "Sci/Tech"]}
+ATTACK_RECIPES = {"textfooler": "TextFoolerJin2019", "bert-attack": "BERTAttackLi2020",
+                  "textbugger": "TextBuggerLi2018", "pwws": "PWWSRen2019", "deepwordbug": "DeepWordBugGao2018"}
 TINY_MODEL = "tiny"  # --model tiny: a small random BERT built offline (tests, --quick)
 
 
@@ -55,16 +46,10 @@ class UsageError(Exception):
     """A problem with the user's flags or files; reported as one line, exit code 2."""
 
 
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_range(name, value, low=None, high=None, low_open=False, high_open=False):
     """Raise UsageError unless low <= value <= high (or strict where *_open)."""
-    bad = (low is not None and (value <= low if low_open else value < low)) or (
-        high is not None and (value >= high if high_open else value > high)
-    )
+    bad = ((low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
     if bad:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise UsageError(f"--{name} must be in {interval}, got {value}")
@@ -77,16 +62,15 @@ def usage_errors():
     try:
         yield
     except UsageError as e:
-        fail(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if RECIPE_FAILURES:
         print(f"error: {len(RECIPE_FAILURES)} attack recipe(s) failed, the rest is in results.json: "
               f"{RECIPE_FAILURES[0]}", file=sys.stderr)
         sys.exit(1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Flags shared by every script
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Flags shared by every script ------------------------------------------------------------------------------------
 def add_common_args(parser: argparse.ArgumentParser, exp_name: str, **defaults):
     """Flags identical in every method script. `defaults` overrides a default (e.g. lr=2e-5)."""
     g = parser.add_argument_group("common")
@@ -166,9 +150,8 @@ def validate_common_args(args):
     check_range("warmup", args.warmup, 0, 1)
     check_range("dev-size", args.dev_size, 0, low_open=True)
     check_range("attack-examples", args.attack_examples, 1)
-    check_range("attack-workers", args.attack_workers, 1)
     parse_shard(args.attack_shard)
-    for name in ("max_train_examples", "max_eval_examples", "attack_query_budget"):
+    for name in ("max_train_examples", "max_eval_examples", "attack_query_budget", "attack_workers"):
         if getattr(args, name) is not None:
             check_range(name.replace("_", "-"), getattr(args, name), 1)
     if args.attack_max_modify_rate is not None:
@@ -201,9 +184,7 @@ def parse_shard(spec: Optional[str]):
     return i, n
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Run bookkeeping
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Run bookkeeping -------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
     dir: str
@@ -239,9 +220,6 @@ class Run:
     def log(self, scalars: dict, step: int):
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
-
-    def elapsed(self):
-        return time.time() - self.started
 
 
 def set_seed(seed: int):
@@ -296,7 +274,8 @@ def start_run(args, method: str) -> Run:
         wandb.init(project="robust-efficient-plms", config=vars(args), name=os.path.basename(run_dir),
                    sync_tensorboard=True)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     print(f"[{method}] run folder: {run_dir}  device: {device}", flush=True)
     return Run(run_dir, writer, device, args, time.time(), method)
 
@@ -321,33 +300,17 @@ def count_params(model: torch.nn.Module) -> dict:
 
 def results_template(args, method: str, setting: str, model=None) -> dict:
     """The one results.json schema every script writes (README.md, "Results schema")."""
-    return {
-        "method": method,
-        "setting": setting,
-        "status": "running",
-        "task": args.task,
-        "model": args.model,
-        "max_seq_length": args.max_seq_length,
-        "seed": args.seed,
-        "data": None,  # TaskData.identity: source, split sizes, test-set fingerprint
-        "params": count_params(model) if model is not None else None,
-        "sparsity": None,
-        "compression": None,
-        "wall_clock": {},
-        "dev_accuracy": None,
-        "clean_accuracy": None,
-        "attacks": {},
-        "pgd_accuracy": None,
-        "extra": {},
-    }
+    return {"method": method, "setting": setting, "status": "running", "task": args.task, "model": args.model,
+            "max_seq_length": args.max_seq_length, "seed": args.seed,
+            "data": None,  # TaskData.identity: source, split sizes, test-set fingerprint
+            "params": count_params(model) if model is not None else None, "sparsity": None, "compression": None,
+            "wall_clock": {}, "dev_accuracy": None, "clean_accuracy": None, "attacks": {}, "pgd_accuracy": None,
+            "extra": {}}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: three splits (train, dev = seeded hold-out of train, test = the split papers report and attack)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Data: three splits (train, dev = seeded hold-out of train, test = the split papers report and attack) -----------
 @dataclass
 class TaskData:
-    name: str
     text_columns: tuple  # ("sentence",) or ("premise", "hypothesis")
     num_labels: int
     train: object  # datasets.Dataset with the text columns and "label"
@@ -448,7 +411,7 @@ def load_task(args) -> TaskData:
     train = stratified_subsample(train, args.max_train_examples, args.seed)
     dev = stratified_subsample(dev, args.max_eval_examples, args.seed)
     test = stratified_subsample(test, args.max_eval_examples, 0)  # same test rows for every seed
-    data = TaskData(args.task, columns, num_labels, train, dev, test)
+    data = TaskData(columns, num_labels, train, dev, test)
     source = ("generated" if args.task == "toy" else os.path.abspath(args.data_dir) if args.data_dir
               else "hub:" + "/".join(hub))
     data.identity = {"task": args.task, "source": source, "train": len(train), "dev": len(dev), "test": len(test),
@@ -480,9 +443,7 @@ def make_loader(encoded, tokenizer, batch_size: int, shuffle: bool, seed: int = 
                                        collate_fn=DataCollatorWithPadding(tokenizer))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Models ----------------------------------------------------------------------------------------------------------
 def load_model(name_or_path: str, num_labels: int, max_seq_length: int, cache_dir: Optional[str] = None,
                attn_implementation: Optional[str] = None):
     """(model, tokenizer) of any BERT-family sequence classifier; the tokenizer truncates at max_seq_length.
@@ -517,9 +478,7 @@ def load_model(name_or_path: str, num_labels: int, max_seq_length: int, cache_di
     return model, tokenizer
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Embedding-space adversary: FreeLB (Zhu et al., ICLR 2020) and PGD (Madry et al.) on the word embeddings
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Embedding-space adversary: FreeLB (Zhu et al., ICLR 2020) and PGD (Madry et al.) on the word embeddings ---------
 @dataclass
 class Adversary:
     steps: int = 5  # K
@@ -545,12 +504,9 @@ def _logits(output):
     return output.logits if hasattr(output, "logits") else output
 
 
-MODEL_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
-
-
 def _model_inputs(batch):
     """The model's keyword inputs besides input_ids (other batch columns, e.g. cached teacher logits, stay out)."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    return {k: v for k, v in batch.items() if k in ("attention_mask", "token_type_ids", "position_ids")}
 
 
 def _init_delta(embeds, mask, adv: Adversary):
@@ -638,9 +594,7 @@ def adversarial_backward(model, batch, adv: Adversary, loss_fn: Callable = cross
     return AdversaryResult(loss.item(), losses, logits.detach(), deltas)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Plain fine-tuning and accuracy
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Plain fine-tuning and accuracy ----------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_labels(model, loader, device, autocast=nullcontext):
     """(predicted labels, true labels) as numpy arrays over a loader."""
@@ -668,9 +622,9 @@ def linear_schedule(optimizer, total_steps: int, warmup: float):
 
 def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float, weight_decay: float = 0.01,
              warmup: float = 0.1, adversary: Optional[Adversary] = None, loss_fn: Callable = cross_entropy,
-             tag: str = "finetune", params=None, evals_per_epoch: int = 1, max_grad_norm: float = 1.0) -> dict:
+             tag: str = "finetune", params=None) -> dict:
     """AdamW + linear warm-up/decay; plain CE, or FreeLB when `adversary` has steps > 0. Keeps the best-on-dev
-    weights (evaluated `evals_per_epoch` times an epoch) and loads them back at the end."""
+    weights (evaluated at the end of every epoch) and loads them back at the end; gradients clipped at norm 1."""
     device = run.device
     model.to(device)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -680,8 +634,8 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     total_steps = max(1, int(math.ceil(epochs * len(train_loader))))
     scheduler = linear_schedule(optimizer, total_steps, warmup)
-    eval_points = {int(round(total_steps * (i + 1) / max(1, round(epochs * evals_per_epoch))))
-                   for i in range(max(1, round(epochs * evals_per_epoch)))}
+    n_evals = max(1, round(epochs))
+    eval_points = {int(round(total_steps * (i + 1) / n_evals)) for i in range(n_evals)}
     best = {"dev_accuracy": -1.0, "step": 0, "state": None}
     sync(device)
     start, step = time.time(), 0
@@ -699,7 +653,7 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
                     loss_t = loss_fn(out, batch)
                 loss_t.backward()
                 loss = loss_t.item()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -723,27 +677,12 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
     return {"dev_accuracy": best["dev_accuracy"], "best_step": best["step"], "steps": total_steps, "seconds": seconds}
 
 
-def print_summary(rows: list):
-    """A small table of (name, results.json dict) rows: clean accuracy and Aua/Suc per attack."""
-    attacks = sorted({a for _, r in rows for a in r.get("attacks", {})})
-    header = f"{'setting':<28}{'params':>12}{'clean':>8}" + "".join(f"{a[:10] + ' aua/suc':>20}" for a in attacks)
-    print(header)
-    for name, r in rows:
-        params = (r.get("params") or {}).get("total", 0)
-        line = f"{name:<28}{params:>12,}{(r.get('clean_accuracy') or 0):>8.1f}"
-        for a in attacks:
-            m = r.get("attacks", {}).get(a)
-            cell = "FAILED" if m and "error" in m else f"{m['aua']:.1f}/{m['suc']:.1f}" if m else "-"
-            line += f"{cell:>20}"
-        print(line)
-
-
 RECIPE_FAILURES = []  # "prefix/recipe: error" of every recipe that raised; usage_errors() exits 1 when non-empty
 
 
 def finish_run(run: Run, results: dict):
     """The final results.json (atomically). Failed recipes stay recorded in it; the process then exits 1."""
-    results["wall_clock"]["total"] = run.elapsed()
+    results["wall_clock"]["total"] = time.time() - run.started
     results["status"] = "complete" if not RECIPE_FAILURES else "recipes failed"
     results.setdefault("data", run.data)
     for row in (results.get("extra") or {}).get("rows") or []:

@@ -12,11 +12,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import prune_linear_layer
 
-from attacks import evaluate_model
+from attacks import evaluate_model, print_summary
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
                     check_range, count_params, cross_entropy, finetune, finish_run, linear_schedule, load_model,
-                    load_task, make_loader, print_summary, results_template, set_seed, start_run, state_copy, tokenize,
-                    usage_errors, validate_common_args)
+                    load_task, make_loader, results_template, set_seed, start_run, state_copy, tokenize, usage_errors,
+                    validate_common_args)
 
 METHOD = "early_bird_adv"
 SETTINGS = {"ticket": "early-bird ticket", "freelb": "FreeLB", "finetune": "fine-tune"}

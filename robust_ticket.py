@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attacks import evaluate_model
+from attacks import evaluate_model, print_summary
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
                     check_range, count_params, evaluate_accuracy, finetune, finish_run, linear_schedule, load_model,
-                    load_task, make_loader, pick_device, print_summary, results_template, start_run, state_copy, sync,
-                    tokenize, usage_errors, validate_common_args)
+                    load_task, make_loader, pick_device, results_template, start_run, state_copy, sync, tokenize,
+                    usage_errors, validate_common_args)
 
 METHOD = "robust_ticket"
 # hard-concrete distribution (Louizos et al. 2018), as in the paper and the official masked_linear.py

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, run_attack
+from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
-                    load_model, load_task, make_loader, print_summary, results_template, set_seed, start_run, texts_of,
-                    tokenize, usage_errors, validate_common_args)
+                    load_model, load_task, make_loader, results_template, set_seed, start_run, texts_of, tokenize,
+                    usage_errors, validate_common_args)
 from offline import offline_attack_resources
 
 METHOD = "rosearch"
