@@ -361,3 +361,52 @@ def print_summary(rows: list):
             cell = "FAILED" if m and "error" in m else f"{m['aua']:.1f}/{m['suc']:.1f}" if m else "-"
             line += f"{cell:>20}"
         print(line)
+
+
+# ---- `python attacks.py --checkpoint DIR`: attack a saved model; resume a killed attack; one shard of a cluster array
+def main(argv=None):
+    import argparse
+    import json
+    import sys
+    import types
+
+    from common import (add_common_args, finish_run, load_model, load_task, pick_device, results_template, start_run,
+                        usage_errors, validate_common_args)
+
+    parser = argparse.ArgumentParser(description="Attack a saved checkpoint (save_pretrained folder: fine-tune, "
+                                     "FreeLB or robust-ticket models) under the shared protocol, without training.")
+    add_common_args(parser, "attack")
+    parser.add_argument("--checkpoint", required=True, help="the model folder to attack")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the attacks of this earlier run "
+                        "folder of attacks.py: examples already in its CSVs are not attacked again")
+    args = parser.parse_args(argv)
+    with usage_errors():
+        validate_common_args(args)
+        if args.resume is None:
+            run = start_run(args, "attack")
+        else:
+            if not os.path.isfile(os.path.join(args.resume, "args.json")):
+                raise UsageError(f"--resume {args.resume} is not a run folder (no args.json)")
+            offline.preflight(parse_attacks(args.attacks), args.attack_substitutes)
+            earlier = json.load(open(os.path.join(args.resume, "args.json")))
+            changed = [k for k, v in vars(args).items() if k not in ("resume", "output_dir") and earlier.get(k) != v]
+            if changed:
+                raise UsageError(f"--resume {args.resume} was run with other flags: {', '.join(changed)}")
+            set_seed(args.seed)
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))  # as start_run
+            from torch.utils.tensorboard import SummaryWriter
+
+            run = Run(args.resume, SummaryWriter(args.resume), pick_device(args.cuda, args.bf16), args, time.time(),
+                      "attack")
+        data = load_task(args)
+        model, tokenizer = load_model(args.checkpoint, data.num_labels, args.max_seq_length)
+        model.to(run.device)
+        results = results_template(args, "attack", os.path.basename(os.path.normpath(args.checkpoint)), model)
+        evaluate_model(model, tokenizer, data, args, run, results)
+        finish_run(run, results)
+        print_summary([(results["setting"], results)])
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

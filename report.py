@@ -301,7 +301,8 @@ def summary_table(rows: list, failures: list) -> str:
                 "| method | baseline | attack | seeds | n | Δ Aua [95% CI] | only method robust / only baseline | "
                 "McNemar p | significant |", "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {m} | {b} | {a} | {','.join(map(str, d['seeds']))} | {d['n']} | {delta_cell(d)} | "
-                f"{d['b']} / {d['c']} | {d['p']:.3f} | {'yes' if d['significant'] else 'no'} |" for m, b, a, d in pairs]
+                f"{d['b']} / {d['c']} | {'< 0.001' if d['p'] < 0.001 else f'{d["p"]:.3f}'} | "
+                f"{'yes' if d['significant'] else 'no'} |" for m, b, a, d in pairs]
         out.append("")
     if notes:
         out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]

@@ -296,3 +296,27 @@ def test_three_shards_merge_into_the_unsharded_run(tmp_path):
 
 def run_dir_of(out):
     return str(next(p for p in out.iterdir() if p.is_dir()))
+
+
+@needs_nltk
+def test_attacks_cli_resumes_a_killed_attack_of_a_checkpoint(trained_tiny, tmp_path):
+    _, _, _, model, tokenizer = trained_tiny
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    flags = ["--checkpoint", str(tmp_path / "ckpt"), "--task", "toy", "--no-cuda", "--max-seq-length", "64",
+             "--attacks", "deepwordbug", "--attack-examples", "6", "--output-dir", str(tmp_path / "runs")]
+    first = cli("attacks.py", *flags)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = run_dir_of(tmp_path / "runs")
+    whole = json.load(open(os.path.join(run_dir, "results.json")))["attacks"]["deepwordbug"]
+    path = os.path.join(run_dir, whole["csv"])
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(lines[:4]) + "\n")  # killed after three examples
+    resumed = cli("attacks.py", *flags, "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: 3 of 6 examples already" in resumed.stdout
+    again = json.load(open(os.path.join(run_dir, "results.json")))["attacks"]["deepwordbug"]
+    assert again["outcomes"] == whole["outcomes"] and len(open(path).read().splitlines()) == 7
+    changed = cli("attacks.py", *flags[:-2], "--output-dir", str(tmp_path / "runs"), "--attack-seed", "3",
+                  "--resume", run_dir)
+    assert changed.returncode == 2 and "was run with other flags: attack_seed" in changed.stderr
