@@ -204,6 +204,10 @@ def paired(rs: list, base: list, attack: str) -> Optional[dict]:
             "b": only_method, "c": only_base, "significant": p < 0.05 and (lo > 0 or hi < 0)}
 
 
+def p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def delta_cell(d: Optional[dict]) -> str:
     if d is None:
         return "-"
@@ -301,8 +305,7 @@ def summary_table(rows: list, failures: list) -> str:
                 "| method | baseline | attack | seeds | n | Δ Aua [95% CI] | only method robust / only baseline | "
                 "McNemar p | significant |", "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {m} | {b} | {a} | {','.join(map(str, d['seeds']))} | {d['n']} | {delta_cell(d)} | "
-                f"{d['b']} / {d['c']} | {'< 0.001' if d['p'] < 0.001 else f'{d["p"]:.3f}'} | "
-                f"{'yes' if d['significant'] else 'no'} |" for m, b, a, d in pairs]
+                f"{d['b']} / {d['c']} | {p_text(d['p'])} | {'yes' if d['significant'] else 'no'} |" for m, b, a, d in pairs]
         out.append("")
     if notes:
         out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
