@@ -320,3 +320,13 @@ def test_attacks_cli_resumes_a_killed_attack_of_a_checkpoint(trained_tiny, tmp_p
     changed = cli("attacks.py", *flags[:-2], "--output-dir", str(tmp_path / "runs"), "--attack-seed", "3",
                   "--resume", run_dir)
     assert changed.returncode == 2 and "was run with other flags: attack_seed" in changed.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_attacks_a_finetuned_checkpoint_on_the_gpu(tmp_path):
+    model, tokenizer = offline.tiny_bert(2, str(tmp_path / "vocab"))
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    proc = cli("bench.py", "--finetuned", str(tmp_path / "ckpt"), "--task", "toy", "--attacks", "deepwordbug",
+               "--attack-examples", "4", "--max-seq-length", "64", "--output-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the model was on the CPU while its inputs were on CUDA

@@ -124,3 +124,14 @@ def test_seeds_column_counts_distinct_seeds(tmp_path):
     line = next(ln for ln in report.summary_table(report.load_rows(str(tmp_path)), []).splitlines()
                 if ln.startswith("| finetune"))
     assert "| 1,2 (3 runs) |" in line
+
+
+def test_a_failed_recipe_and_a_partial_run_are_shown_as_such(tmp_path):
+    write_row(tmp_path / "a", "finetune", "fine-tune", 1, "F" * 10 + "S" * 90)
+    result = json.load(open(tmp_path / "a" / "results.json"))
+    result["status"] = "partial"
+    result["attacks"]["deepwordbug"] = {"recipe": "DeepWordBugGao2018", "error": "RuntimeError: forced | failure"}
+    json.dump(result, open(tmp_path / "a" / "results.json", "w"))
+    table = report.summary_table(report.load_rows(str(tmp_path)), [])
+    line = next(ln for ln in table.splitlines() if ln.startswith("| finetune"))
+    assert "fine-tune (partial)" in line and "FAILED: RuntimeError: forced / failure" in line
