@@ -475,7 +475,7 @@ def main(args, resources=None):
     validate(args)
     if args.bench:
         return bench(args)
-    run = start_run(args, METHOD)
+    run = start_run(args, METHOD, also_attacks=args.known)  # the training attacks too, before anything trains
     if resources is None and args.attack_substitutes:  # offline TextFooler/TextBugger stand-ins, built once
         resources = offline.offline_attack_resources(args.attack_substitutes)
     data = load_task(args)
@@ -588,7 +588,7 @@ def main(args, resources=None):
             curve_args = copy.copy(args)
             curve_args.attack_examples = args.curve_attack_examples
             attacks = evaluate_robustness(predictor(["curve"]), data, curve_args, run, f"curve{beta:g}_", resources)
-            point.update({f"aua_{a}": v["aua"] for a, v in attacks.items()})
+            point.update({f"aua_{a}": v["aua"] for a, v in attacks.items() if "error" not in v})
         curve.append(point)
         run.log({f"charts/beta_curve_{k}": v for k, v in point.items() if k != "beta"}, int(round(beta * 100)))
         print(f"[stage 4] beta {beta:.2f}: " + "  ".join(f"{k} {v:.1f}" for k, v in point.items() if k != "beta"),
@@ -670,7 +670,7 @@ def mark_known(row, known):
     for name, metrics in row["attacks"].items():
         metrics["known"] = name in known
     for group, flag in (("known", True), ("unknown", False)):
-        auas = [m["aua"] for m in row["attacks"].values() if m["known"] == flag]
+        auas = [m["aua"] for m in row["attacks"].values() if m["known"] == flag and "error" not in m]
         row[f"aua_{group}_mean"] = float(np.mean(auas)) if auas else None
 
 
@@ -680,6 +680,8 @@ def read_transfer_sets(run_dir, attacks, data):
         return {}
     sets = {}
     for name, metrics in attacks.items():
+        if "error" in metrics:  # that recipe failed: no transfer set
+            continue
         with open(os.path.join(run_dir, metrics["csv"]), newline="") as f:
             sets[name] = [(r["perturbed_text"], int(r["ground_truth"])) for r in csv.DictReader(f)
                           if r["result"] == "Successful"]

@@ -3,6 +3,7 @@
 # resumes), the configuration and per-example outcomes recorded next to every number so report.py compares like with
 # like and pairs rows example by example. Methods call evaluate_model (or evaluate_robustness for a custom predictor).
 import csv
+import io
 import logging
 import os
 import time
@@ -156,28 +157,45 @@ def summarise_attack(rows: list) -> dict:
     }
 
 
+def valid_row(row: dict) -> bool:
+    """A CSV row a killed process finished writing: every field present and parsable."""
+    try:
+        int(row["index"]), int(row["seed"]), int(row["ground_truth"]), int(row["original_output"])
+        int(row["perturbed_output"]), int(row["num_queries"]), float(row["perturbed_words"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return row["result"] in OUTCOME and row.get("perturbed_text") is not None and None not in row
+
+
 def read_attack_csv(csv_path: str, key: str) -> dict:
-    """Rows already attacked under the same key (recipe, sample, predictor): index -> row. Anything else: {}."""
+    """Rows already attacked under the same key (recipe, sample, predictor): index -> row. Anything else: {}.
+    A line cut by a kill is dropped (that example is attacked again)."""
     meta = csv_path + ".key"
-    if not (os.path.isfile(csv_path) and os.path.isfile(meta) and open(meta).read().strip() == key):
+    if not (os.path.isfile(csv_path) and os.path.isfile(meta)):
         return {}
+    with open(meta) as f:
+        if f.read().strip() != key:
+            return {}
     with open(csv_path, newline="") as f:
-        return {int(r["index"]): r for r in csv.DictReader(f) if r.get("perturbed_text") is not None}
+        text = f.read()
+    if not text.endswith("\n"):  # every finished row ends with a line break: the last line was cut
+        text = text[: text.rfind("\n") + 1]
+    return {int(r["index"]): r for r in csv.DictReader(io.StringIO(text, newline="")) if valid_row(r)}
 
 
-def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, queue):
-    """A forked worker: its own copy of the attack and predictor, `threads` torch threads, one row per message."""
+def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, conn):
+    """A forked worker: its own copy of the attack and predictor, `threads` torch threads, one row per message on
+    its own pipe (a worker killed mid-message cannot block the others)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's rayon pool does not survive fork (TextAttack sets it)
     torch.set_num_threads(threads)
     code = 0
     try:
         for i in indices:
-            queue.put((i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i))))
+            conn.send((i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i))))
     except Exception:  # noqa: BLE001 -- reported here; the parent attacks what this worker did not finish
         traceback.print_exc()
         code = 1
-    queue.close()
-    queue.join_thread()  # every row reaches the parent before the worker exits
+    conn.close()
     os._exit(code)  # no inherited exit handlers or stream flushes (TensorBoard writer, pytest capture) in a fork
 
 
@@ -185,38 +203,35 @@ def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers:
     """Yield (index, row) for every index in todo, attacked by `workers` forked processes (strided shares); a worker
     that dies is reported and its unfinished examples are attacked here, so none is dropped."""
     import multiprocessing as mp
-    import queue as queue_lib
+    from multiprocessing.connection import wait
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         raise UsageError("--attack-workers > 1 forks CPU workers, and a process that used CUDA cannot fork them: "
                          "attack with --attack-workers 1 on a GPU")
     ctx = mp.get_context("fork")
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
-    results = ctx.Queue()
-    shares = [todo[w::workers] for w in range(workers)]
-    procs = [ctx.Process(target=_attack_worker, args=(attack, samples, column_names, share, attack_seed, threads,
-                                                      results), daemon=True) for share in shares if share]
-    for p in procs:
-        p.start()
+    procs, readers = [], []
+    for share in (todo[w::workers] for w in range(workers)):
+        if share:
+            reader, writer = ctx.Pipe(duplex=False)
+            procs.append(ctx.Process(target=_attack_worker, args=(attack, samples, column_names, share, attack_seed,
+                                                                  threads, writer), daemon=True))
+            procs[-1].start()
+            writer.close()  # the parent keeps only the read end: a dead worker's pipe then ends (EOFError)
+            readers.append(reader)
     left = set(todo)
     bar = tqdm(total=len(todo), desc=f"{desc} x{len(procs)}", leave=False, disable=None)
     try:
-        while left and any(p.is_alive() for p in procs):
-            try:
-                i, row = results.get(timeout=1.0)
-            except queue_lib.Empty:
-                continue
-            left.discard(i)
-            bar.update(1)
-            yield i, row
-        while left:  # rows still queued by workers that finished in the meantime
-            try:
-                i, row = results.get(timeout=1.0)
-            except queue_lib.Empty:
-                break
-            left.discard(i)
-            bar.update(1)
-            yield i, row
+        while readers:
+            for reader in wait(readers):
+                try:
+                    i, row = reader.recv()
+                except (EOFError, OSError):  # finished, or died (possibly in the middle of a message)
+                    readers.remove(reader)
+                    continue
+                left.discard(i)
+                bar.update(1)
+                yield i, row
     finally:
         bar.close()
         for p in procs:
@@ -243,15 +258,14 @@ def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[st
         print(f"[{desc}] resuming: {len(indices) - len(todo)} of {len(indices)} examples already in {csv_path}",
               flush=True)
     out = None
-    if csv_path:
-        fresh = not done
-        if fresh:
-            with open(csv_path + ".key", "w") as f:
-                f.write(key)
-        out = open(csv_path, "w" if fresh else "a", newline="")
+    if csv_path:  # rewritten with the rows kept (a line cut by a kill is gone), then appended to row by row
+        with open(csv_path + ".key", "w") as f:
+            f.write(key)
+        out = open(csv_path, "w", newline="")
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
-        if fresh:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows(done[i] for i in sorted(done))
+        out.flush()
     if workers > 1 and len(todo) > 1:
         finished = attack_in_workers(attack, samples, column_names, todo, attack_seed, workers, desc)
     else:
@@ -308,7 +322,7 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
             attack = build_attack(name, wrapper, resources, args.attack_query_budget, args.attack_max_modify_rate,
                                   args.eval_batch_size)
             summary, _ = run_attack(attack, samples, data.text_columns, csv_path, f"{prefix}{name}", args.attack_seed,
-                                    key=fingerprint([config, prefix, run.dir]), indices=indices,
+                                    key=fingerprint([config, prefix]), indices=indices,
                                     workers=getattr(args, "attack_workers", 1))
         except Exception as e:  # noqa: BLE001 -- one recipe's failure must not lose the others (README "Results")
             traceback.print_exc()
@@ -364,6 +378,16 @@ def print_summary(rows: list):
 
 
 # ---- `python attacks.py --checkpoint DIR`: attack a saved model; resume a killed attack; one shard of a cluster array
+def checkpoint_name(path: str) -> str:
+    """'finetune checkpoint (seed 1)' for RUNS/{task}__finetune__1__{time}/model; else the folder's last two parts."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    run = next((p for p in reversed(parts[:-1]) if p.count("__") >= 3), None)
+    if run:
+        _, exp, seed = run.split("__")[:3]
+        return f"{exp} {parts[-1]} (seed {seed})"
+    return "/".join(parts[-2:])
+
+
 def main(argv=None):
     import argparse
     import json
@@ -401,7 +425,8 @@ def main(argv=None):
         data = load_task(args)
         model, tokenizer = load_model(args.checkpoint, data.num_labels, args.max_seq_length)
         model.to(run.device)
-        results = results_template(args, "attack", os.path.basename(os.path.normpath(args.checkpoint)), model)
+        results = results_template(args, "attack", checkpoint_name(args.checkpoint), model)
+        results["checkpoint"] = os.path.abspath(args.checkpoint)
         evaluate_model(model, tokenizer, data, args, run, results)
         finish_run(run, results)
         print_summary([(results["setting"], results)])

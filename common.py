@@ -151,6 +151,9 @@ def validate_common_args(args):
     check_range("dev-size", args.dev_size, 0, low_open=True)
     check_range("attack-examples", args.attack_examples, 1)
     parse_shard(args.attack_shard)
+    if args.attack_workers > 1 and args.cuda and torch.cuda.is_available():
+        raise UsageError("--attack-workers > 1 forks CPU workers, which cannot use CUDA: pass --no-cuda, or run one "
+                         "process per GPU with --attack-shard I/N (README 'Scaling the attacks')")
     for name in ("max_train_examples", "max_eval_examples", "attack_query_budget", "attack_workers"):
         if getattr(args, name) is not None:
             check_range(name.replace("_", "-"), getattr(args, name), 1)
@@ -246,10 +249,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def start_run(args, method: str) -> Run:
+def start_run(args, method: str, also_attacks=()) -> Run:
     """Check that the attacks can run, seed, pick the device, create runs/{task}__{exp}__{seed}__{time}/ (never
     reusing one), args.json, TensorBoard. Called after the flags are checked, before any data or model is loaded."""
-    offline.preflight(parse_attacks(args.attacks), args.attack_substitutes)
+    offline.preflight(list(dict.fromkeys(parse_attacks(args.attacks) + list(also_attacks))), args.attack_substitutes)
     # TensorBoard's own TF stub, not TensorFlow: importing TF costs seconds and initialises CUDA (tensorboard.compat)
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from torch.utils.tensorboard import SummaryWriter
@@ -415,7 +418,7 @@ def load_task(args) -> TaskData:
     source = ("generated" if args.task == "toy" else os.path.abspath(args.data_dir) if args.data_dir
               else "hub:" + "/".join(hub))
     data.identity = {"task": args.task, "source": source, "train": len(train), "dev": len(dev), "test": len(test),
-                     "test_fingerprint": fingerprint([texts_of(data, test), test["label"]])}
+                     "test_fingerprint": fingerprint([list(texts_of(data, test)), list(test["label"])])}
     return data
 
 
@@ -628,10 +631,8 @@ def finetune(model, train_loader, dev_loader, run: Run, epochs: float, lr: float
     device = run.device
     model.to(device)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
     total_steps = max(1, int(math.ceil(epochs * len(train_loader))))
     scheduler = linear_schedule(optimizer, total_steps, warmup)
     n_evals = max(1, round(epochs))
@@ -684,10 +685,8 @@ def finish_run(run: Run, results: dict):
     """The final results.json (atomically). Failed recipes stay recorded in it; the process then exits 1."""
     results["wall_clock"]["total"] = time.time() - run.started
     results["status"] = "complete" if not RECIPE_FAILURES else "recipes failed"
-    results.setdefault("data", run.data)
-    for row in (results.get("extra") or {}).get("rows") or []:
-        if isinstance(row, dict) and run.data is not None:
-            row.setdefault("data", run.data)
+    for row in [results] + [r for r in (results.get("extra") or {}).get("rows") or [] if isinstance(r, dict)]:
+        row["data"] = row.get("data") or run.data
     run.final = True
     write_json_atomic(os.path.join(run.dir, "results.json"), results)
     run.writer.close()

@@ -65,14 +65,16 @@ def load_rows(results_dir: str) -> list:
     return rows
 
 
-ATTACK_CONFIG = ("recipe", "attack_seed", "n", "resources", "query_budget", "max_modify_rate", "sample", "shard")
+ATTACK_CONFIG = ("recipe", "attack_seed", "n_requested", "resources", "query_budget", "max_modify_rate", "sample",
+                 "shard")
 
 
 def comparable_key(row: dict) -> tuple:
     """Everything two rows must share to be averaged (same method and setting) or paired (a method and its
     baseline): task, data (test-set fingerprint and split sizes), model, max length, and each recipe's config."""
     data = row.get("data") or {}
-    attacks = tuple(sorted((a, tuple(str(m.get(k)) for k in ATTACK_CONFIG)) for a, m in (row.get("attacks") or {}).items()))
+    attacks = tuple(sorted((a, tuple(str(m.get(k)) for k in ATTACK_CONFIG))
+                           for a, m in (row.get("attacks") or {}).items() if "error" not in m))
     return (row.get("task"), data.get("test_fingerprint"), data.get("train"), data.get("test"),
             model_key(row.get("model")), row.get("max_seq_length"), attacks)
 
@@ -134,16 +136,15 @@ def seeds_cell(rs: list) -> str:
 
 def collapsed(row: dict) -> Optional[str]:
     """Why a row is a collapsed predictor (its Aua then says nothing about robustness), or None."""
-    preds, labels = row.get("test_predictions"), row.get("test_labels")
-    if not preds:  # rows without a test pass: the prediction histogram of the attacked sample
+    preds, labels, clean = row.get("test_predictions"), row.get("test_labels"), row.get("clean_accuracy")
+    if not preds:  # rows without a test pass: the histograms and clean accuracy of the attacked sample
         m = next((m for m in (row.get("attacks") or {}).values() if m.get("predictions")), None)
-        preds, labels = (m["predictions"], m.get("labels")) if m else (None, None)
+        preds, labels, clean = (m["predictions"], m.get("labels"), m.get("clean")) if m else (None, None, None)
     if not preds or sum(preds) == 0:
         return None
     share = max(preds) / sum(preds)
     if share > COLLAPSE_SHARE:
         return f"one class takes {100 * share:.0f}% of the predictions"
-    clean = row.get("clean_accuracy")
     if labels and sum(labels) and clean is not None and clean - 100 * max(labels) / sum(labels) <= COLLAPSE_MARGIN:
         return f"clean {clean:.1f}% is within {COLLAPSE_MARGIN:g} points of the majority class"
     return None
@@ -151,12 +152,14 @@ def collapsed(row: dict) -> Optional[str]:
 
 def robust_matrix(rs: list, attack: str) -> Optional[dict]:
     """seed -> per-example robust indicator (1 = the attack failed) on the attacked sample."""
-    out = {}
+    runs = defaultdict(list)
     for r in rs:
         m = (r.get("attacks") or {}).get(attack) or {}
         if m.get("outcomes"):
-            out[r.get("seed")] = np.array([c == "F" for c in m["outcomes"]], dtype=float)
-    return out or None
+            runs[r.get("seed")].append(np.array([c == "F" for c in m["outcomes"]], dtype=float))
+    if any(len({len(v) for v in vs}) != 1 for vs in runs.values()):
+        return None
+    return {seed: np.mean(vs, axis=0) for seed, vs in runs.items()} or None  # repeated runs of a seed: averaged
 
 
 def bootstrap_ci(per_example: np.ndarray, seed: int = 0) -> tuple:
@@ -178,7 +181,7 @@ def aua_interval(rs: list, attack: str) -> Optional[tuple]:
 
 
 def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar test on the discordant pairs (b: only the method robust, c: only the baseline)."""
+    """Exact two-sided McNemar (sign) test: b sentences favour the method, c the baseline, ties dropped."""
     from scipy.stats import binom
 
     n = b + c
@@ -187,7 +190,9 @@ def mcnemar_p(b: int, c: int) -> float:
 
 def paired(rs: list, base: list, attack: str) -> Optional[dict]:
     """Δ Aua (method − baseline, points) on the same attacked examples, seeds matched: 95% paired-bootstrap
-    interval over examples and the exact McNemar p-value on robust / not robust (discordant pairs over seeds)."""
+    interval over examples and an exact McNemar p-value on robust / not robust. With several seeds each sentence's
+    difference is averaged over them first, and the test counts the sentences that favour either side (a sign test;
+    for one seed it is exactly McNemar's test), so repeated seeds are not counted as independent sentences."""
     a, b = robust_matrix(rs, attack), robust_matrix(base, attack)
     config = [tuple(str(((r.get("attacks") or {}).get(attack) or {}).get(k)) for k in ATTACK_CONFIG) for r in rs + base]
     if not a or not b or len(set(config)) != 1:  # another recipe configuration or another attacked sample
@@ -197,8 +202,7 @@ def paired(rs: list, base: list, attack: str) -> Optional[dict]:
         return None
     diff = np.mean([a[s] - b[s] for s in seeds], axis=0)
     lo, hi = bootstrap_ci(diff)
-    only_method = int(sum(((a[s] == 1) & (b[s] == 0)).sum() for s in seeds))
-    only_base = int(sum(((a[s] == 0) & (b[s] == 1)).sum() for s in seeds))
+    only_method, only_base = int((diff > 0).sum()), int((diff < 0).sum())
     p = mcnemar_p(only_method, only_base)
     return {"delta": 100 * diff.mean(), "lo": 100 * lo, "hi": 100 * hi, "p": p, "seeds": seeds, "n": len(diff),
             "b": only_method, "c": only_base, "significant": p < 0.05 and (lo > 0 or hi < 0)}
@@ -300,9 +304,10 @@ def summary_table(rows: list, failures: list) -> str:
     out = ["\n".join(lines), ""]
     if pairs:
         out += ["Paired comparisons on the same attacked sentences (seeds matched; Δ = method − baseline, points; "
-                "95% paired-bootstrap interval over sentences; exact McNemar p on robust / not robust; "
+                "95% paired-bootstrap interval over sentences; exact McNemar p on robust / not robust, each "
+                "sentence averaged over the seeds first (a sign test over sentences; McNemar's test for one seed); "
                 "* = p < 0.05 and the interval excludes 0):", "",
-                "| method | baseline | attack | seeds | n | Δ Aua [95% CI] | only method robust / only baseline | "
+                "| method | baseline | attack | seeds | n | Δ Aua [95% CI] | sentences for method / for baseline | "
                 "McNemar p | significant |", "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {m} | {b} | {a} | {','.join(map(str, d['seeds']))} | {d['n']} | {delta_cell(d)} | "
                 f"{d['b']} / {d['c']} | {p_text(d['p'])} | {'yes' if d['significant'] else 'no'} |" for m, b, a, d in pairs]
@@ -525,7 +530,7 @@ def merge_shards(run_dirs: list, out_dir: str) -> dict:
             with open(os.path.join(d, m["csv"]), newline="") as f:
                 rows.update({int(r["index"]): r for r in csv.DictReader(f)})
         indices = sorted(rows)
-        if indices != list(range(len(indices))):
+        if indices != list(range(len(indices))) or len(indices) != sum(m["n"] for _, m in parts):
             raise UsageError(f"{key[0]} / {key[1]}: the shards' CSVs miss sample positions")
         ordered = [rows[i] for i in indices]
         os.makedirs(out_dir, exist_ok=True)

@@ -441,8 +441,8 @@ def prepare_teacher(args, data, run):
     raw_teacher = args.bench and args.teacher is None  # --bench: timings do not depend on the teacher being trained
     teacher_path = args.teacher and os.path.abspath(args.teacher)
     digest = hashlib.sha1(json.dumps([raw_teacher, teacher_path, args.model, args.task, args.seed, args.lr, args.epochs,
-                                      args.batch_size, args.max_seq_length, texts_of(data, data.train),
-                                      data.train["label"], texts_of(data, data.dev)],
+                                      args.batch_size, args.max_seq_length, list(texts_of(data, data.train)),
+                                      list(data.train["label"]), list(texts_of(data, data.dev))],
                                      default=str).encode()).hexdigest()[:16]
     folder = os.path.join(args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache"), f"{args.task}_{digest}")
     teacher_dir = args.teacher or (args.model if raw_teacher else os.path.join(folder, "teacher"))
@@ -660,7 +660,7 @@ def run_search(label, weights, ctx, evaluated):
 
 def main(args):
     args = validate(args)
-    run = start_run(args, METHOD)
+    run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [])
     data = load_task(args)
     results_wall = {}
     # Stage 1: the teacher, fine-tuned once; its train/dev logits cached to disk (§4.3)

@@ -330,3 +330,49 @@ def test_bench_attacks_a_finetuned_checkpoint_on_the_gpu(tmp_path):
     proc = cli("bench.py", "--finetuned", str(tmp_path / "ckpt"), "--task", "toy", "--attacks", "deepwordbug",
                "--attack-examples", "4", "--max-seq-length", "64", "--output-dir", str(tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr[-2000:]  # the model was on the CPU while its inputs were on CUDA
+
+
+@needs_nltk
+def test_a_line_cut_by_a_kill_is_attacked_again(trained_tiny, tmp_path):
+    _, data, _, model, tokenizer = trained_tiny
+    attack = attacks.build_attack("deepwordbug",
+                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    samples = attacks.attack_sample(data, 4, 0)
+    path = str(tmp_path / "a.csv")
+    _, whole = attacks.run_attack(attack, samples, data.text_columns, path, key="k")
+    text = open(path).read()
+    open(path, "w").write(text[: len(text) - 25])  # the last row cut in the middle of its text
+    assert sorted(attacks.read_attack_csv(path, "k")) == [0, 1, 2]
+    _, resumed = attacks.run_attack(attack, samples, data.text_columns, path, key="k")
+    assert [r["result"] for r in resumed] == [r["result"] for r in whole]
+    assert sorted(attacks.read_attack_csv(path, "k")) == [0, 1, 2, 3] and len(open(path).read().splitlines()) == 5
+
+
+def test_workers_with_cuda_are_refused_with_the_flags(toy_args, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    toy_args.attack_workers, toy_args.cuda = 2, True
+    with pytest.raises(common.UsageError, match="--attack-workers > 1 forks CPU workers"):
+        common.validate_common_args(toy_args)
+    toy_args.cuda = False
+    common.validate_common_args(toy_args)
+
+
+def test_checkpoint_rows_are_named_after_their_run():
+    assert attacks.checkpoint_name("/x/runs/sst2__freelb__2__1700000000/model") == "freelb model (seed 2)"
+    ticket = "/x/runs/sst2__robust_ticket__1__17/ticket_s0.7"
+    assert attacks.checkpoint_name(ticket) == "robust_ticket ticket_s0.7 (seed 1)"
+    assert attacks.checkpoint_name("/models/bert-base-uncased") == "models/bert-base-uncased"
+
+
+def test_the_test_fingerprint_covers_every_row(tmp_path, toy_args):
+    for name, odd in (("a", "good"), ("b", "bad")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"film {i} good\t{i % 2}\n" for i in range(40)))
+        (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"movie {i} {odd if i == 15 else 'ok'}\t1\n"
+                                                                   for i in range(20)))
+    prints = []
+    for name in ("a", "b"):
+        toy_args.task, toy_args.data_dir, toy_args.max_eval_examples = "sst2", str(tmp_path / name), None
+        prints.append(common.load_task(toy_args).identity["test_fingerprint"])
+    assert prints[0] != prints[1]  # they differ only in the 16th test sentence
