@@ -17,6 +17,10 @@ import finetune
 import offline
 
 
+def tiny_attack(recipe, model, tokenizer):
+    return attacks.build_attack(recipe, attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+
+
 def cli(script, *argv, env_extra=None, cwd=ROOT):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
@@ -127,7 +131,7 @@ def test_results_record_data_identity_attack_config_and_histograms(trained_tiny,
 @pytest.mark.parametrize("recipe", ["deepwordbug", "pwws"])
 def test_an_examples_outcome_does_not_depend_on_the_examples_before_it(trained_tiny, recipe):
     _, data, _, model, tokenizer = trained_tiny
-    attack = attacks.build_attack(recipe, attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    attack = tiny_attack(recipe, model, tokenizer)
     samples = attacks.attack_sample(data, 10, 0)
     _, all_rows = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
     _, tail_rows = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0, indices=range(5, 10))
@@ -138,8 +142,7 @@ def test_an_examples_outcome_does_not_depend_on_the_examples_before_it(trained_t
 @needs_nltk
 def test_a_killed_attack_resumes_without_attacking_twice(trained_tiny, tmp_path, monkeypatch):
     _, data, _, model, tokenizer = trained_tiny
-    attack = attacks.build_attack("deepwordbug",
-                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    attack = tiny_attack("deepwordbug", model, tokenizer)
     samples = attacks.attack_sample(data, 8, 0)
     _, uninterrupted = attacks.run_attack(attack, samples, data.text_columns, str(tmp_path / "a.csv"), key="k")
     real_one, calls, killed = attacks.attack_one, [], []
@@ -231,8 +234,7 @@ def test_cuda_bf16_run_end_to_end(tmp_path):
 @needs_nltk
 def test_two_workers_give_the_outcomes_of_one(trained_tiny, tmp_path):
     _, data, _, model, tokenizer = trained_tiny
-    attack = attacks.build_attack("deepwordbug",
-                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    attack = tiny_attack("deepwordbug", model, tokenizer)
     samples = attacks.attack_sample(data, 9, 0)
     one_summary, one = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
     two_summary, two = attacks.run_attack(attack, samples, data.text_columns, str(tmp_path / "w.csv"), attack_seed=0,
@@ -244,8 +246,7 @@ def test_two_workers_give_the_outcomes_of_one(trained_tiny, tmp_path):
 @needs_nltk
 def test_a_dead_worker_loses_no_example(trained_tiny, monkeypatch, capsys):
     _, data, _, model, tokenizer = trained_tiny
-    attack = attacks.build_attack("deepwordbug",
-                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    attack = tiny_attack("deepwordbug", model, tokenizer)
     samples = attacks.attack_sample(data, 6, 0)
     _, one = attacks.run_attack(attack, samples, data.text_columns)
     real_worker = attacks._attack_worker
@@ -335,8 +336,7 @@ def test_bench_attacks_a_finetuned_checkpoint_on_the_gpu(tmp_path):
 @needs_nltk
 def test_a_line_cut_by_a_kill_is_attacked_again(trained_tiny, tmp_path):
     _, data, _, model, tokenizer = trained_tiny
-    attack = attacks.build_attack("deepwordbug",
-                                  attacks.callable_wrapper(attacks.Predictor(model, tokenizer, 64, 32, "cpu")))
+    attack = tiny_attack("deepwordbug", model, tokenizer)
     samples = attacks.attack_sample(data, 4, 0)
     path = str(tmp_path / "a.csv")
     _, whole = attacks.run_attack(attack, samples, data.text_columns, path, key="k")
