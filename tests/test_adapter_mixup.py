@@ -152,6 +152,12 @@ def test_bad_flags_end_with_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: --beta must be in [0, 1], got -0.2"
 
 
+def fake_the_attacks(monkeypatch, successes):
+    """Adversarial generation faked, so the real recipes' resources (NLTK data) are not needed, nor preflighted."""
+    monkeypatch.setattr(am, "generate_adversarial", fake_generation(successes))
+    monkeypatch.setattr(offline, "preflight", lambda *a, **k: None)
+
+
 def fake_generation(successes):
     def generate(name, predict, samples, columns, path, args, resources=None):
         return [{"index": i, "label": y, "status": "successful" if i < successes else "failed", "original": t,
@@ -160,7 +166,7 @@ def fake_generation(successes):
 
 
 def test_empty_adversarial_set_is_reported_and_the_run_still_finishes(tmp_path, monkeypatch):
-    monkeypatch.setattr(am, "generate_adversarial", fake_generation(0))
+    fake_the_attacks(monkeypatch, 0)
     results = am.main(quick_args(tmp_path))
     extra = results["extra"]
     assert extra["known_attacks"] == [] and "no deepwordbug attack succeeded" in extra["warnings"][0]
@@ -171,7 +177,7 @@ def test_empty_adversarial_set_is_reported_and_the_run_still_finishes(tmp_path, 
 
 
 def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkeypatch):
-    monkeypatch.setattr(am, "generate_adversarial", fake_generation(5))
+    fake_the_attacks(monkeypatch, 5)
     results = am.main(quick_args(tmp_path, "--beta", "dev", "--baseline", "full-at", "--full-epochs", "1"))
     rows = {r["key"]: r for r in results["extra"]["rows"]}
     assert list(rows) == ["clean", "adv-deepwordbug", "at", "soup", "v1", "v2", "full-at"]
@@ -197,7 +203,7 @@ def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkey
 
 
 def test_v1_at_a_grid_end_reuses_that_adapters_attacks_instead_of_attacking_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(am, "generate_adversarial", fake_generation(5))
+    fake_the_attacks(monkeypatch, 5)
     attacked = []
 
     def fake_robustness(predict, data, args, run, prefix, resources=None, row=None):
