@@ -21,6 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# transformers would import all of TensorFlow (installed for USE) on `import textattack`: seconds, and a CUDA init
+os.environ.setdefault("USE_TF", "0")
+
 # ---------------------------------------------------------------------------------------------------------------
 # Preflight: what each recipe loads at build time or at its first attacked example (shared/specs/offline.md §2b)
 # ---------------------------------------------------------------------------------------------------------------
