@@ -517,7 +517,6 @@ def robustness(student, ctx) -> dict:
         ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_model.predict(t)),
                                         ctx.resources, args.attack_query_budget, args.attack_max_modify_rate,
                                         args.eval_batch_size)
-    ctx.probe_attack.clear_cache()  # the goal function caches the previous candidate's outputs
     summary, _ = run_attack(ctx.probe_attack, ctx.probe_samples, ctx.data.text_columns, None, desc="probe")
     return {"R": summary["aua"], "R_suc": 100.0 - summary["suc"]}
 
