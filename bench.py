@@ -2,12 +2,17 @@
 # attacks.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
 # every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
 # With --compare-workers N: the same seeded sample attacked by 1 and by N attack workers (outcomes and time ratio).
+# Also the methods' step benchmarks that their scripts' --bench flags call (bench_robust_ticket).
 import argparse
+import copy
+import os
 import time
 
+import torch
+
 from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack
-from common import (add_common_args, finetune, load_model, load_task, make_loader, start_run, tokenize, usage_errors,
-                    validate_common_args)
+from common import (add_common_args, adversarial_backward, adversary_from_args, finetune, load_model, load_task,
+                    make_loader, pick_device, start_run, sync, tokenize, usage_errors, validate_common_args)
 from offline import minilm_path
 
 
@@ -39,6 +44,70 @@ def compare_workers(args, samples, columns, wrapper):
         same = sum(a == b for a, b in zip(r_one, r_n))
         print(f"{name:<14}{t_one:>12.1f}{t_n:>14.1f}{t_one / t_n:>9.2f}x{same:>9}/{len(samples):<4}"
               f"{s_one['aua']:>8.1f}", flush=True)
+
+
+# ---- robust_ticket.py --bench: one mask-search step vs one dense FreeLB step (same K), ticket vs dense inference ----
+def bench_robust_ticket(args):
+    """Dense and masked copies of one model, timed in alternation (drifting load hits both alike). On CPU the clock is
+    the CPU time of a single thread, so other jobs on a shared machine do not skew the ratio; on CUDA, wall time."""
+    from robust_ticket import attach_gates, draw_masks, draw_scores, fold_mask, l0_penalty
+
+    device = pick_device(args.cuda)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # idle threads spin and would count as CPU time
+    adv = adversary_from_args(args)
+    dense, _ = load_model(args.model, 2, args.max_seq_length, os.path.join(args.output_dir, ".tiny-bert"))
+    masked = copy.deepcopy(dense)
+    gates = attach_gates(masked, args.mask_init)
+    dense.to(device), masked.to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(1000 if dense.config.vocab_size > 2000 else 5, dense.config.vocab_size,
+                        (args.batch_size, args.bench_seq_length), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.randint(0, 2, (args.batch_size,), generator=gen)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def timed_pair(fn_a, fn_b):
+        totals = [0.0, 0.0]
+        for rep in range(args.bench_steps + 1):  # the first round warms up
+            for i, fn in enumerate((fn_a, fn_b)):
+                sync(device)
+                start = clock()
+                fn()
+                sync(device)
+                totals[i] += (clock() - start) if rep else 0.0
+        return totals[0] / args.bench_steps, totals[1] / args.bench_steps
+
+    def train_step(model, params, penalty=None):
+        opt = torch.optim.AdamW(params, lr=1e-12)
+
+        def step():
+            model.train()
+            adversarial_backward(model, batch, adv, mode="freelb")
+            if penalty is not None:
+                penalty().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    dense_step, search_step = timed_pair(train_step(dense, list(dense.parameters())),
+                                         train_step(masked, [g.log_alpha for g in gates.values()],
+                                                    lambda: l0_penalty(gates)))
+    masked = gates = None  # free the masked copy before the inference timing
+    ticket = copy.deepcopy(dense).eval()
+    fold_mask(ticket, draw_masks(draw_scores(ticket, args), [max(args.sparsities)])[0])
+    dense.eval()
+    with torch.no_grad():
+        dense_inf, ticket_inf = timed_pair(lambda: dense(**inputs), lambda: ticket(**inputs))
+    unit = "ms wall" if device.type == "cuda" else "ms CPU"
+    print(f"[bench] model {args.model} device {device} batch {args.batch_size}x{args.bench_seq_length} K={adv.steps}")
+    print(f"[bench] dense FreeLB step {dense_step * 1e3:.1f} {unit}   mask-search step {search_step * 1e3:.1f} {unit}"
+          f"   ratio {search_step / dense_step:.2f}x (target <= 1.5x)")
+    print(f"[bench] inference: dense {dense_inf * 1e3:.1f} {unit}   folded ticket (s={max(args.sparsities):g}) "
+          f"{ticket_inf * 1e3:.1f} {unit}   ratio {ticket_inf / dense_inf:.2f}x", flush=True)
+    return {"search_over_dense": search_step / dense_step, "ticket_over_dense_inference": ticket_inf / dense_inf}
 
 
 def main(args):

@@ -2,7 +2,6 @@
 # Stage 1 fine-tune; Stage 2 learn hard-concrete masks (Eqs. 1-5) with an adversarial loss + L0 penalty (Eqs. 6-8) on
 # frozen weights; Stage 3 draw a ticket by global bottom-k of log(alpha), rewind it to the pre-trained weights, retrain.
 import argparse
-import copy
 import math
 import os
 import time
@@ -16,8 +15,8 @@ from tqdm.auto import tqdm
 from attacks import evaluate_model, print_summary
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
                     check_range, count_params, evaluate_accuracy, finetune, finish_run, linear_schedule, load_model,
-                    load_task, make_loader, pick_device, results_template, start_run, state_copy, sync, tokenize,
-                    usage_errors, validate_common_args)
+                    load_task, make_loader, results_template, start_run, state_copy, tokenize, usage_errors,
+                    validate_common_args)
 
 METHOD = "robust_ticket"
 # hard-concrete distribution (Louizos et al. 2018), as in the paper and the official masked_linear.py
@@ -38,14 +37,22 @@ def parse_args(argv=None):
     m.add_argument("--mask-lr", type=float, default=0.1, help="AdamW lr of the mask scores log(alpha) (Table 6)")
     m.add_argument("--mask-weight-decay", type=float, default=1e-6, help="weight decay of log(alpha) (Table 6)")
     m.add_argument("--search-epochs", type=float, default=20, help="epochs of mask search (official code)")
-    m.add_argument("--max-grad-norm", type=float, default=1.0, help="clip of the adversarial-loss grad of log(alpha)")
-    m.add_argument("--l0-lambda", type=float, default=0.5, help="lambda, coefficient of R(m) in Eq. 6 (Table 6)")
+    m.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip of the adversarial-loss grad of log(alpha); 0 = no clipping")
+    m.add_argument("--l0-lambda", type=float, default=0.5, help="lambda, coefficient of R(m) in Eq. 6 (Table 6); "
+                   "0 is the 'w/o L0' ablation")
+    m.add_argument("--l0-normalise", action="store_true",
+                   help="scale lambda by (masked weights / bert-base's) x (paper's search steps / this search's), so "
+                        "each weight gets the paper's total L0 push on a smaller model or a shorter search "
+                        "(deviation 1 in docs/robust_ticket.md; bert-base at 20 SST-2 epochs: factor 1)")
     m.add_argument("--lambda-startup", type=float, default=0.1, help="share of search steps with lambda_t = 0")
     m.add_argument("--lambda-warmup", type=float, default=0.3, help="share of search steps of the linear lambda ramp")
     m.add_argument("--l0-mean", default="global", choices=["global", "per-matrix"],
                    help="R(m) as the global mean of Eq. 4, or the official mean of per-matrix means")
     m.add_argument("--search-select", default="dev", choices=["dev", "last"],
                    help="mask checkpoint: best dev accuracy with eval (soft) gates, per epoch (code), or the last")
+    m.add_argument("--diag-points", type=int, default=20,
+                   help="gate diagnostics (E[L0], binary / zero share) logged this many times over the search")
     m.add_argument("--mask-scores", default=None, help="skip stage 2: load log(alpha) from a mask_scores.pt")
     m.add_argument("--draw", default="robust", choices=["robust", "magnitude", "random"],
                    help="rank by learned log(alpha) (RobustT), |fine-tuned weight| (w/o mask learning), or random")
@@ -68,6 +75,8 @@ def parse_args(argv=None):
         raise UsageError("--sparsity is empty; give e.g. 0.3 or 0.3,0.5,0.7")
     for s in args.sparsities:
         check_range("sparsity", s, 0, 1, high_open=True)
+    if len(set(args.sparsities)) != len(args.sparsities):
+        raise UsageError(f"--sparsity {args.sparsity} repeats a value (each draw writes its own ticket_s<S> folder)")
     check_range("mask-init", args.mask_init, 0, 1, low_open=True, high_open=True)
     for name in ("mask_lr", "search_epochs", "retrain_epochs"):
         check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
@@ -76,12 +85,16 @@ def parse_args(argv=None):
     check_range("lambda-startup", args.lambda_startup, 0, 1)
     check_range("lambda-warmup", args.lambda_warmup, 0, 1)
     check_range("bench-steps", args.bench_steps, 1)
+    check_range("diag-points", args.diag_points, 1)
     check_range("bench-seq-length", args.bench_seq_length, 8, 512)
     if args.finetuned is not None and not os.path.isfile(os.path.join(args.finetuned, "config.json")):
         raise UsageError(f"--finetuned {args.finetuned} is not a checkpoint folder (no config.json); give the "
                          f"'finetuned' folder of an earlier run, or drop the flag to fine-tune")
     if args.mask_scores is not None and not os.path.isfile(args.mask_scores):
         raise UsageError(f"--mask-scores {args.mask_scores} does not exist; give the mask_scores.pt of a search run")
+    if args.mask_scores is not None and args.finetuned is None:
+        raise UsageError("--mask-scores needs --finetuned (the fine-tuned model they were searched on); without it "
+                         "stage 1 would fine-tune again for nothing")
     adversary_from_args(args)
     return args
 
@@ -99,12 +112,12 @@ class HardConcreteGate(nn.Module):
         self.log_alpha = nn.Parameter(torch.full(shape, math.log(p / (1 - p)), device=device))
 
     def forward(self):
-        if self.training:  # Eq. 1: s = sigmoid((log u - log(1 - u) + log alpha) / beta), noise on log_alpha's device
-            # (in-place ops: the gate costs a few passes over a weight-sized tensor, see --bench)
-            noise = torch.logit(torch.rand_like(self.log_alpha), eps=U_EPS)  # log u - log(1 - u), u clamped
-            s = torch.sigmoid(noise.add_(self.log_alpha).mul_(1 / BETA))
-            return s.mul(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)  # Eqs. 2-3: stretch, then hard-clip to [0, 1]
-        return self.deterministic()
+        if not self.training:
+            return self.deterministic()
+        u = torch.rand_like(self.log_alpha).clamp_(U_EPS, 1 - U_EPS)  # u ~ U(0, 1), a fresh sample per forward
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)  # Eq. 1
+        s_bar = s * (ZETA - GAMMA) + GAMMA  # Eq. 2: stretch to (gamma, zeta)
+        return s_bar.clamp(0.0, 1.0)  # Eq. 3: hard-clip, so a gate is exactly 0 or 1 with non-zero probability
 
     def deterministic(self):
         """Eq. 5, the test-time gate: soft in (0, 1), exactly 0 / 1 for log alpha beyond -/+ 2.398."""
@@ -146,6 +159,7 @@ def _set_submodule(model, name, module):
 
 def attach_gates(model, init: float) -> dict:
     """Wrap every masked linear in a MaskedLinear; freeze all weights (only log_alpha is trained). -> {name: gate}"""
+    model._trainable_before_gates = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     gates = {}
@@ -157,9 +171,12 @@ def attach_gates(model, init: float) -> dict:
 
 
 def detach_gates(model):
+    """Unwrap the MaskedLinears and make the weights as trainable as they were before attach_gates."""
     for name, wrapped in list(model.named_modules()):
         if isinstance(wrapped, MaskedLinear):
             _set_submodule(model, name, wrapped.linear)
+    for p, trainable in zip(model.parameters(), model.__dict__.pop("_trainable_before_gates", [])):
+        p.requires_grad_(trainable)
 
 
 def l0_penalty(gates: dict, mode: str = "global"):
@@ -172,7 +189,7 @@ def l0_penalty(gates: dict, mode: str = "global"):
 
 @torch.no_grad()
 def gate_stats(gates: dict) -> dict:
-    """Logged in search: expected L0, share of eval gates exactly 0 or 1, and exactly 0 (the mask's own sparsity)."""
+    """The mask's state: expected L0 (Eq. 4), share of eval gates (Eq. 5) exactly 0 or 1, and exactly 0."""
     n = sum(g.log_alpha.numel() for g in gates.values())
     zero = one = 0
     for g in gates.values():
@@ -182,17 +199,32 @@ def gate_stats(gates: dict) -> dict:
             "sparsity/eval_zero_share": zero / n}
 
 
-def lambda_at(step: int, total: int, args) -> float:
+# bert-base-uncased (73 masked matrices) searched for 20 epochs of SST-2 at batch 32: the paper's setting of lambda
+BERT_BASE_MASKED = 85_524_480
+PAPER_SEARCH_STEPS = 20 * 2105
+
+
+def l0_scale(n_masked: int, total_steps: int, normalise: bool) -> float:
+    """Deviation 1: R(m) is a mean over N weights, so each weight's L0 gradient is lambda/N, and a search of T steps
+    gives it T pushes; --l0-normalise keeps lambda * T / N at the paper's value (bert-base, 42,100 steps)."""
+    return (n_masked / BERT_BASE_MASKED) * (PAPER_SEARCH_STEPS / total_steps) if normalise else 1.0
+
+
+def lambda_at(step: int, total: int, args, scale: float = 1.0) -> float:
     """lambda_t: 0 for the first 10 % of steps, a linear ramp over the next 30 %, then lambda (as the paper intends)."""
     ramp = (step - args.lambda_startup * total) / max(args.lambda_warmup * total, 1e-12)
-    return args.l0_lambda * min(max(ramp, 0.0), 1.0)
+    return scale * args.l0_lambda * min(max(ramp, 0.0), 1.0)
+
+
+def _norm(tensors) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2: adversarial mask search (Eq. 6: min_m E max_delta L(f(x + delta; m * theta), y) + lambda R(m))
 # ---------------------------------------------------------------------------------------------------------------
 def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
-    """Learn log_alpha on the frozen fine-tuned model. Returns ({name: log_alpha on CPU}, history)."""
+    """Learn log_alpha on the frozen fine-tuned model. Returns ({name: log_alpha on CPU}, search record)."""
     device = run.device
     model.to(device)
     gates = attach_gates(model, args.mask_init)
@@ -200,53 +232,79 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
     optimizer = torch.optim.AdamW(log_alphas, lr=args.mask_lr, weight_decay=args.mask_weight_decay)
     total = max(1, math.ceil(args.search_epochs * len(train_loader)))
     scheduler = linear_schedule(optimizer, total, args.warmup)
+    scale = l0_scale(sum(a.numel() for a in log_alphas), total, args.l0_normalise)
     epoch_ends = {min(total, (e + 1) * len(train_loader)) for e in range(math.ceil(args.search_epochs))}
+    diag_steps = {min(total, math.ceil(total * (i + 1) / args.diag_points)) for i in range(args.diag_points)}
     best = {"dev_accuracy": -1.0, "scores": None, "step": 0}
-    history, step, started = [], 0, time.time()
+    history, curve, grads, step, started = [], [{"step": 0, **gate_stats(gates)}], [], 0, time.time()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    print(f"[search] {len(gates)} masked matrices, {sum(a.numel() for a in log_alphas):,} gates, K={adv.steps}, "
+          f"lambda {args.l0_lambda} x scale {scale:.3g} = {args.l0_lambda * scale:.4g}, {total} steps", flush=True)
     bar = tqdm(total=total, desc="search", leave=False, disable=None)
     while step < total:
         for batch in train_loader:
             model.train()
             batch = {k: v.to(device) for k, v in batch.items()}
             # Eqs. 6-8 as FreeLB (official code): grads of log_alpha averaged over the K ascent states, a fresh gate
-            # sample per forward; K = 0 is clean CE ("w/o Adv"); token_type_ids are passed (the code drops them)
+            # sample per forward; token_type_ids are passed (the code drops them)
             result = adversarial_backward(model, batch, adv, mode="freelb", autocast=run.autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(log_alphas, args.max_grad_norm)
-            lam = lambda_at(step, total, args)
+            adv_norm = _norm([a.grad for a in log_alphas])
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(log_alphas, args.max_grad_norm)
+            lam = lambda_at(step, total, args, scale)
             penalty = l0_penalty(gates, args.l0_mean)  # + lambda_t R(m), outside the max and unclipped (as the code)
+            l0_norm = 0.0
             if lam > 0:
-                (lam * penalty).backward()
+                l0_grads = torch.autograd.grad(lam * penalty, log_alphas)
+                for a, g in zip(log_alphas, l0_grads):
+                    a.grad.add_(g)
+                l0_norm = _norm(l0_grads)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.3f}", l0=f"{penalty.item():.3f}")
+            grads.append((adv_norm, l0_norm))
             run.log({"losses/adv_loss": result.loss, "losses/adv_loss_first_step": result.losses[0],
-                     "losses/l0_penalty": penalty.item(), "charts/lambda": lam, "charts/grad_norm": float(grad_norm),
-                     "charts/mask_lr": scheduler.get_last_lr()[0]}, step)
+                     "losses/l0_penalty": penalty.item(), "charts/lambda": lam, "charts/mask_lr": scheduler.get_last_lr()[0],
+                     "diagnostics/adv_grad_norm": adv_norm, "diagnostics/l0_grad_norm": l0_norm}, step)
+            if step in diag_steps:  # the mask's trajectory, and how hard the L0 part pushed against the adversarial
+                window = np.array(grads)
+                point = {"step": step, **gate_stats(gates), "adv_grad_norm": float(window[:, 0].mean()),
+                         "l0_grad_norm": float(window[:, 1].mean())}
+                point["l0_over_adv"] = point["l0_grad_norm"] / max(point["adv_grad_norm"], 1e-30)
+                curve.append(point)
+                grads = []
+                run.log({f"diagnostics/{k}": v for k, v in point.items() if k != "step"}, step)
             if step in epoch_ends:
                 acc = evaluate_accuracy(model, dev_loader, device, run.autocast)  # eval gates: soft (code)
                 stats = gate_stats(gates)
                 run.log({"eval/search_dev_accuracy": acc, **stats}, step)
                 history.append({"step": step, "dev_accuracy": acc, **stats})
                 print(f"[search] step {step}/{total} dev acc {acc:.4f}  E[L0] {stats['sparsity/expected_l0']:.3f}  "
-                      f"binary {stats['sparsity/binary_share']:.3f}  zero {stats['sparsity/eval_zero_share']:.3f}",
-                      flush=True)
+                      f"binary {stats['sparsity/binary_share']:.3f}  zero {stats['sparsity/eval_zero_share']:.3f}  "
+                      f"|g_L0|/|g_adv| {curve[-1].get('l0_over_adv', 0):.3g}", flush=True)
                 if args.search_select == "last" or acc > best["dev_accuracy"]:
                     scores = {n: g.log_alpha.detach().to("cpu", copy=True) for n, g in gates.items()}
-                    best = {"dev_accuracy": acc, "scores": scores, "step": step}
+                    best = {"dev_accuracy": acc, "scores": scores, "step": step, "stats": stats}
             if step >= total:
                 break
     bar.close()
     detach_gates(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    print(f"[search] {total} steps, {(time.time() - started) / total:.3f} s/step (dev evals included)"
+    seconds = (time.time() - started) / total
+    print(f"[search] {total} steps, {seconds:.3f} s/step (dev evals included)"
           + (f", peak GPU memory {peak:.1f} GiB" if peak else ""), flush=True)
-    return best["scores"], {"history": history, "selected_step": best["step"], "dev_accuracy": best["dev_accuracy"],
-                            "steps": total, "seconds_per_step": (time.time() - started) / total, "peak_gpu_gib": peak}
+    if max(p["l0_over_adv"] for p in curve[1:]) < 0.01 and args.l0_lambda > 0:
+        print("[search] warning: the L0 gradient stayed below 1 % of the adversarial one: lambda did next to nothing "
+              "(try --l0-normalise or a larger --l0-lambda)", flush=True)
+    return best["scores"], {"history": history, "curve": curve, "selected_step": best["step"],
+                            "selected_stats": best.get("stats"), "dev_accuracy": best["dev_accuracy"], "steps": total,
+                            "l0_scale": scale, "lambda_effective": args.l0_lambda * scale,
+                            "adversary": {"steps": adv.steps, "lr": adv.lr, "init_mag": adv.init_mag},
+                            "seconds_per_step": seconds, "peak_gpu_gib": peak}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,79 +384,42 @@ def reseed(seed: int, train_loader):
 
 
 def setting_name(args, s: float) -> str:
+    """Row names of the paper's ablations (Tables 1 / 3): the matched w/o Adv searches with K gate samples and zero
+    perturbation (--adv-lr 0 --adv-init-mag 0); K = 0 (one clean sample per step) is named the same."""
     if args.draw != "robust":
         return f"{args.draw} s={s:g}"
-    return f"{'w/o adv' if args.adv_steps == 0 else 'ticket'} s={s:g}"
+    if args.adv_steps == 0 or (args.adv_lr == 0 and args.adv_init_mag == 0):
+        return f"w/o adv s={s:g}"
+    return f"{'w/o L0' if args.l0_lambda == 0 else 'ticket'} s={s:g}"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# --bench: one mask-search step vs one dense FreeLB step (same K), folded ticket vs dense inference
-# ---------------------------------------------------------------------------------------------------------------
-def bench(args):
-    """Dense and masked copies of one model, timed in alternation (drifting load hits both alike). On CPU the clock is
-    the CPU time of a single thread, so other jobs on a shared machine do not skew the ratio; on CUDA, wall time."""
-    device = pick_device(args.cuda)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # idle threads spin and would count as CPU time
-    adv = adversary_from_args(args)
-    dense, _ = load_model(args.model, 2, args.max_seq_length, os.path.join(args.output_dir, ".tiny-bert"))
-    masked = copy.deepcopy(dense)
-    gates = attach_gates(masked, args.mask_init)
-    dense.to(device), masked.to(device)
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(1000 if dense.config.vocab_size > 2000 else 5, dense.config.vocab_size,
-                        (args.batch_size, args.bench_seq_length), generator=gen)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-             "labels": torch.randint(0, 2, (args.batch_size,), generator=gen)}
-    batch = {k: v.to(device) for k, v in batch.items()}
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
+def rewound_ticket(args, num_labels: int, cache: str, finetuned_state: dict):
+    """Sec. 3.3: the ticket restarts from the pre-trained weights theta_0 with a fresh classifier (--no-rewind: from
+    the fine-tuned theta, the 'w/o rewind' variant)."""
+    ticket, _ = load_model(args.model, num_labels, args.max_seq_length, cache)
+    if not args.rewind:
+        ticket.load_state_dict(finetuned_state)
+    return ticket
 
-    def timed_pair(fn_a, fn_b):
-        totals = [0.0, 0.0]
-        for rep in range(args.bench_steps + 1):  # the first round warms up
-            for i, fn in enumerate((fn_a, fn_b)):
-                sync(device)
-                start = clock()
-                fn()
-                sync(device)
-                totals[i] += (clock() - start) if rep else 0.0
-        return totals[0] / args.bench_steps, totals[1] / args.bench_steps
 
-    def train_step(model, params, penalty=None):
-        opt = torch.optim.AdamW(params, lr=1e-12)
+def learned_zero_share(scores: dict) -> float:
+    """Share of gates the search drove to exactly 0 at eval (log alpha <= -2.398, Eq. 5)."""
+    n = sum(v.numel() for v in scores.values())
+    return sum((v <= EVAL_ZERO_LOG_ALPHA).sum().item() for v in scores.values()) / n
 
-        def step():
-            model.train()
-            adversarial_backward(model, batch, adv, mode="freelb")
-            if penalty is not None:
-                penalty().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
 
-    dense_step, search_step = timed_pair(train_step(dense, list(dense.parameters())),
-                                         train_step(masked, [g.log_alpha for g in gates.values()],
-                                                    lambda: l0_penalty(gates)))
-    del masked, gates
-    ticket = copy.deepcopy(dense).eval()
-    fold_mask(ticket, draw_masks(draw_scores(ticket, args), [max(args.sparsities)])[0])
-    dense.eval()
-    with torch.no_grad():
-        dense_inf, ticket_inf = timed_pair(lambda: dense(**inputs), lambda: ticket(**inputs))
-    unit = "ms wall" if device.type == "cuda" else "ms CPU"
-    print(f"[bench] model {args.model} device {device} batch {args.batch_size}x{args.bench_seq_length} K={adv.steps}")
-    print(f"[bench] dense FreeLB step {dense_step * 1e3:.1f} {unit}   mask-search step {search_step * 1e3:.1f} {unit}"
-          f"   ratio {search_step / dense_step:.2f}x (target <= 1.5x)")
-    print(f"[bench] inference: dense {dense_inf * 1e3:.1f} {unit}   folded ticket (s={max(args.sparsities):g}) "
-          f"{ticket_inf * 1e3:.1f} {unit}   ratio {ticket_inf / dense_inf:.2f}x", flush=True)
-    return {"search_over_dense": search_step / dense_step, "ticket_over_dense_inference": ticket_inf / dense_inf}
+def export_ticket(ticket, tokenizer, masks: dict, out: str):
+    """A standard checkpoint (the mask is folded into the weights) plus the bit-packed mask."""
+    ticket.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_mask(os.path.join(out, "mask.npz"), masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 def main(args):
     if args.bench:
-        return bench(args)
+        from bench import bench_robust_ticket
+        return bench_robust_ticket(args)
     run = start_run(args, METHOD)
     data = load_task(args)
     cache = os.path.join(run.dir, "tiny-bert")
@@ -443,47 +464,45 @@ def main(args):
         if {n: v.shape for n, v in scores.items()} != shapes:
             raise UsageError(f"--mask-scores {args.mask_scores} does not match the layers of {args.model}")
     else:
-        print(f"[search] {len(masked_linears(model))} masked matrices, K={adv.steps}, lambda={args.l0_lambda}",
-              flush=True)
         reseed(args.seed, train_loader)
         scores, search = search_masks(model, train_loader, dev_loader, run, args, adv)
         torch.save(scores, os.path.join(run.dir, "mask_scores.pt"))
         assert all(torch.equal(v.cpu(), finetuned_state[k]) for k, v in model.state_dict().items()), "weights moved"
     wall["stage2_search"] = time.time() - start
+    zero_share = learned_zero_share(scores) if args.draw == "robust" else None
 
-    # ---- Stage 3: draw at each sparsity, rewind to theta_0 (fresh classifier), retrain, export, evaluate -----------
-    for s, masks in zip(args.sparsities, draw_masks(scores, args.sparsities)):
+    # ---- Stage 3: at each sparsity: draw, rewind to theta_0, retrain with the mask folded in, export; evaluate -----
+    for s, masks in zip(args.sparsities, draw_masks(scores, args.sparsities)):  # 1. draw: global bottom-k of scores
         start = time.time()
+        if zero_share is not None and s > zero_share + 0.01:
+            print(f"[draw s={s:g}] warning: the search drove only {100 * zero_share:.1f}% of gates to 0; the other "
+                  f"{100 * (s - zero_share):.1f}% of this draw are ranked by log alpha the search did not decide",
+                  flush=True)
         reseed(args.seed, train_loader)  # every draw (and ablation run) gets the same head, data order and dropout
-        ticket, _ = load_model(args.model, data.num_labels, args.max_seq_length, cache)
-        if not args.rewind:
-            ticket.load_state_dict(finetuned_state)
-        ticket.to(run.device)
+        ticket = rewound_ticket(args, data.num_labels, cache, finetuned_state).to(run.device)  # 2. rewind
         hooks = fold_mask(ticket, masks)
         sp = sparsity_of(ticket, masks)
         print(f"[draw s={s:g}] pruned {sp['pruned']:,} of {sp['masked_weights']:,} masked weights "
               f"({100 * sp['over_masked']:.2f}%; {100 * sp['over_all']:.2f}% of all parameters)", flush=True)
-        run.log({"sparsity/target": s, "sparsity/realised_masked": sp["over_masked"],
-                 "sparsity/realised_all": sp["over_all"]}, int(round(100 * s)))
-        tag = f"retrain_s{s:g}"
         retrain = finetune(ticket, train_loader, dev_loader, run, args.retrain_epochs, args.lr, args.weight_decay,
-                           args.warmup, adversary=adv if args.retrain_adv else None, tag=tag)
+                           args.warmup, adversary=adv if args.retrain_adv else None, tag=f"retrain_s{s:g}")  # 3.
         for h in hooks:
             h.remove()
         assert all((m.weight[~masks[n].to(run.device)] == 0).all() for n, m in masked_linears(ticket)), "mask leaked"
         out = os.path.join(run.dir, f"ticket_s{s:g}")
-        ticket.save_pretrained(out)  # a standard checkpoint: the mask is folded into the weights
-        tokenizer.save_pretrained(out)
-        save_mask(os.path.join(out, "mask.npz"), masks)
-        retrain_seconds = time.time() - start
+        export_ticket(ticket, tokenizer, masks, out)  # 4. export
+        wall_s = {**wall, "stage3_retrain": time.time() - start}
         start = time.time()
         res = results_template(args, METHOD, setting_name(args, s), ticket)
         res.update(params=sp["params"], sparsity=sp["over_masked"], compression=1 / (1 - sp["over_all"]),
                    dev_accuracy=100.0 * retrain["dev_accuracy"])
         evaluate_model(ticket, tokenizer, data, args, run, res, prefix=f"ticket_s{s:g}_")
-        res["wall_clock"] = {**wall, "stage3_retrain": retrain_seconds, "eval": time.time() - start}
+        res["wall_clock"] = {**wall_s, "eval": time.time() - start}
         res["extra"] = {"target_sparsity": s, "sparsity": sp, "draw": args.draw, "rewind": args.rewind,
-                        "retrain": retrain, "search": search, "checkpoint": os.path.basename(out)}
+                        "learned_zero_share": zero_share,
+                        "draw_beyond_learned": zero_share is not None and s > zero_share + 0.01,
+                        "l0_lambda": args.l0_lambda, "l0_normalise": args.l0_normalise, "retrain": retrain,
+                        "search": search, "checkpoint": os.path.basename(out)}
         rows.append(row_of(res))
         ticket.cpu()
 

@@ -7,9 +7,10 @@
 #   bash run_all.sh --bench         the performance ratios, one table
 #   bash run_all.sh report [DIR]    rebuild summary.md and plots from existing runs (no training)
 # Options: --seeds "1 2 3"  --task T  --model M  --data-dir D  --attacks a,b  --attack-examples N  --out DIR
-#          --only "finetune freelb robust_ticket ticket_wo_adv ticket_magnitude ticket_random early_bird_adv rosearch
-#                  adapter_mixup"  --sweep "0.3 0.5 0.7"  --ablation-sparsity 0.3
-# ticket_*: the robust-ticket ablations of the paper's Tables 1/3 (w/o Adv, one-shot magnitude, random draw).
+#          --only "finetune freelb robust_ticket ticket_wo_adv ticket_wo_l0 ticket_magnitude ticket_random early_bird_adv
+#                  rosearch adapter_mixup"  --sweep "0.3 0.5 0.7"  --ablation-sparsity 0.3
+# ticket_*: the robust-ticket ablations of the paper's Tables 1/3: w/o Adv (the same K gate samples per step, zero
+# perturbation), w/o L0 (lambda = 0), one-shot magnitude and random draws; each with robust_ticket's other flags.
 set -uo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
@@ -17,7 +18,8 @@ PY=${PYTHON:-python3}
 
 mode=full seeds="1" task="" model="" data_dir="" attacks="" attack_examples="" out="" sweep="" report_dir=""
 ablation_s=0.3
-only="finetune freelb robust_ticket ticket_wo_adv ticket_magnitude ticket_random early_bird_adv rosearch adapter_mixup"
+only="finetune freelb robust_ticket ticket_wo_adv ticket_wo_l0 ticket_magnitude ticket_random early_bird_adv rosearch"
+only="$only adapter_mixup"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) mode=quick ;;
@@ -109,7 +111,9 @@ method_args() {
     freelb:cpu-real) echo --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;  # offline.md 5d: visible on MiniLM
     freelb:*) echo --adv-steps 5 --adv-lr 0.03 --adv-init-mag 0.05 ;;
     robust_ticket:quick) echo --epochs 3 --search-epochs 2 --retrain-epochs 3 --adv-steps 2 ;;
-    robust_ticket:cpu-real) echo --search-epochs 1 --retrain-epochs 2 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 ;;
+    # 6 search epochs (378 steps on 2,000 sentences) with lambda normalised to the paper's push per weight (x14)
+    robust_ticket:cpu-real) echo --search-epochs 6 --retrain-epochs 2 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 \
+                                 --l0-normalise ;;
     early_bird_adv:quick) echo --epochs 3 --search-lr 3e-3 --adv-steps 2 --check-every 0.1 --window 2 ;;
     early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 $(method_args freelb) ;;  # same K as FreeLB
     early_bird_adv:full) echo --bf16 ;;
@@ -134,7 +138,8 @@ method_args() {
 }
 script_of() { case $1 in finetune|freelb) echo finetune.py ;; ticket_*) echo robust_ticket.py ;; *) echo "$1.py" ;; esac; }
 
-known=" finetune freelb robust_ticket ticket_wo_adv ticket_magnitude ticket_random early_bird_adv rosearch adapter_mixup "
+known=" finetune freelb robust_ticket ticket_wo_adv ticket_wo_l0 ticket_magnitude ticket_random early_bird_adv rosearch"
+known="$known adapter_mixup "
 for m in $only; do
   [ "${known#* $m }" != "$known" ] || { echo "error: unknown method '$m' in --only; choose from:$known" >&2; exit 2; }
 done
@@ -170,8 +175,8 @@ for seed in $seeds; do
     case $m in  # the ablations: robust ticket's flags with one change, at one sparsity, same stage-1 model
       ticket_*) extra=($(method_args robust_ticket) --sparsity "$ablation_s"
                        ${ft:+--finetuned "$ft" --skip-finetune-eval})
-                case $m in ticket_wo_adv) extra+=(--adv-steps 0) ;; ticket_magnitude) extra+=(--draw magnitude) ;;
-                           ticket_random) extra+=(--draw random) ;; esac ;;
+                case $m in ticket_wo_adv) extra+=(--adv-lr 0 --adv-init-mag 0) ;; ticket_wo_l0) extra+=(--l0-lambda 0) ;;
+                           ticket_magnitude) extra+=(--draw magnitude) ;; ticket_random) extra+=(--draw random) ;; esac ;;
     esac
     if $PY "$(script_of "$m")" "${common[@]}" "${extra[@]}" --seed "$seed" --exp-name "$m" \
          --output-dir "$out/runs" > "$log" 2>&1; then

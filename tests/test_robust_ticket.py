@@ -190,6 +190,10 @@ def test_reseed_replays_the_same_data_order_for_every_draw():
 
 def test_ablation_settings_are_named_for_the_report():
     assert rt.setting_name(rt.parse_args(QUICK + ["--adv-steps", "0"]), 0.7) == "w/o adv s=0.7"
+    matched = rt.parse_args(QUICK + ["--adv-lr", "0", "--adv-init-mag", "0"])  # K gate samples, zero perturbation
+    assert rt.setting_name(matched, 0.3) == "w/o adv s=0.3" and matched.adv_steps == 2
+    assert rt.setting_name(rt.parse_args(QUICK + ["--l0-lambda", "0"]), 0.3) == "w/o L0 s=0.3"
+    assert rt.setting_name(rt.parse_args(QUICK), 0.3) == "ticket s=0.3"
     assert rt.setting_name(rt.parse_args(QUICK + ["--draw", "magnitude"]), 0.7) == "magnitude s=0.7"
     assert rt.setting_name(rt.parse_args(QUICK + ["--draw", "random"]), 0.3) == "random s=0.3"
 
@@ -209,6 +213,9 @@ def test_magnitude_draw_prunes_the_smallest_fine_tuned_weights():
     (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "0.3,abc"], "--sparsity must be numbers"),
     (["--finetuned", "/nonexistent/ckpt"], "--finetuned /nonexistent/ckpt is not a checkpoint folder"),
+    (["--sparsity", "0.3,0.7,0.3"], "repeats a value"),
+    (["--mask-scores", __file__], "--mask-scores needs --finetuned"),
+    (["--diag-points", "0"], "--diag-points must be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -225,3 +232,108 @@ def test_bench_prints_both_ratios(tmp_path, capsys):
     assert ratios["search_over_dense"] > 0 and ratios["ticket_over_dense_inference"] > 0
     out = capsys.readouterr().out
     assert "mask-search step" in out and "folded ticket" in out
+
+
+# ---- the mechanism: each core step has a test that fails when the step is deleted -----------------------------------
+def _search(tmp_path, *flags, epochs="2"):
+    """A stage-2 search on the tiny model (same seed, data order and gate noise for every call)."""
+    args = rt.parse_args(QUICK + ["--output-dir", str(tmp_path), "--search-epochs", epochs, *flags])
+    run = common.start_run(args, rt.METHOD)
+    data = common.load_task(args)
+    model, tokenizer = common.load_model("tiny", 2, 32, str(tmp_path / "tiny"))
+    loader = common.make_loader(common.tokenize(data, data.train, tokenizer, 32), tokenizer, 16, True, 0)
+    dev = common.make_loader(common.tokenize(data, data.dev, tokenizer, 32), tokenizer, 32, False)
+    rt.reseed(args.seed, loader)
+    scores, search = rt.search_masks(model, loader, dev, run, args, common.adversary_from_args(args))
+    return torch.cat([v.flatten() for v in scores.values()]), search, model
+
+
+def test_l0_penalty_lowers_log_alpha_and_its_push_is_logged(tmp_path):
+    full_lambda = ["--lambda-startup", "0", "--lambda-warmup", "0"]
+    without, s0, _ = _search(tmp_path / "a", "--l0-lambda", "0", *full_lambda)
+    with_l0, s1, _ = _search(tmp_path / "b", "--l0-lambda", "50", *full_lambda)
+    assert (with_l0 < without).float().mean() > 0.9 and (without - with_l0).mean() > 0.02
+    assert all(p["l0_grad_norm"] == 0 for p in s0["curve"][1:]) and all(p["l0_grad_norm"] > 0 for p in s1["curve"][2:])
+    assert s1["curve"][-1]["sparsity/expected_l0"] < s0["curve"][-1]["sparsity/expected_l0"]
+    assert [p["step"] for p in s1["curve"]] == [0, 1, 2, 3, 4] and s1["curve"][1]["adv_grad_norm"] > 0
+
+
+def test_l0_normalise_is_one_for_bert_base_at_the_papers_steps_and_scales_with_size_and_steps():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig())
+    layers = rt.masked_linears(model)
+    n = sum(m.weight.numel() for _, m in layers)
+    assert len(layers) == 73 and n == rt.BERT_BASE_MASKED
+    assert rt.l0_scale(n, rt.PAPER_SEARCH_STEPS, True) == 1.0 and rt.l0_scale(n // 8, 100, False) == 1.0
+    assert rt.l0_scale(n // 8, rt.PAPER_SEARCH_STEPS // 10, True) == pytest.approx(10 / 8, rel=1e-4)
+    args = rt.parse_args(QUICK + ["--l0-normalise"])
+    assert rt.lambda_at(99, 100, args, scale=3.0) == pytest.approx(1.5)
+
+
+def test_the_adversary_changes_the_search_and_the_matched_control_has_zero_perturbation(tmp_path):
+    adversarial, s_adv, _ = _search(tmp_path / "a", "--adv-lr", "0.5", "--adv-init-mag", "0.5")
+    matched, s_zero, _ = _search(tmp_path / "b", "--adv-lr", "0", "--adv-init-mag", "0")
+    assert (adversarial - matched).abs().max() > 1e-3
+    assert s_adv["adversary"]["steps"] == s_zero["adversary"]["steps"] == 2 and s_zero["adversary"]["lr"] == 0
+
+
+def test_no_clipping_at_max_grad_norm_0_and_the_model_is_trainable_again(tmp_path):
+    scores, _, model = _search(tmp_path, "--max-grad-norm", "0", "--l0-lambda", "0")
+    assert not torch.allclose(scores, torch.full_like(scores, math.log(5)))
+    assert all(p.requires_grad for p in model.parameters())  # detach_gates restored stage 1's trainable weights
+
+
+@pytest.mark.parametrize("select, expected_step", [("dev", 4), ("last", 6)])
+def test_search_select_dev_keeps_the_best_dev_epoch_and_last_the_final_one(tmp_path, monkeypatch, select,
+                                                                           expected_step):
+    accuracies = iter([0.6, 0.9, 0.5])  # at the epoch ends, steps 2, 4, 6
+    monkeypatch.setattr(rt, "evaluate_accuracy", lambda *a, **k: next(accuracies))
+    _, search, _ = _search(tmp_path, "--search-select", select, epochs="3")
+    assert [h["step"] for h in search["history"]] == [2, 4, 6] and search["selected_step"] == expected_step
+
+
+def test_stage3_rewinds_to_pretrained_weights_and_the_export_equals_the_in_memory_ticket(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    at_retrain, in_memory = {}, {}
+    real_finetune, real_evaluate = rt.finetune, rt.evaluate_model
+    enc = None
+
+    def spy_finetune(model, *a, tag="", **k):
+        if tag.startswith("retrain"):
+            at_retrain[tag] = common.state_copy(model)
+        return real_finetune(model, *a, tag=tag, **k)
+
+    def spy_evaluate(model, tokenizer, data, args, run, res, prefix=""):
+        nonlocal enc
+        enc = tokenizer(["the movie was good", "awful plot and dull acting"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            in_memory[prefix] = model.eval()(**enc).logits.clone()
+        return real_evaluate(model, tokenizer, data, args, run, res, prefix=prefix)
+
+    monkeypatch.setattr(rt, "finetune", spy_finetune)
+    monkeypatch.setattr(rt, "evaluate_model", spy_evaluate)
+    rt.main(rt.parse_args(QUICK + ["--output-dir", str(tmp_path), "--sparsity", "0.5"]))
+    run_dir = next(tmp_path.glob("toy__*"))
+    theta0 = offline.tiny_bert(2, str(tmp_path / "t0"))[0].state_dict()
+    finetuned = AutoModelForSequenceClassification.from_pretrained(run_dir / "finetuned").state_dict()
+    masks = rt.load_mask(str(run_dir / "ticket_s0.5" / "mask.npz"))
+    state = at_retrain["retrain_s0.5"]
+    for name, keep in masks.items():
+        w = state[name + ".weight"]
+        assert torch.equal(w[keep], theta0[name + ".weight"][keep]) and (w[~keep] == 0).all()
+        assert not torch.equal(w[keep], finetuned[name + ".weight"][keep])  # stage 1 moved them: rewind matters
+    reloaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "ticket_s0.5").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**enc).logits, in_memory["ticket_s0.5_"], atol=1e-5)
+
+
+def test_draw_beyond_the_learned_zero_share_warns_and_is_recorded(tmp_path, capsys):
+    results = rt.main(rt.parse_args(QUICK + ["--output-dir", str(tmp_path), "--sparsity", "0.5",
+                                             "--skip-finetune-eval"]))
+    assert "warning: the search drove only" in capsys.readouterr().out
+    extra = results["extra"]
+    assert extra["draw_beyond_learned"] is True and 0 <= extra["learned_zero_share"] < 0.5
+    assert [p["step"] for p in extra["search"]["curve"]] == [0, 1, 2]  # 2 steps: the 20 diag points collapse
