@@ -454,6 +454,79 @@ BENCH_PATTERNS = [  # (log file, label, regex whose groups are the figure, unit 
 ]
 
 
+def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
+    """Robust-ticket searches in one folder (issue 13): per search the state of the mask (gates exactly 0 / binary at
+    the drawn checkpoint, E[L0], how hard L0 pushed against the adversarial gradient), and per pair of searches the
+    correlation of log alpha and the overlap of the pruned sets at each drawn sparsity, against chance (= s).
+    Returns (markdown lines, plot paths)."""
+    paths = sorted(glob.glob(os.path.join(results_dir, "**", "mask_scores.pt"), recursive=True))
+    searches = []
+    for path in paths:
+        results_path = os.path.join(os.path.dirname(path), "results.json")
+        if not os.path.isfile(results_path):
+            continue
+        with open(results_path) as f:
+            result = json.load(f)
+        search = (result.get("extra") or {}).get("search") or {}
+        if not search.get("curve"):
+            continue
+        import torch
+
+        scores = torch.load(path)
+        flat = torch.cat([v.flatten().float() for v in scores.values()])
+        kind = (result.get("setting") or "").split(" s=")[0]
+        searches.append({"label": f"{kind} (seed {result.get('seed')}, lambda {search.get('lambda_effective', 0):.3g})",
+                         "flat": flat, "search": search, "order": torch.argsort(flat, stable=True),
+                         "sparsities": sorted({r["extra"]["target_sparsity"] for r in result["extra"].get("rows", [])
+                                               if (r.get("extra") or {}).get("target_sparsity") is not None})})
+    if not searches:
+        return [], []
+    lines = ["## Robust ticket: did the mask search learn?", "",
+             "Per search: gates exactly 0 and exactly 0 or 1 (eval gate, Eq. 5) at the drawn checkpoint, E[L0] at the "
+             "start and the end, the largest |L0 grad| / |adversarial grad| over the search. A draw deeper than the "
+             "learned zero share ranks the rest by noise.", "",
+             "| search | steps | zero % | binary % | E[L0] start → end | max L0/adv grad |", "|---|" * 6]
+    for s in searches:
+        curve, sel = s["search"]["curve"], s["search"].get("selected_stats") or s["search"]["curve"][-1]
+        lines.append(f"| {s['label']} | {s['search'].get('steps')} | {100 * sel['sparsity/eval_zero_share']:.1f} | "
+                     f"{100 * sel['sparsity/binary_share']:.1f} | {curve[0]['sparsity/expected_l0']:.3f} → "
+                     f"{curve[-1]['sparsity/expected_l0']:.3f} | {max(p.get('l0_over_adv', 0) for p in curve):.3g} |")
+    levels = sorted({x for s in searches for x in s["sparsities"]}) or [0.3, 0.7]
+    if len(searches) > 1:
+        lines += ["", "Pairs of searches: Pearson correlation of log α over all gates, and the share of one search's "
+                  "pruned set that the other also prunes (chance = s). Two seeds of a search that learns: correlation "
+                  "well above 0 and overlap well above s.", "",
+                  "| pair | corr log α | " + " | ".join(f"overlap s={x:g} (chance {x:g})" for x in levels) + " |",
+                  "|---|---|" + "---|" * len(levels)]
+        for i, a in enumerate(searches):
+            for b in searches[i + 1:]:
+                if a["flat"].numel() != b["flat"].numel():
+                    continue
+                corr = float(np.corrcoef(a["flat"].numpy(), b["flat"].numpy())[0, 1])
+                cells = []
+                for x in levels:
+                    k = int(round(x * a["flat"].numel()))
+                    pruned_a = np.zeros(a["flat"].numel(), dtype=bool)
+                    pruned_a[a["order"][:k].numpy()] = True
+                    cells.append(f"{pruned_a[b['order'][:k].numpy()].mean():.3f}" if k else "—")
+                lines.append(f"| {a['label']} vs {b['label']} | {corr:.3f} | " + " | ".join(cells) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for s in searches:
+        steps = [p["step"] for p in s["search"]["curve"]]
+        line, = ax.plot(steps, [p["sparsity/expected_l0"] for p in s["search"]["curve"]], label=f"E[L0] {s['label']}")
+        ax.plot(steps, [p["sparsity/binary_share"] for p in s["search"]["curve"]], ls="--", color=line.get_color(),
+                label=f"binary share {s['label']}")
+    path = finish_plot(fig, ax, os.path.join(out_dir, "robust_ticket_search.png"), "search step", "share of gates",
+                       "Robust ticket: mask search (solid E[L0], dashed binary)")
+    plt.close(fig)
+    return lines + [""], [path]
+
+
 def bench_table(bench_dir: str) -> str:
     """One table of the ratios that `run_all.sh --bench` measured (read from its per-benchmark logs)."""
     import re
@@ -588,6 +661,9 @@ def main():
             f"baseline on the same sentences (* = significant, see the paired table). Training wall-clock in "
             f"seconds.", "", summary_table(rows, failures), ""]
     text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    mask_lines, mask_plots = mask_diagnostics(args.results_dir, args.results_dir)
+    text += ([""] + mask_lines + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in mask_plots]
+             if mask_lines else [])
     path = os.path.join(args.results_dir, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(text) + "\n")

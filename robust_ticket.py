@@ -268,7 +268,8 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
             bar.set_postfix(loss=f"{result.loss:.3f}", l0=f"{penalty.item():.3f}")
             grads.append((adv_norm, l0_norm))
             run.log({"losses/adv_loss": result.loss, "losses/adv_loss_first_step": result.losses[0],
-                     "losses/l0_penalty": penalty.item(), "charts/lambda": lam, "charts/mask_lr": scheduler.get_last_lr()[0],
+                     "losses/l0_penalty": penalty.item(), "charts/lambda": lam,
+                     "charts/mask_lr": scheduler.get_last_lr()[0],
                      "diagnostics/adv_grad_norm": adv_norm, "diagnostics/l0_grad_norm": l0_norm}, step)
             if step in diag_steps:  # the mask's trajectory, and how hard the L0 part pushed against the adversarial
                 window = np.array(grads)
@@ -292,6 +293,9 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
             if step >= total:
                 break
     bar.close()
+    if best["step"] != total:  # the end state too, to draw from it later with --mask-scores
+        last = {n: g.log_alpha.detach().cpu() for n, g in gates.items()}
+        torch.save(last, os.path.join(run.dir, "mask_scores_last.pt"))
     detach_gates(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     seconds = (time.time() - started) / total

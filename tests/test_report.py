@@ -135,3 +135,39 @@ def test_a_failed_recipe_and_a_partial_run_are_shown_as_such(tmp_path):
     table = report.summary_table(report.load_rows(str(tmp_path)), [])
     line = next(ln for ln in table.splitlines() if ln.startswith("| finetune"))
     assert "fine-tune (partial)" in line and "FAILED: RuntimeError: forced / failure" in line
+
+
+def write_search(folder, seed, scores, setting="ticket s=0.5", lam=7.0):
+    import torch
+
+    os.makedirs(folder)
+    torch.save(scores, os.path.join(folder, "mask_scores.pt"))
+    curve = [{"step": 0, "sparsity/expected_l0": 0.96, "sparsity/binary_share": 0.0, "sparsity/eval_zero_share": 0.0},
+             {"step": 10, "sparsity/expected_l0": 0.4, "sparsity/binary_share": 0.9, "sparsity/eval_zero_share": 0.5,
+              "l0_over_adv": 0.8}]
+    row = {"setting": setting, "extra": {"target_sparsity": 0.5}}
+    result = {"method": "robust_ticket", "setting": setting, "task": "toy", "model": "tiny", "seed": seed,
+              "extra": {"search": {"curve": curve, "steps": 10, "lambda_effective": lam}, "rows": [row]}}
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_mask_diagnostics_correlate_searches_and_compare_pruned_overlap_with_chance(tmp_path):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = {"l1": torch.randn(200, 50, generator=gen), "l2": torch.randn(1000, generator=gen)}
+    noisy = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    unrelated = {k: torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    write_search(tmp_path / "runs" / "s1", 1, a)
+    write_search(tmp_path / "runs" / "s2", 2, noisy)
+    write_search(tmp_path / "runs" / "l0", 1, unrelated, setting="w/o L0 s=0.5", lam=0.0)
+    lines, plots = report.mask_diagnostics(str(tmp_path), str(tmp_path))
+    text = "\n".join(lines)
+    pairs = {frozenset(line.split(" | ")[0].strip("| ").split(" vs ")): line.split(" | ")[1:]
+             for line in lines if " vs " in line}
+    same = pairs[frozenset({"ticket (seed 1, lambda 7)", "ticket (seed 2, lambda 7)"})]
+    other = pairs[frozenset({"ticket (seed 1, lambda 7)", "w/o L0 (seed 1, lambda 0)"})]
+    assert float(same[0]) > 0.9 and float(same[1].strip(" |")) > 0.8  # correlated seeds: overlap far above 0.5
+    assert abs(float(other[0])) < 0.05 and abs(float(other[1].strip(" |")) - 0.5) < 0.03  # unrelated: chance
+    assert "| 50.0 | 90.0 | 0.960 → 0.400 | 0.8 |" in text and os.path.isfile(plots[0])
