@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -71,22 +72,19 @@ def parse_args(argv=None):
         args.sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--sparsity must be numbers in [0, 1) separated by commas, got '{args.sparsity}'")
-    if not args.sparsities:
-        raise UsageError("--sparsity is empty; give e.g. 0.3 or 0.3,0.5,0.7")
     for s in args.sparsities:
         check_range("sparsity", s, 0, 1, high_open=True)
-    if len(set(args.sparsities)) != len(args.sparsities):
-        raise UsageError(f"--sparsity {args.sparsity} repeats a value (each draw writes its own ticket_s<S> folder)")
+    if not args.sparsities or len(set(args.sparsities)) != len(args.sparsities):
+        raise UsageError(f"--sparsity '{args.sparsity}' must list distinct values, e.g. 0.3 or 0.3,0.5,0.7 (each "
+                         f"draw writes its own ticket_s<S> folder)")
     check_range("mask-init", args.mask_init, 0, 1, low_open=True, high_open=True)
     for name in ("mask_lr", "search_epochs", "retrain_epochs"):
         check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
     for name in ("l0_lambda", "mask_weight_decay", "max_grad_norm"):
         check_range(name.replace("_", "-"), getattr(args, name), 0)
-    check_range("lambda-startup", args.lambda_startup, 0, 1)
-    check_range("lambda-warmup", args.lambda_warmup, 0, 1)
-    check_range("bench-steps", args.bench_steps, 1)
-    check_range("diag-points", args.diag_points, 1)
-    check_range("bench-seq-length", args.bench_seq_length, 8, 512)
+    for name, low, high in (("lambda_startup", 0, 1), ("lambda_warmup", 0, 1), ("bench_steps", 1, None),
+                            ("diag_points", 1, None), ("bench_seq_length", 8, 512)):
+        check_range(name.replace("_", "-"), getattr(args, name), low, high)
     if args.finetuned is not None and not os.path.isfile(os.path.join(args.finetuned, "config.json")):
         raise UsageError(f"--finetuned {args.finetuned} is not a checkpoint folder (no config.json); give the "
                          f"'finetuned' folder of an earlier run, or drop the flag to fine-tune")
@@ -216,10 +214,6 @@ def lambda_at(step: int, total: int, args, scale: float = 1.0) -> float:
     return scale * args.l0_lambda * min(max(ramp, 0.0), 1.0)
 
 
-def _norm(tensors) -> float:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2: adversarial mask search (Eq. 6: min_m E max_delta L(f(x + delta; m * theta), y) + lambda R(m))
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +243,7 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
             # Eqs. 6-8 as FreeLB (official code): grads of log_alpha averaged over the K ascent states, a fresh gate
             # sample per forward; token_type_ids are passed (the code drops them)
             result = adversarial_backward(model, batch, adv, mode="freelb", autocast=run.autocast)
-            adv_norm = _norm([a.grad for a in log_alphas])
+            adv_norm = torch.nn.utils.get_total_norm([a.grad for a in log_alphas]).item()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(log_alphas, args.max_grad_norm)
             lam = lambda_at(step, total, args, scale)
@@ -259,7 +253,7 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
                 l0_grads = torch.autograd.grad(lam * penalty, log_alphas)
                 for a, g in zip(log_alphas, l0_grads):
                     a.grad.add_(g)
-                l0_norm = _norm(l0_grads)
+                l0_norm = torch.nn.utils.get_total_norm(l0_grads).item()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -272,13 +266,11 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
                      "charts/mask_lr": scheduler.get_last_lr()[0],
                      "diagnostics/adv_grad_norm": adv_norm, "diagnostics/l0_grad_norm": l0_norm}, step)
             if step in diag_steps:  # the mask's trajectory, and how hard the L0 part pushed against the adversarial
-                window = np.array(grads)
-                point = {"step": step, **gate_stats(gates), "adv_grad_norm": float(window[:, 0].mean()),
-                         "l0_grad_norm": float(window[:, 1].mean())}
-                point["l0_over_adv"] = point["l0_grad_norm"] / max(point["adv_grad_norm"], 1e-30)
-                curve.append(point)
+                adv_g, l0_g = np.mean(grads, axis=0)
+                curve.append({"step": step, **gate_stats(gates), "adv_grad_norm": adv_g, "l0_grad_norm": l0_g,
+                              "l0_over_adv": l0_g / max(adv_g, 1e-30)})
                 grads = []
-                run.log({f"diagnostics/{k}": v for k, v in point.items() if k != "step"}, step)
+                run.log({f"diagnostics/{k}": v for k, v in curve[-1].items() if k != "step"}, step)
             if step in epoch_ends:
                 acc = evaluate_accuracy(model, dev_loader, device, run.autocast)  # eval gates: soft (code)
                 stats = gate_stats(gates)
@@ -294,8 +286,7 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
                 break
     bar.close()
     if best["step"] != total:  # the end state too, to draw from it later with --mask-scores
-        last = {n: g.log_alpha.detach().cpu() for n, g in gates.items()}
-        torch.save(last, os.path.join(run.dir, "mask_scores_last.pt"))
+        torch.save({n: g.log_alpha.detach().cpu() for n, g in gates.items()}, f"{run.dir}/mask_scores_last.pt")
     detach_gates(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     seconds = (time.time() - started) / total
@@ -412,11 +403,12 @@ def learned_zero_share(scores: dict) -> float:
     return sum((v <= EVAL_ZERO_LOG_ALPHA).sum().item() for v in scores.values()) / n
 
 
-def export_ticket(ticket, tokenizer, masks: dict, out: str):
-    """A standard checkpoint (the mask is folded into the weights) plus the bit-packed mask."""
-    ticket.save_pretrained(out)
+def export(model, tokenizer, out: str, masks: Optional[dict] = None):
+    """A standard checkpoint (a ticket's mask is folded into its weights), plus a ticket's bit-packed mask."""
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    save_mask(os.path.join(out, "mask.npz"), masks)
+    if masks is not None:
+        save_mask(os.path.join(out, "mask.npz"), masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,23 +428,19 @@ def main(args):
     wall, rows = {}, []
 
     # ---- Stage 1: fine-tune the dense model (theta), the "Fine-tune" row ------------------------------------------
-    start = time.time()
-    if args.finetuned is not None:
-        model.to(run.device)
-        ft = {}  # its dev accuracy is only needed for the Fine-tune row
-    else:
+    start, ft = time.time(), {}  # with --finetuned, its dev accuracy is only needed for the Fine-tune row
+    if args.finetuned is None:
         ft = finetune(model, train_loader, dev_loader, run, args.epochs, args.lr, args.weight_decay, args.warmup,
                       tag="stage1")
-        model.save_pretrained(os.path.join(run.dir, "finetuned"))
-        tokenizer.save_pretrained(os.path.join(run.dir, "finetuned"))
+        export(model, tokenizer, os.path.join(run.dir, "finetuned"))
+    model.to(run.device)
     wall["stage1_finetune"] = time.time() - start
     finetuned_state = state_copy(model)
     if not args.skip_finetune_eval:
         start = time.time()
         ft_results = results_template(args, METHOD, "Fine-tune", model) | {"sparsity": 0.0, "compression": 1.0}
-        if "dev_accuracy" not in ft:
-            ft["dev_accuracy"] = evaluate_accuracy(model, dev_loader, run.device, run.autocast)
-        ft_results["dev_accuracy"] = 100.0 * ft["dev_accuracy"]
+        ft_results["dev_accuracy"] = 100.0 * (ft["dev_accuracy"] if ft else
+                                              evaluate_accuracy(model, dev_loader, run.device, run.autocast))
         evaluate_model(model, tokenizer, data, args, run, ft_results, prefix="finetune_")
         ft_results["wall_clock"] = {"stage1_finetune": wall["stage1_finetune"], "eval": time.time() - start}
         rows.append(row_of(ft_results))
@@ -494,7 +482,7 @@ def main(args):
             h.remove()
         assert all((m.weight[~masks[n].to(run.device)] == 0).all() for n, m in masked_linears(ticket)), "mask leaked"
         out = os.path.join(run.dir, f"ticket_s{s:g}")
-        export_ticket(ticket, tokenizer, masks, out)  # 4. export
+        export(ticket, tokenizer, out, masks)  # 4. export
         wall_s = {**wall, "stage3_retrain": time.time() - start}
         start = time.time()
         res = results_template(args, METHOD, setting_name(args, s), ticket)

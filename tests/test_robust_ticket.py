@@ -213,7 +213,8 @@ def test_magnitude_draw_prunes_the_smallest_fine_tuned_weights():
     (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "0.3,abc"], "--sparsity must be numbers"),
     (["--finetuned", "/nonexistent/ckpt"], "--finetuned /nonexistent/ckpt is not a checkpoint folder"),
-    (["--sparsity", "0.3,0.7,0.3"], "repeats a value"),
+    (["--sparsity", "0.3,0.7,0.3"], "must list distinct values"),
+    (["--sparsity", ","], "must list distinct values"),
     (["--mask-scores", __file__], "--mask-scores needs --finetuned"),
     (["--diag-points", "0"], "--diag-points must be"),
 ])
