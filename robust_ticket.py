@@ -411,6 +411,23 @@ def export(model, tokenizer, out: str, masks: Optional[dict] = None):
         save_mask(os.path.join(out, "mask.npz"), masks)
 
 
+def ticket_row(ticket, tokenizer, masks, s, data, args, run, wall, retrain, search, zero_share) -> dict:
+    """Evaluate and attack a retrained ticket; its row of results.json."""
+    start, sp = time.time(), sparsity_of(ticket, masks)
+    print(f"[draw s={s:g}] pruned {sp['pruned']:,} of {sp['masked_weights']:,} masked weights "
+          f"({100 * sp['over_masked']:.2f}%; {100 * sp['over_all']:.2f}% of all parameters)", flush=True)
+    res = results_template(args, METHOD, setting_name(args, s), ticket)
+    res.update(params=sp["params"], sparsity=sp["over_masked"], compression=1 / (1 - sp["over_all"]),
+               dev_accuracy=100.0 * retrain["dev_accuracy"])
+    evaluate_model(ticket, tokenizer, data, args, run, res, prefix=f"ticket_s{s:g}_")
+    res["wall_clock"] = {**wall, "eval": time.time() - start}
+    res["extra"] = {"target_sparsity": s, "sparsity": sp, "draw": args.draw, "rewind": args.rewind,
+                    "learned_zero_share": zero_share, "draw_beyond_learned": zero_share is not None
+                    and s > zero_share + 0.01, "l0_lambda": args.l0_lambda, "l0_normalise": args.l0_normalise,
+                    "retrain": retrain, "search": search, "checkpoint": f"ticket_s{s:g}"}
+    return row_of(res)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def main(args):
     if args.bench:
@@ -468,34 +485,18 @@ def main(args):
         start = time.time()
         if zero_share is not None and s > zero_share + 0.01:
             print(f"[draw s={s:g}] warning: the search drove only {100 * zero_share:.1f}% of gates to 0; the other "
-                  f"{100 * (s - zero_share):.1f}% of this draw are ranked by log alpha the search did not decide",
-                  flush=True)
+                  f"{100 * (s - zero_share):.1f}% of this draw are ranked by log alpha the search did not decide")
         reseed(args.seed, train_loader)  # every draw (and ablation run) gets the same head, data order and dropout
         ticket = rewound_ticket(args, data.num_labels, cache, finetuned_state).to(run.device)  # 2. rewind
         hooks = fold_mask(ticket, masks)
-        sp = sparsity_of(ticket, masks)
-        print(f"[draw s={s:g}] pruned {sp['pruned']:,} of {sp['masked_weights']:,} masked weights "
-              f"({100 * sp['over_masked']:.2f}%; {100 * sp['over_all']:.2f}% of all parameters)", flush=True)
         retrain = finetune(ticket, train_loader, dev_loader, run, args.retrain_epochs, args.lr, args.weight_decay,
                            args.warmup, adversary=adv if args.retrain_adv else None, tag=f"retrain_s{s:g}")  # 3.
         for h in hooks:
             h.remove()
         assert all((m.weight[~masks[n].to(run.device)] == 0).all() for n, m in masked_linears(ticket)), "mask leaked"
-        out = os.path.join(run.dir, f"ticket_s{s:g}")
-        export(ticket, tokenizer, out, masks)  # 4. export
+        export(ticket, tokenizer, os.path.join(run.dir, f"ticket_s{s:g}"), masks)  # 4. export
         wall_s = {**wall, "stage3_retrain": time.time() - start}
-        start = time.time()
-        res = results_template(args, METHOD, setting_name(args, s), ticket)
-        res.update(params=sp["params"], sparsity=sp["over_masked"], compression=1 / (1 - sp["over_all"]),
-                   dev_accuracy=100.0 * retrain["dev_accuracy"])
-        evaluate_model(ticket, tokenizer, data, args, run, res, prefix=f"ticket_s{s:g}_")
-        res["wall_clock"] = {**wall_s, "eval": time.time() - start}
-        res["extra"] = {"target_sparsity": s, "sparsity": sp, "draw": args.draw, "rewind": args.rewind,
-                        "learned_zero_share": zero_share,
-                        "draw_beyond_learned": zero_share is not None and s > zero_share + 0.01,
-                        "l0_lambda": args.l0_lambda, "l0_normalise": args.l0_normalise, "retrain": retrain,
-                        "search": search, "checkpoint": os.path.basename(out)}
-        rows.append(row_of(res))
+        rows.append(ticket_row(ticket, tokenizer, masks, s, data, args, run, wall_s, retrain, search, zero_share))
         ticket.cpu()
 
     main_row = next(r for r in rows if r["setting"] != "Fine-tune")
