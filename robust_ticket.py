@@ -1,6 +1,7 @@
-# Robust Lottery Tickets for Pre-trained Language Models (ACL 2022, arXiv 2211.03013) — README.md "Robust tickets"
+# Robust Lottery Tickets for Pre-trained Language Models (ACL 2022, arXiv 2211.03013)
 # Stage 1 fine-tune; Stage 2 learn hard-concrete masks (Eqs. 1-5) with an adversarial loss + L0 penalty (Eqs. 6-8) on
 # frozen weights; Stage 3 draw a ticket by global bottom-k of log(alpha), rewind it to the pre-trained weights, retrain.
+# Usage, logged diagnostics, numbered deviations and results: docs/robust_ticket.md.
 import argparse
 import math
 import os
@@ -38,22 +39,19 @@ def parse_args(argv=None):
     m.add_argument("--mask-lr", type=float, default=0.1, help="AdamW lr of the mask scores log(alpha) (Table 6)")
     m.add_argument("--mask-weight-decay", type=float, default=1e-6, help="weight decay of log(alpha) (Table 6)")
     m.add_argument("--search-epochs", type=float, default=20, help="epochs of mask search (official code)")
-    m.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="clip of the adversarial-loss grad of log(alpha); 0 = no clipping")
+    m.add_argument("--max-grad-norm", type=float, default=1.0, help="clip of the adversarial grad of log a; 0: none")
     m.add_argument("--l0-lambda", type=float, default=0.5, help="lambda, coefficient of R(m) in Eq. 6 (Table 6); "
                    "0 is the 'w/o L0' ablation")
-    m.add_argument("--l0-normalise", action="store_true",
-                   help="scale lambda by (masked weights / bert-base's) x (paper's search steps / this search's), so "
-                        "each weight gets the paper's total L0 push on a smaller model or a shorter search "
-                        "(deviation 1 in docs/robust_ticket.md; bert-base at 20 SST-2 epochs: factor 1)")
+    m.add_argument("--l0-normalise", action="store_true", help="lambda x (masked weights / bert-base's) x (paper's "
+                   "search steps / this search's): the paper's L0 push per weight on a smaller model or a shorter "
+                   "search (deviation 1 in docs/robust_ticket.md; bert-base at 20 SST-2 epochs: x 1)")
     m.add_argument("--lambda-startup", type=float, default=0.1, help="share of search steps with lambda_t = 0")
     m.add_argument("--lambda-warmup", type=float, default=0.3, help="share of search steps of the linear lambda ramp")
     m.add_argument("--l0-mean", default="global", choices=["global", "per-matrix"],
                    help="R(m) as the global mean of Eq. 4, or the official mean of per-matrix means")
     m.add_argument("--search-select", default="dev", choices=["dev", "last"],
                    help="mask checkpoint: best dev accuracy with eval (soft) gates, per epoch (code), or the last")
-    m.add_argument("--diag-points", type=int, default=20,
-                   help="gate diagnostics (E[L0], binary / zero share) logged this many times over the search")
+    m.add_argument("--diag-points", type=int, default=20, help="times the gate diagnostics are logged in the search")
     m.add_argument("--mask-scores", default=None, help="skip stage 2: load log(alpha) from a mask_scores.pt")
     m.add_argument("--draw", default="robust", choices=["robust", "magnitude", "random"],
                    help="rank by learned log(alpha) (RobustT), |fine-tuned weight| (w/o mask learning), or random")
@@ -188,13 +186,9 @@ def l0_penalty(gates: dict, mode: str = "global"):
 @torch.no_grad()
 def gate_stats(gates: dict) -> dict:
     """The mask's state: expected L0 (Eq. 4), share of eval gates (Eq. 5) exactly 0 or 1, and exactly 0."""
-    n = sum(g.log_alpha.numel() for g in gates.values())
-    zero = one = 0
-    for g in gates.values():
-        m = g.deterministic()
-        zero, one = zero + (m == 0).sum().item(), one + (m == 1).sum().item()
-    return {"sparsity/expected_l0": l0_penalty(gates).item(), "sparsity/binary_share": (zero + one) / n,
-            "sparsity/eval_zero_share": zero / n}
+    m = torch.cat([g.deterministic().flatten() for g in gates.values()])
+    return {"sparsity/expected_l0": l0_penalty(gates).item(), "sparsity/binary_share": ((m == 0) | (m == 1)).float()
+            .mean().item(), "sparsity/eval_zero_share": (m == 0).float().mean().item()}
 
 
 # bert-base-uncased (73 masked matrices) searched for 20 epochs of SST-2 at batch 32: the paper's setting of lambda
@@ -220,8 +214,7 @@ def lambda_at(step: int, total: int, args, scale: float = 1.0) -> float:
 def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
     """Learn log_alpha on the frozen fine-tuned model. Returns ({name: log_alpha on CPU}, search record)."""
     device = run.device
-    model.to(device)
-    gates = attach_gates(model, args.mask_init)
+    gates = attach_gates(model.to(device), args.mask_init)
     log_alphas = [g.log_alpha for g in gates.values()]
     optimizer = torch.optim.AdamW(log_alphas, lr=args.mask_lr, weight_decay=args.mask_weight_decay)
     total = max(1, math.ceil(args.search_epochs * len(train_loader)))
@@ -290,8 +283,7 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
     detach_gates(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     seconds = (time.time() - started) / total
-    print(f"[search] {total} steps, {seconds:.3f} s/step (dev evals included)"
-          + (f", peak GPU memory {peak:.1f} GiB" if peak else ""), flush=True)
+    print(f"[search] {total} steps, {seconds:.3f} s/step (dev evals in)" + (f", peak {peak:.1f} GiB" if peak else ""))
     if max(p["l0_over_adv"] for p in curve[1:]) < 0.01 and args.l0_lambda > 0:
         print("[search] warning: the L0 gradient stayed below 1 % of the adversarial one: lambda did next to nothing "
               "(try --l0-normalise or a larger --l0-lambda)", flush=True)
@@ -359,8 +351,7 @@ def load_mask(path: str) -> dict:
 
 
 def sparsity_of(model, masks: dict) -> dict:
-    pruned = sum((~m).sum().item() for m in masks.values())
-    masked = sum(m.numel() for m in masks.values())
+    pruned, masked = sum((~m).sum().item() for m in masks.values()), sum(m.numel() for m in masks.values())
     params = count_params(model)
     return {"pruned": pruned, "masked_weights": masked, "over_masked": pruned / masked,
             "over_all": pruned / params["total"], "over_non_embedding": pruned / params["non_embedding"],
@@ -373,14 +364,12 @@ def row_of(results: dict) -> dict:
     return {k: results[k] for k in keys} | {"extra": {k: v for k, v in results["extra"].items() if k != "rows"}}
 
 
-def reseed(seed: int, train_loader):
-    torch.manual_seed(seed)
-    train_loader.generator.manual_seed(seed)
+def reseed(seed: int, train_loader):  # the same head, data order and dropout for every draw and ablation
+    torch.manual_seed(seed), train_loader.generator.manual_seed(seed)
 
 
 def setting_name(args, s: float) -> str:
-    """Row names of the paper's ablations (Tables 1 / 3): the matched w/o Adv searches with K gate samples and zero
-    perturbation (--adv-lr 0 --adv-init-mag 0); K = 0 (one clean sample per step) is named the same."""
+    """Rows of Tables 1 / 3. w/o Adv: K gate samples, zero perturbation (--adv-lr 0 --adv-init-mag 0), or K = 0."""
     if args.draw != "robust":
         return f"{args.draw} s={s:g}"
     if args.adv_steps == 0 or (args.adv_lr == 0 and args.adv_init_mag == 0):
@@ -389,8 +378,7 @@ def setting_name(args, s: float) -> str:
 
 
 def rewound_ticket(args, num_labels: int, cache: str, finetuned_state: dict):
-    """Sec. 3.3: the ticket restarts from the pre-trained weights theta_0 with a fresh classifier (--no-rewind: from
-    the fine-tuned theta, the 'w/o rewind' variant)."""
+    """Sec. 3.3: restart from the pre-trained theta_0 with a fresh classifier (--no-rewind: from the fine-tuned)."""
     ticket, _ = load_model(args.model, num_labels, args.max_seq_length, cache)
     if not args.rewind:
         ticket.load_state_dict(finetuned_state)
@@ -399,8 +387,7 @@ def rewound_ticket(args, num_labels: int, cache: str, finetuned_state: dict):
 
 def learned_zero_share(scores: dict) -> float:
     """Share of gates the search drove to exactly 0 at eval (log alpha <= -2.398, Eq. 5)."""
-    n = sum(v.numel() for v in scores.values())
-    return sum((v <= EVAL_ZERO_LOG_ALPHA).sum().item() for v in scores.values()) / n
+    return torch.cat([v.flatten() for v in scores.values()]).le(EVAL_ZERO_LOG_ALPHA).float().mean().item()
 
 
 def export(model, tokenizer, out: str, masks: Optional[dict] = None):
@@ -486,7 +473,7 @@ def main(args):
         if zero_share is not None and s > zero_share + 0.01:
             print(f"[draw s={s:g}] warning: the search drove only {100 * zero_share:.1f}% of gates to 0; the other "
                   f"{100 * (s - zero_share):.1f}% of this draw are ranked by log alpha the search did not decide")
-        reseed(args.seed, train_loader)  # every draw (and ablation run) gets the same head, data order and dropout
+        reseed(args.seed, train_loader)
         ticket = rewound_ticket(args, data.num_labels, cache, finetuned_state).to(run.device)  # 2. rewind
         hooks = fold_mask(ticket, masks)
         retrain = finetune(ticket, train_loader, dev_loader, run, args.retrain_epochs, args.lr, args.weight_decay,
