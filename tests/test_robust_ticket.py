@@ -255,6 +255,7 @@ def test_l0_penalty_lowers_log_alpha_and_its_push_is_logged(tmp_path):
     with_l0, s1, _ = _search(tmp_path / "b", "--l0-lambda", "50", *full_lambda)
     assert (with_l0 < without).float().mean() > 0.9 and (without - with_l0).mean() > 0.02
     assert all(p["l0_grad_norm"] == 0 for p in s0["curve"][1:]) and all(p["l0_grad_norm"] > 0 for p in s1["curve"][2:])
+    assert all(p["l0_wins_share"] == 0 for p in s0["curve"][1:]) and s1["curve"][-1]["l0_wins_share"] > 0.5
     assert s1["curve"][-1]["sparsity/expected_l0"] < s0["curve"][-1]["sparsity/expected_l0"]
     assert [p["step"] for p in s1["curve"]] == [0, 1, 2, 3, 4] and s1["curve"][1]["adv_grad_norm"] > 0
 
