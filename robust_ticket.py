@@ -40,8 +40,7 @@ def parse_args(argv=None):
     m.add_argument("--mask-weight-decay", type=float, default=1e-6, help="weight decay of log(alpha) (Table 6)")
     m.add_argument("--search-epochs", type=float, default=20, help="epochs of mask search (official code)")
     m.add_argument("--max-grad-norm", type=float, default=1.0, help="clip of the adversarial grad of log a; 0: none")
-    m.add_argument("--l0-lambda", type=float, default=0.5, help="lambda, coefficient of R(m) in Eq. 6 (Table 6); "
-                   "0 is the 'w/o L0' ablation")
+    m.add_argument("--l0-lambda", type=float, default=0.5, help="lambda of R(m), Eq. 6 (Table 6); 0: 'w/o L0' ablation")
     m.add_argument("--l0-normalise", action="store_true", help="lambda x (masked weights / bert-base's) x (paper's "
                    "search steps / this search's): the paper's L0 push per weight on a smaller model or a shorter "
                    "search (deviation 16 in docs/robust_ticket.md; bert-base at 20 SST-2 epochs: x 1)")
@@ -60,8 +59,7 @@ def parse_args(argv=None):
                    help="retrain from the pre-trained weights theta_0 with a fresh classifier (paper, Sec. 3.3)")
     m.add_argument("--retrain-epochs", type=float, default=3, help="ticket retraining epochs (Table 5)")
     m.add_argument("--retrain-adv", action="store_true", help="retrain the ticket with FreeLB (paper: plain CE)")
-    m.add_argument("--bench", action="store_true", help="print mask-search/dense-FreeLB step time and ticket/dense "
-                   "inference time, then exit")
+    m.add_argument("--bench", action="store_true", help="time search vs dense FreeLB step, ticket vs dense inference")
     m.add_argument("--bench-steps", type=int, default=2, help="timed steps per measurement of --bench")
     m.add_argument("--bench-seq-length", type=int, default=32, help="tokens per sequence of the --bench batches")
     args = p.parse_args(argv)
@@ -246,9 +244,9 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
             if lam > 0:  # per gate, Adam follows whichever part is larger: count where the L0 part is
                 l0_grads = torch.autograd.grad(lam * penalty, log_alphas)
                 l0_wins = sum((g.abs() > a.grad.abs()).sum().item() for a, g in zip(log_alphas, l0_grads)) / n_gates
+                l0_norm = torch.nn.utils.get_total_norm(l0_grads).item()
                 for a, g in zip(log_alphas, l0_grads):
                     a.grad.add_(g)
-                l0_norm = torch.nn.utils.get_total_norm(l0_grads).item()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -395,8 +393,7 @@ def learned_zero_share(scores: dict) -> float:
 
 def export(model, tokenizer, out: str, masks: Optional[dict] = None):
     """A standard checkpoint (a ticket's mask is folded into its weights), plus a ticket's bit-packed mask."""
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model.save_pretrained(out), tokenizer.save_pretrained(out)
     if masks is not None:
         save_mask(os.path.join(out, "mask.npz"), masks)
 
