@@ -2,17 +2,19 @@
 # attacks.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
 # every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
 # With --compare-workers N: the same seeded sample attacked by 1 and by N attack workers (outcomes and time ratio).
-# Also the methods' step benchmarks that their scripts' --bench flags call (bench_robust_ticket).
+# Also the methods' step benchmarks that their scripts' --bench flags call (bench_robust_ticket, bench_early_bird).
 import argparse
 import copy
+import json
 import os
 import time
 
 import torch
 
 from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack
-from common import (add_common_args, adversarial_backward, adversary_from_args, finetune, load_model, load_task,
-                    make_loader, pick_device, start_run, sync, tokenize, usage_errors, validate_common_args)
+from common import (add_common_args, adversarial_backward, adversary_from_args, count_params, cross_entropy, finetune,
+                    load_model, load_task, make_loader, pick_device, start_run, sync, tokenize, usage_errors,
+                    validate_common_args)
 from offline import minilm_path
 
 
@@ -108,6 +110,59 @@ def bench_robust_ticket(args):
     print(f"[bench] inference: dense {dense_inf * 1e3:.1f} {unit}   folded ticket (s={max(args.sparsities):g}) "
           f"{ticket_inf * 1e3:.1f} {unit}   ratio {ticket_inf / dense_inf:.2f}x", flush=True)
     return {"search_over_dense": search_step / dense_step, "ticket_over_dense_inference": ticket_inf / dense_inf}
+
+
+def seconds_per_step(model, batches, run, adversary):
+    """Mean wall-clock of one optimiser step (FreeLB when adversary.steps > 0) over `batches` after the first
+    (warm-up); the same list of batches for every model timed, so they do identical work."""
+    from early_bird_adv import sync_time
+
+    model.to(run.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for i, batch in enumerate(batches):
+        if i == 1:
+            start = sync_time(run.device)
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        adversarial_backward(model, batch, adversary, cross_entropy, "freelb", run.autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (sync_time(run.device) - start) / max(1, len(batches) - 1)
+
+
+# ---- early_bird_adv.py --bench: time-to-ticket vs FreeLB, projected with the measured step costs -------------------
+def bench_early_bird(args):
+    """A real search (until the masks converge or the cap), then FreeLB steps of the dense model and plain steps of
+    the pruned ticket on the same batches; the speed-up projected over the fine-tuning budget (early_bird_adv.speedup,
+    the cost model of the README), and ticket vs dense inference."""
+    from early_bird_adv import (GatedBert, flops_per_token, fresh_model, inference_throughput, prune_model,
+                                search_ticket, setup, speedup)
+
+    run, data, _, loaders, adversary = setup(args)
+    train, test = loaders["train"], loaders["test"]
+    dense_model = fresh_model(args, data.num_labels, train)
+    batches = [b for _, b in zip(range(args.bench_steps + 1), iter(train))]
+    freelb_step = seconds_per_step(dense_model, batches, run, adversary)
+    dense_throughput = inference_throughput(dense_model, test, run)
+    gated = GatedBert(fresh_model(args, data.num_labels))
+    search = search_ticket(gated, train, run, args, adversary)
+    ticket = prune_model(gated.remove(), search["head_keep"], search["ffn_keep"])
+    ticket_step = seconds_per_step(ticket, batches, run, type(adversary)(steps=0))  # plain CE, the same batches
+    budget = args.epochs * len(train)
+    out = {"search_seconds": search["seconds"], "draw_epoch": search["draw_epoch"], "stop_epoch": search["stop_epoch"],
+           "converged": search["converged"], "freelb_seconds_per_step": freelb_step,
+           "ticket_ce_seconds_per_step": ticket_step, "search_in_freelb_steps": search["seconds"] / freelb_step,
+           "projected_freelb_seconds": freelb_step * budget,
+           "projected_ticket_seconds": search["seconds"] + ticket_step * budget,
+           "inference_speedup": inference_throughput(ticket, test, run) / dense_throughput,
+           "flops_ratio": flops_per_token(ticket, args.max_seq_length) / flops_per_token(dense_model,
+                                                                                         args.max_seq_length),
+           "params_ratio": count_params(ticket)["total"] / count_params(dense_model)["total"]}
+    out["projected_speedup"] = speedup(out["projected_freelb_seconds"], search["seconds"], 0.0, ticket_step * budget)
+    for k, v in out.items():
+        print(f"[bench] {k:<28} {v:.4g}" if isinstance(v, float) else f"[bench] {k:<28} {v}", flush=True)
+    with open(os.path.join(run.dir, "bench.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    run.writer.close()
 
 
 def main(args):

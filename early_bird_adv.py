@@ -1,10 +1,13 @@
-# EarlyRobust: Efficient Adversarial Training with Robust Early-Bird Tickets (EMNLP 2022, arXiv 2211.07263) — README.md section "EarlyRobust (early_bird_adv.py)"
+# EarlyRobust: Efficient Adversarial Training with Robust Early-Bird Tickets (EMNLP 2022, arXiv 2211.07263)
+# Stage 1 FreeLB search of the model + slimming gates (heads, FFN neurons) with L1, stopped online when the masks
+# converge; Stage 2 draw, rewind to the pre-trained weights, prune physically; Stage 3 plain fine-tuning of the ticket.
+# Usage, logged metrics, numbered deviations, the speed-up's cost model and results: README.md "EarlyRobust".
 import argparse
 import json
 import math
 import os
 import time
-from collections import deque
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,8 +41,10 @@ def parse_args(argv=None):
     m.add_argument("--search-lr", type=float, default=2e-5, help="AdamW lr of the FreeLB search (model + gates)")
     m.add_argument("--search-weight-decay", type=float, default=0.01, help="AdamW weight decay of the search")
     m.add_argument("--search-warmup", type=float, default=0.1, help="warm-up share of the search schedule")
+    m.add_argument("--search-epochs", type=float, default=1.0,
+                   help="length of the search's lr schedule in epochs (official: 1); the stop never changes it")
     m.add_argument("--max-search-epochs", type=float, default=1.0,
-                   help="cap of the search; also the length of its lr schedule (official: 1 epoch)")
+                   help="cap of the search (<= --search-epochs): where it stops if the masks never converge")
     m.add_argument("--prune-heads", type=float, default=0.1667, help="share of heads pruned (p_head; released 1/6)")
     m.add_argument("--prune-ffn", type=float, default=0.4, help="share of FFN neurons pruned, global (p_ffn; 0.4)")
     m.add_argument("--head-scope", choices=["global", "layer"], default="global",
@@ -74,7 +79,8 @@ def validate_args(args):
     check_range("epsilon", args.epsilon, 0, 1, low_open=True)
     check_range("window", args.window, 1)
     check_range("check-every", args.check_every, 0, 1, low_open=True)
-    check_range("max-search-epochs", args.max_search_epochs, 0, low_open=True)
+    check_range("search-epochs", args.search_epochs, 0, low_open=True)
+    check_range("max-search-epochs", args.max_search_epochs, 0, args.search_epochs, low_open=True)
     for name in ("l1_head", "l1_ffn", "search_weight_decay"):
         check_range(name.replace("_", "-"), getattr(args, name), 0)
     check_range("search-lr", args.search_lr, 0, low_open=True)
@@ -82,8 +88,34 @@ def validate_args(args):
     check_range("bench-steps", args.bench_steps, 1)
     if args.draw_at is not None:
         check_range("draw-at", args.draw_at, 0, args.max_search_epochs, low_open=True)
-    if args.baseline_results and not os.path.isfile(args.baseline_results):
-        raise UsageError(f"--baseline-results {args.baseline_results} is not a file; give a FreeLB run's results.json")
+    if args.baseline_results:
+        check_baseline(args)
+
+
+BASELINE_MUST_MATCH = ("task", "model", "data_dir", "max_train_examples", "dev_size", "max_seq_length", "batch_size",
+                       "epochs", "adv_steps")  # data, model, budget, K
+
+
+def check_baseline(args):
+    """--baseline-results must be a FreeLB run on the same data, model, budget (epochs) and K as this ticket run's
+    search and fine-tuning, or the speed-up compares unlike things (its args.json sits beside results.json)."""
+    flags = os.path.join(os.path.dirname(args.baseline_results), "args.json")
+    if not os.path.isfile(args.baseline_results) or not os.path.isfile(flags):
+        raise UsageError(f"--baseline-results {args.baseline_results}: not a run's results.json (with args.json "
+                         f"beside it); give the results.json of a FreeLB run")
+    with open(flags) as f:
+        theirs = json.load(f)
+    if theirs.get("adv_steps", 0) <= 0:
+        raise UsageError(f"--baseline-results {args.baseline_results} is not a FreeLB run (adv_steps 0)")
+    def same(k):
+        mine, other = getattr(args, k), theirs.get(k)
+        if k in ("model", "data_dir") and isinstance(other, str) and isinstance(mine, str) and os.path.exists(mine):
+            return os.path.realpath(mine) == os.path.realpath(other)
+        return mine == other
+
+    differ = [f"{k} {theirs.get(k)} vs {getattr(args, k)}" for k in BASELINE_MUST_MATCH if not same(k)]
+    if differ:
+        raise UsageError(f"--baseline-results {args.baseline_results} differs from this run: {'; '.join(differ)}")
 
 
 def check_ratios_fit(config, args):
@@ -248,10 +280,40 @@ def sync_time(device):
     return time.time()
 
 
+class StopRule:
+    """The online early-bird stop (spec §2.7): checkpoint g is the ticket once its masks stay within epsilon of each
+    of the next `window` checkpoints, for heads and neurons. Fed one on-grid checkpoint at a time; draw_index is the
+    same rule offline. Checkpoints whose gates are all still equal (never moved) are not judged: ties would rank by
+    position and 'converge' trivially."""
+
+    def __init__(self, epsilon: float, window: int):
+        self.epsilon, self.window = epsilon, window
+        self.head_masks, self.ffn_masks, self.gates, self.moved, self.distances = [], [], [], [], []
+
+    def add(self, head_mask, ffn_mask, gates, epoch) -> Optional[int]:
+        """Record a checkpoint; the index of the drawn checkpoint once the rule fires, else None."""
+        self.head_masks.append(head_mask), self.ffn_masks.append(ffn_mask), self.gates.append(gates)
+        self.moved.append(bool(np.ptp(gates[0]) > 0 and np.ptp(gates[1]) > 0))
+        g = len(self.head_masks) - 1 - self.window  # the checkpoint the rule can judge now
+        if g < 0:
+            return None
+        ok, d_head, d_ffn = window_converged(self.head_masks[g:], self.ffn_masks[g:], self.epsilon)
+        self.distances.append({"checkpoint": g, "epoch": epoch[g], "d_head": d_head, "d_ffn": d_ffn})
+        return g if ok and self.moved[g] else None
+
+
+def search_steps(args, steps_per_epoch: int) -> tuple:
+    """(schedule length, cap) in steps: the lr schedule spans --search-epochs whatever the stop does."""
+    return (max(1, math.ceil(args.search_epochs * steps_per_epoch)),
+            max(1, math.ceil(args.max_search_epochs * steps_per_epoch)))
+
+
 def search_ticket(gated, train_loader, run, args, adversary):
+    """Stage 1: FreeLB on the model + gates with L1, a checkpoint every --check-every epochs, until the stop rule
+    (or --draw-at) picks a checkpoint or the cap is reached. Returns the search record (search_result)."""
     device, steps_per_epoch = run.device, len(train_loader)
     gated.to(device)
-    max_steps = max(1, math.ceil(args.max_search_epochs * steps_per_epoch))
+    schedule_steps, max_steps = search_steps(args, steps_per_epoch)
     every = max(1, round(args.check_every * steps_per_epoch))
     if every != args.check_every * steps_per_epoch:
         print(f"[search] checkpoint every {every} steps ({every / steps_per_epoch:.3f} epoch; {steps_per_epoch} "
@@ -260,9 +322,8 @@ def search_ticket(gated, train_loader, run, args, adversary):
     no_decay = [p for p in gated.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.search_weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.search_lr)
-    scheduler = linear_schedule(optimizer, max_steps, args.search_warmup)
-    checkpoints, head_masks, ffn_masks, distances = [], [], [], []
-    recent = deque(maxlen=args.window + 1)  # (gates) of the checkpoints in the look-ahead window
+    scheduler = linear_schedule(optimizer, schedule_steps, args.search_warmup)
+    rule, checkpoints = StopRule(args.epsilon, args.window), []
     draw, step, start = None, 0, sync_time(device)
     bar = tqdm(total=max_steps, desc="search", leave=False, disable=None)
     while draw is None and step < max_steps:
@@ -278,53 +339,65 @@ def search_ticket(gated, train_loader, run, args, adversary):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            run.log({"losses/adv_loss": result.loss, "losses/l1": l1.item(), "charts/search_lr":
-                     scheduler.get_last_lr()[0]}, step)
-            if step % every == 0 or step == max_steps:
+            lr_share = scheduler.get_last_lr()[0] / args.search_lr
+            run.log({"losses/adv_loss": result.loss, "losses/l1": l1.item(), "charts/search_lr_share": lr_share},
+                    step)
+            if step % every == 0:  # on-grid checkpoints only: an off-grid one at the cap would be closer in steps
                 gates = (gated.head_gates.detach().cpu().numpy().copy(), gated.ffn_gates.detach().cpu().numpy().copy())
-                head_masks.append(head_mask_from_gates(gates[0], args.prune_heads, args.head_scope))
-                ffn_masks.append(ffn_mask_from_gates(gates[1], args.prune_ffn))
-                checkpoints.append({"step": step, "epoch": step / steps_per_epoch})
-                recent.append(gates)
-                g = len(head_masks) - 1
-                if g > 0:
-                    run.log({"sparsity/d_head_prev": mask_distance(head_masks[-2], head_masks[-1]),
-                             "sparsity/d_ffn_prev": mask_distance(ffn_masks[-2], ffn_masks[-1]),
-                             "charts/gate_head_mean": gates[0].mean(), "charts/gate_ffn_mean": gates[1].mean()}, step)
-                if args.draw_at is not None:
-                    if step >= args.draw_at * steps_per_epoch or step == max_steps:
-                        draw = g
-                elif g >= args.window:  # the rule can judge checkpoint g - window now
-                    ok, d_head, d_ffn = window_converged(head_masks[-args.window - 1:], ffn_masks[-args.window - 1:],
-                                                         args.epsilon)
-                    distances.append({"checkpoint": g - args.window, "epoch": checkpoints[-args.window - 1]["epoch"],
-                                      "d_head": d_head, "d_ffn": d_ffn})
-                    run.log({"sparsity/window_max_d_head": max(d_head), "sparsity/window_max_d_ffn": max(d_ffn)},
-                            step)
-                    if ok:
-                        draw = g - args.window
+                checkpoints.append({"step": step, "epoch": step / steps_per_epoch, "lr_share": lr_share})
+                draw = rule.add(head_mask_from_gates(gates[0], args.prune_heads, args.head_scope),
+                                ffn_mask_from_gates(gates[1], args.prune_ffn), gates, [c["epoch"] for c in checkpoints])
+                log_checkpoint(run, rule, gates, step)
+                if args.draw_at is not None:  # a fixed draw epoch instead of the rule
+                    draw = len(checkpoints) - 1 if step >= args.draw_at * steps_per_epoch else None
             if draw is not None or step >= max_steps:
                 break
     bar.close()
-    seconds = sync_time(device) - start
-    converged = draw is not None
-    if not converged:
-        draw = len(head_masks) - 1  # the search used its whole budget: the ticket comes from the final gates
+    return search_result(rule, checkpoints, draw, step, lr_share, sync_time(device) - start, gated, args,
+                         steps_per_epoch)
+
+
+def log_checkpoint(run, rule, gates, step):
+    if len(rule.head_masks) > 1:
+        run.log({"sparsity/d_head_prev": mask_distance(rule.head_masks[-2], rule.head_masks[-1]),
+                 "sparsity/d_ffn_prev": mask_distance(rule.ffn_masks[-2], rule.ffn_masks[-1]),
+                 "charts/gate_head_mean": gates[0].mean(), "charts/gate_ffn_mean": gates[1].mean()}, step)
+    if rule.distances and rule.distances[-1]["checkpoint"] == len(rule.head_masks) - 1 - rule.window:
+        d = rule.distances[-1]
+        run.log({"sparsity/window_max_d_head": max(d["d_head"]), "sparsity/window_max_d_ffn": max(d["d_ffn"])}, step)
+
+
+def search_result(rule, checkpoints, draw, step, lr_at_stop, seconds, gated, args, steps_per_epoch) -> dict:
+    """The drawn masks, where the draw and the stop were (epoch, lr share of its peak) and why, and the distances."""
+    converged, at_cap = draw is not None, step >= search_steps(args, steps_per_epoch)[1]
+    final_gates = (gated.head_gates.detach().cpu().numpy().copy(), gated.ffn_gates.detach().cpu().numpy().copy())
+    if not converged:  # the search used its whole budget: the ticket comes from the gates at the stop
         print(f"[search] WARNING: masks did not converge (epsilon {args.epsilon}, window {args.window}) within "
-              f"--max-search-epochs {args.max_search_epochs}; drawing from checkpoint {draw} "
-              f"(epoch {checkpoints[draw]['epoch']:.3f})", flush=True)
-    gates = recent[draw - len(head_masks)]  # draw is always inside the look-ahead window
-    n = len(head_masks)
-    matrix = {"head": [[mask_distance(head_masks[i], head_masks[j]) for j in range(n)] for i in range(n)],
-              "ffn": [[mask_distance(ffn_masks[i], ffn_masks[j]) for j in range(n)] for i in range(n)]}
-    print(f"[search] ticket drawn at epoch {checkpoints[draw]['epoch']:.3f} (step {checkpoints[draw]['step']}); "
+              f"--max-search-epochs {args.max_search_epochs}; drawing from the final gates", flush=True)
+        head_keep = head_mask_from_gates(final_gates[0], args.prune_heads, args.head_scope)
+        ffn_keep, gates = ffn_mask_from_gates(final_gates[1], args.prune_ffn), final_gates
+        at = {"step": step, "epoch": step / steps_per_epoch, "lr_share": lr_at_stop}
+    else:
+        head_keep, ffn_keep, gates, at = rule.head_masks[draw], rule.ffn_masks[draw], rule.gates[draw], checkpoints[draw]
+    reasons = (["the search stopped at its cap"] if at_cap else []) + (
+        [f"the lr at the draw was {at['lr_share']:.2f} of its peak"] if at["lr_share"] < 0.5 else [])
+    if reasons:
+        print(f"[search] WARNING: {' and '.join(reasons)}: the masks may have frozen because the search ran out, not "
+              f"because the ticket emerged", flush=True)
+    n = len(rule.head_masks)
+    matrix = {"head": [[mask_distance(rule.head_masks[i], rule.head_masks[j]) for j in range(n)] for i in range(n)],
+              "ffn": [[mask_distance(rule.ffn_masks[i], rule.ffn_masks[j]) for j in range(n)] for i in range(n)]}
+    print(f"[search] ticket drawn at epoch {at['epoch']:.3f} (step {at['step']}, lr {at['lr_share']:.2f} of peak); "
           f"search stopped at epoch {step / steps_per_epoch:.3f} after {seconds:.1f}s "
-          f"({'converged' if converged else 'NOT converged'})", flush=True)
-    return {"head_keep": head_masks[draw], "ffn_keep": ffn_masks[draw], "head_gates": gates[0], "ffn_gates": gates[1],
-            "converged": converged, "rule": "convergence" if args.draw_at is None else "draw-at",
-            "draw_checkpoint": draw, "draw_epoch": checkpoints[draw]["epoch"],
-            "draw_step": checkpoints[draw]["step"], "stop_epoch": step / steps_per_epoch, "stop_step": step,
-            "seconds": seconds, "checkpoints": checkpoints, "window_distances": distances, "distance_matrix": matrix}
+          f"({'converged' if converged else 'NOT converged'}{', at the cap' if at_cap else ''})", flush=True)
+    return {"head_keep": head_keep, "ffn_keep": ffn_keep, "head_gates": gates[0], "ffn_gates": gates[1],
+            "final_gates": final_gates, "converged": converged, "stopped_at_cap": at_cap,
+            "converged_at_cap": converged and at_cap, "rule": "convergence" if args.draw_at is None else "draw-at",
+            "draw_checkpoint": draw, "draw_epoch": at["epoch"], "draw_step": at["step"],
+            "lr_share_at_draw": at["lr_share"], "lr_share_at_stop": lr_at_stop, "stop_epoch": step / steps_per_epoch,
+            "stop_step": step, "schedule_steps": search_steps(args, steps_per_epoch)[0], "seconds": seconds,
+            "checkpoints": checkpoints, "window_distances": rule.distances, "distance_matrix": matrix,
+            "gate_spread_at_draw": {"head": float(np.ptp(gates[0])), "ffn": float(np.ptp(gates[1]))}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,21 +416,6 @@ def inference_throughput(model, loader, run):
             for b in batches:
                 model(**b)
     return THROUGHPUT_REPEATS * sum(b["input_ids"].size(0) for b in batches) / (sync_time(run.device) - start)
-
-
-def seconds_per_step(model, loader, run, adversary, n_steps):
-    """Mean wall-clock of n_steps optimiser steps (FreeLB when adversary.steps > 0), after one warm-up step."""
-    model.to(run.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batches = [b for _, b in zip(range(n_steps + 1), iter(loader))]
-    for i, batch in enumerate(batches):
-        if i == 1:
-            start = sync_time(run.device)
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        adversarial_backward(model, batch, adversary, cross_entropy, "freelb", run.autocast)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (sync_time(run.device) - start) / max(1, len(batches) - 1)
 
 
 def fresh_model(args, num_labels, train_loader=None):
@@ -383,6 +441,11 @@ def dense_row(args, data, tokenizer, run, loaders, setting, adversary):
                         throughput=inference_throughput(model, loaders["test"], run))
     evaluate_model(model, tokenizer, data, args, run, row, f"{setting}_")
     return row, model
+
+
+def speedup(freelb_seconds, search_seconds, draw_seconds, finetune_seconds) -> float:
+    """Spec §2.10, the one definition: T_FreeLB / (T_search incl. its look-ahead + T_draw + T_fine-tune)."""
+    return freelb_seconds / (search_seconds + draw_seconds + finetune_seconds)
 
 
 def row_of(r):
@@ -434,8 +497,8 @@ def main(args):
     scales = (None, None)
     if args.rewind:
         model.load_state_dict(rewind_state)
-    else:
-        scales = (search["head_gates"], search["ffn_gates"])
+    else:  # the weights are the stop step's: fold the stop step's gates into them (the masks are the draw's)
+        scales = search["final_gates"]
     prune_model(model, search["head_keep"], search["ffn_keep"], *scales)
     draw_seconds = sync_time(run.device) - start
     ticket = count_params(model)
@@ -457,7 +520,8 @@ def main(args):
                                  train=train_seconds)
     flops = flops_per_token(model, args.max_seq_length)
     results["extra"].update(
-        {k: v for k, v in search.items() if k not in ("head_keep", "ffn_keep", "head_gates", "ffn_gates", "seconds")},
+        {k: v for k, v in search.items() if k not in ("head_keep", "ffn_keep", "head_gates", "ffn_gates",
+                                                        "final_gates", "seconds")},
         heads_kept=search["head_keep"].sum(1).tolist(), ffn_widths=search["ffn_keep"].sum(1).tolist(),
         dense_params=dense, flops_per_token=flops, dense_flops_per_token=dense_flops, flops_ratio=flops / dense_flops,
         throughput=inference_throughput(model, loaders["test"], run), ticket_dir="ticket")
@@ -475,48 +539,24 @@ def main(args):
         freelb_seconds = None
     results["extra"]["dense_throughput"] = dense_throughput
     results["extra"]["throughput_ratio"] = results["extra"]["throughput"] / dense_throughput
-    if freelb_seconds:  # spec §2.10: speed-up = T_FreeLB / (T_search incl. look-ahead + T_draw + T_finetune)
-        results["extra"].update(freelb_train_seconds=freelb_seconds, speedup_vs_freelb=freelb_seconds / train_seconds)
+    if freelb_seconds:
+        results["extra"].update(freelb_train_seconds=freelb_seconds,
+                                speedup_vs_freelb=speedup(freelb_seconds, search["seconds"], draw_seconds, ft["seconds"]))
     results["extra"]["rows"] = [row_of(r) for _, r in rows]
     print(f"[speed] search {search['seconds']:.1f}s + draw {draw_seconds:.2f}s + fine-tune {ft['seconds']:.1f}s = "
           f"{train_seconds:.1f}s" + (f"; FreeLB {freelb_seconds:.1f}s -> speed-up "
-                                     f"{freelb_seconds / train_seconds:.2f}x" if freelb_seconds else "")
+                                     f"{results['extra']['speedup_vs_freelb']:.2f}x" if freelb_seconds else "")
           + f"; inference {results['extra']['throughput_ratio']:.2f}x dense; FLOPs {flops / dense_flops:.3f} of dense",
           flush=True)
     print_summary(rows)
     finish_run(run, results)
 
 
-def bench(args):
-    """Time-to-ticket vs FreeLB steps, projected speed-up (cost model of the README), ticket vs dense inference."""
-    run, data, _, loaders, adversary = setup(args)
-    train, test = loaders["train"], loaders["test"]
-    dense_model = fresh_model(args, data.num_labels)
-    freelb_step = seconds_per_step(dense_model, train, run, adversary, args.bench_steps)
-    dense_throughput = inference_throughput(dense_model, test, run)
-    gated = GatedBert(fresh_model(args, data.num_labels))
-    search = search_ticket(gated, train, run, args, adversary)
-    ticket = prune_model(gated.remove(), search["head_keep"], search["ffn_keep"])
-    ticket_step = seconds_per_step(ticket, train, run, type(adversary)(steps=0), args.bench_steps)  # plain CE
-    budget = args.epochs * len(train)
-    out = {"search_seconds": search["seconds"], "draw_epoch": search["draw_epoch"], "stop_epoch": search["stop_epoch"],
-           "converged": search["converged"], "freelb_seconds_per_step": freelb_step,
-           "ticket_ce_seconds_per_step": ticket_step, "search_in_freelb_steps": search["seconds"] / freelb_step,
-           "projected_freelb_seconds": freelb_step * budget,
-           "projected_ticket_seconds": search["seconds"] + ticket_step * budget,
-           "inference_speedup": inference_throughput(ticket, test, run) / dense_throughput,
-           "flops_ratio": flops_per_token(ticket, args.max_seq_length) / flops_per_token(dense_model,
-                                                                                         args.max_seq_length),
-           "params_ratio": count_params(ticket)["total"] / count_params(dense_model)["total"]}
-    out["projected_speedup"] = out["projected_freelb_seconds"] / out["projected_ticket_seconds"]
-    for k, v in out.items():
-        print(f"[bench] {k:<28} {v:.4g}" if isinstance(v, float) else f"[bench] {k:<28} {v}", flush=True)
-    with open(os.path.join(run.dir, "bench.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    run.writer.close()
-
-
 if __name__ == "__main__":
     with usage_errors():
         cli_args = parse_args()
-        bench(cli_args) if cli_args.bench else main(cli_args)
+        if cli_args.bench:
+            from bench import bench_early_bird
+            bench_early_bird(cli_args)
+        else:
+            main(cli_args)

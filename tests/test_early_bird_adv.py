@@ -141,12 +141,14 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
 
 def test_tiny_run_stops_early_and_writes_results(tmp_path):
     flags = TINY + ["--lr", "1e-3", "--search-lr", "1e-3", "--epochs", "1", "--adv-steps", "2", "--check-every", "0.1",
-                    "--window", "2", "--epsilon", "0.5", "--max-search-epochs", "2"]
+                    "--window", "2", "--epsilon", "0.5", "--search-epochs", "2", "--max-search-epochs", "2"]
     eb.main(eb.parse_args(flags + ["--output-dir", str(tmp_path), "--with-baselines"]))
     (run_dir,) = [d for d in tmp_path.iterdir() if d.name.startswith("toy__")]
     results = json.loads((run_dir / "results.json").read_text())
     extra = results["extra"]
-    assert results["setting"] == "early-bird ticket" and extra["converged"]
+    assert results["setting"] == "early-bird ticket" and extra["converged"] and not extra["stopped_at_cap"]
+    assert extra["gate_spread_at_draw"]["head"] > 0 and extra["gate_spread_at_draw"]["ffn"] > 0  # gates moved
+    assert extra["schedule_steps"] == 2 * 10 and 0 < extra["lr_share_at_draw"] <= 1
     assert extra["draw_epoch"] < extra["stop_epoch"] < 2.0  # stopped online, long before the cap
     assert len(extra["window_distances"]) >= 1 and len(extra["distance_matrix"]["head"]) == len(extra["checkpoints"])
     # the online stop is the offline rule applied to the recorded masks, judged `window` checkpoints later
@@ -166,7 +168,10 @@ def test_tiny_run_stops_early_and_writes_results(tmp_path):
 
 
 def test_bench_prints_ratios(tmp_path, capsys):
-    eb.bench(eb.parse_args(TINY + ["--output-dir", str(tmp_path), "--bench", "--bench-steps", "2", "--adv-steps", "2",
+    import bench
+
+    bench.bench_early_bird(eb.parse_args(TINY + ["--output-dir", str(tmp_path), "--bench", "--bench-steps", "2",
+                                                 "--adv-steps", "2",
                                    "--check-every", "0.2", "--window", "1", "--max-search-epochs", "0.5"]))
     out = capsys.readouterr().out
     for key in ("projected_speedup", "inference_speedup", "flops_ratio", "search_in_freelb_steps"):
@@ -181,9 +186,10 @@ def test_online_search_reports_never_converged_and_draws_final_gates(tmp_path, c
     loader = common.make_loader(common.tokenize(data, data.train, tokenizer, 64), tokenizer, 16, True)
     run = common.start_run(args, eb.METHOD)
     search = eb.search_ticket(eb.GatedBert(model), loader, run, args, common.adversary_from_args(args))
-    assert not search["converged"] and search["stop_epoch"] == 1.0
-    assert search["draw_checkpoint"] == len(search["checkpoints"]) - 1
-    assert "did not converge" in capsys.readouterr().out
+    assert not search["converged"] and search["stop_epoch"] == 1.0 and search["stopped_at_cap"]
+    assert search["draw_checkpoint"] is None and search["draw_step"] == search["stop_step"]  # the final gates
+    out = capsys.readouterr().out
+    assert "did not converge" in out and "the search stopped at its cap" in out
 
 
 def test_baseline_run_feeds_the_speedup_of_a_ticket_run(tmp_path):
@@ -198,3 +204,95 @@ def test_baseline_run_feeds_the_speedup_of_a_ticket_run(tmp_path):
     extra = json.loads(path.read_text())["extra"]
     assert extra["freelb_train_seconds"] == baseline["wall_clock"]["train"] and extra["speedup_vs_freelb"] > 0
     assert extra["draw_epoch"] == pytest.approx(0.2, abs=0.1) and extra["stop_epoch"] == extra["draw_epoch"]
+
+
+def test_baseline_results_with_other_epochs_or_k_are_refused(tmp_path):
+    base = TINY + ["--output-dir", str(tmp_path / "base"), "--epochs", "1", "--adv-steps", "2"]
+    eb.main(eb.parse_args(base + ["--baseline", "freelb"]))
+    (path,) = (tmp_path / "base").glob("toy__*/results.json")
+    for flags, what in ((["--epochs", "2", "--adv-steps", "2"], "epochs 1.0 vs 2.0"),
+                        (["--epochs", "1", "--adv-steps", "3"], "adv_steps 2 vs 3")):
+        args = eb.parse_args(TINY + ["--output-dir", str(tmp_path), "--baseline-results", str(path)] + flags)
+        with pytest.raises(common.UsageError, match=what):
+            eb.validate_args(args)
+
+
+def _search(tmp_path, *flags):
+    args = eb.parse_args(TINY + ["--output-dir", str(tmp_path), "--adv-steps", "1", "--check-every", "0.1",
+                                 "--search-lr", "1e-3", *flags])
+    model, tokenizer = tiny_model(tmp_path)
+    data = common.load_task(args)
+    loader = common.make_loader(common.tokenize(data, data.train, tokenizer, 64), tokenizer, 16, True, 0)
+    run = common.start_run(args, eb.METHOD)
+    torch.manual_seed(0)
+    gated = eb.GatedBert(model)
+    return eb.search_ticket(gated, loader, run, args, common.adversary_from_args(args)), gated
+
+
+def test_search_moves_the_gates_and_l1_shrinks_them(tmp_path):
+    never = ["--epsilon", "1e-9", "--max-search-epochs", "0.5"]
+    _, plain = _search(tmp_path / "a", "--l1-head", "0", "--l1-ffn", "0", *never)
+    _, slim = _search(tmp_path / "b", "--l1-head", "0.5", "--l1-ffn", "0.5", *never)
+    for gated in (plain, slim):
+        assert (gated.head_gates != eb.GATE_INIT).any() and (gated.ffn_gates != eb.GATE_INIT).any()
+    assert slim.ffn_gates.abs().mean() < plain.ffn_gates.abs().mean() - 1e-3
+    assert slim.head_gates.abs().mean() < plain.head_gates.abs().mean() - 1e-3
+
+
+def test_the_lr_schedule_spans_search_epochs_whatever_the_cap(tmp_path):
+    never = ["--epsilon", "1e-9", "--search-epochs", "1"]
+    short, _ = _search(tmp_path / "a", "--max-search-epochs", "0.3", *never)
+    long, _ = _search(tmp_path / "b", "--max-search-epochs", "0.6", *never)
+    assert short["schedule_steps"] == long["schedule_steps"] == 10
+    shares = {c["step"]: c["lr_share"] for c in long["checkpoints"]}
+    assert [c["lr_share"] for c in short["checkpoints"]] == [shares[c["step"]] for c in short["checkpoints"]]
+    assert short["lr_share_at_stop"] > 0.5  # the cap cut the search, not the schedule
+    with pytest.raises(common.UsageError, match="--max-search-epochs must be in"):
+        eb.validate_args(eb.parse_args(TINY + ["--search-epochs", "0.5", "--max-search-epochs", "1"]))
+
+
+def test_random_gates_never_converge_under_the_default_rule(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    heads, ffn = masks_of([(rng.random((12, 12)), rng.random((12, 3072))) for _ in range(40)])
+    assert eb.draw_index(heads, ffn, epsilon=0.1, window=5) is None
+    # end to end: gates re-drawn at random every step (nothing learned) never give a ticket; frozen gates neither
+    real_penalty = eb.GatedBert.l1_penalty
+
+    def random_gates(self, l1_head, l1_ffn):
+        with torch.no_grad():
+            self.head_gates.uniform_(), self.ffn_gates.uniform_()
+        return real_penalty(self, l1_head, l1_ffn)
+
+    monkeypatch.setattr(eb.GatedBert, "l1_penalty", random_gates)
+    search, _ = _search(tmp_path / "a", "--max-search-epochs", "1")
+    assert not search["converged"] and search["stopped_at_cap"]
+
+
+def test_gates_that_never_moved_are_not_judged_however_loose_epsilon():
+    rule = eb.StopRule(epsilon=0.9, window=2)
+    equal = (np.ones((2, 4)), np.ones((2, 20)))  # ties rank by position: identical masks at every checkpoint
+    masks = (eb.head_mask_from_gates(equal[0], 0.25), eb.ffn_mask_from_gates(equal[1], 0.4))
+    assert [rule.add(*masks, equal, [0.1 * i for i in range(k + 1)]) for k in range(6)] == [None] * 6
+    moved = (equal[0] + np.arange(4) * 1e-3, equal[1] + np.arange(20) * 1e-3)
+    rule = eb.StopRule(epsilon=0.9, window=2)
+    masks = (eb.head_mask_from_gates(moved[0], 0.25), eb.ffn_mask_from_gates(moved[1], 0.4))
+    assert [rule.add(*masks, moved, [0.1 * i for i in range(k + 1)]) for k in range(3)] == [None, None, 0]
+
+
+def test_stage3_starts_from_the_pretrained_weights_pruned(tmp_path, monkeypatch):
+    starts = []
+    real = eb.finetune
+
+    def spy(model, *a, tag="", **k):
+        if tag == "ticket":
+            starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *a, tag=tag, **k)
+
+    monkeypatch.setattr(eb, "finetune", spy)
+    flags = TINY + ["--epochs", "1", "--adv-steps", "1", "--draw-at", "0.2", "--search-lr", "1e-2"]
+    for rewind in ("--rewind", "--no-rewind"):
+        eb.main(eb.parse_args(flags + ["--output-dir", str(tmp_path / rewind), rewind]))
+    pretrained = tiny_model(tmp_path)[0].state_dict()
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.output.LayerNorm.weight"):
+        assert torch.equal(starts[0][name], pretrained[name])  # rewound: theta_0 (never pruned tensors)
+        assert not torch.equal(starts[1][name], pretrained[name])  # --no-rewind: the searched weights
