@@ -158,10 +158,14 @@ def bench_early_bird(args):
                                                                                          args.max_seq_length),
            "params_ratio": count_params(ticket)["total"] / count_params(dense_model)["total"]}
     out["projected_speedup"] = speedup(out["projected_freelb_seconds"], search["seconds"], 0.0, ticket_step * budget)
+    out.update({k: search[k] for k in ("lr_share_at_draw", "lr_share_at_stop", "stopped_at_cap", "schedule_steps")},
+               budget_steps=budget, search_steps=search["stop_step"])
     for k, v in out.items():
         print(f"[bench] {k:<28} {v:.4g}" if isinstance(v, float) else f"[bench] {k:<28} {v}", flush=True)
-    with open(os.path.join(run.dir, "bench.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    record = {k: v for k, v in search.items() if k not in ("head_keep", "ffn_keep", "head_gates", "ffn_gates",
+                                                           "final_gates")}
+    with open(os.path.join(run.dir, "bench.json"), "w") as f:  # report.py plots its search like a run's
+        json.dump({**out, "seed": args.seed, "search": record}, f, indent=2)
     run.writer.close()
 
 

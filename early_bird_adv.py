@@ -378,7 +378,8 @@ def search_result(rule, checkpoints, draw, step, lr_at_stop, seconds, gated, arg
         ffn_keep, gates = ffn_mask_from_gates(final_gates[1], args.prune_ffn), final_gates
         at = {"step": step, "epoch": step / steps_per_epoch, "lr_share": lr_at_stop}
     else:
-        head_keep, ffn_keep, gates, at = rule.head_masks[draw], rule.ffn_masks[draw], rule.gates[draw], checkpoints[draw]
+        head_keep, ffn_keep = rule.head_masks[draw], rule.ffn_masks[draw]
+        gates, at = rule.gates[draw], checkpoints[draw]
     reasons = (["the search stopped at its cap"] if at_cap else []) + (
         [f"the lr at the draw was {at['lr_share']:.2f} of its peak"] if at["lr_share"] < 0.5 else [])
     if reasons:
@@ -540,8 +541,8 @@ def main(args):
     results["extra"]["dense_throughput"] = dense_throughput
     results["extra"]["throughput_ratio"] = results["extra"]["throughput"] / dense_throughput
     if freelb_seconds:
-        results["extra"].update(freelb_train_seconds=freelb_seconds,
-                                speedup_vs_freelb=speedup(freelb_seconds, search["seconds"], draw_seconds, ft["seconds"]))
+        ratio = speedup(freelb_seconds, search["seconds"], draw_seconds, ft["seconds"])
+        results["extra"].update(freelb_train_seconds=freelb_seconds, speedup_vs_freelb=ratio)
     results["extra"]["rows"] = [row_of(r) for _, r in rows]
     print(f"[speed] search {search['seconds']:.1f}s + draw {draw_seconds:.2f}s + fine-tune {ft['seconds']:.1f}s = "
           f"{train_seconds:.1f}s" + (f"; FreeLB {freelb_seconds:.1f}s -> speed-up "

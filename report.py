@@ -411,16 +411,25 @@ def plot_curves(rows, out_dir):
                                 "AdpMixup: beta trade-off"))
         plt.close(fig)
     tickets = [r for r in rows if r["method"] == "early_bird_adv" and (r.get("extra") or {}).get("window_distances")]
+    for path in sorted(glob.glob(os.path.join(out_dir, "**", "bench.json"), recursive=True)):  # early-bird --bench
+        with open(path) as f:
+            bench = json.load(f)
+        if (bench.get("search") or {}).get("window_distances"):
+            tickets.append({"seed": bench.get("seed"), "extra": bench["search"],
+                            "label": os.path.basename(os.path.dirname(path))})
     if tickets:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for i, r in enumerate(tickets):
             extra = r["extra"]
             epochs = [w["epoch"] for w in extra["window_distances"]]
+            name = r.get("label") or f"seed {r['seed']}"
             for key, style in (("d_head", "-"), ("d_ffn", "--")):
                 ax.plot(epochs, [max(w[key]) for w in extra["window_distances"]], style, marker=".",
-                        color=plt.get_cmap("tab10")(i), label=f"{key[2:]} (seed {r['seed']})")
+                        color=plt.get_cmap("tab10")(i), label=f"{key[2:]} ({name})")
             if extra.get("draw_epoch") is not None:
-                ax.axvline(extra["draw_epoch"], ls=":", color=plt.get_cmap("tab10")(i))
+                share = extra.get("lr_share_at_draw")
+                ax.axvline(extra["draw_epoch"], ls=":", color=plt.get_cmap("tab10")(i),
+                           label=f"draw {extra['draw_epoch']:.2f} ep" + (f", lr {share:.2f} of peak" if share else ""))
         made.append(finish_plot(fig, ax, os.path.join(out_dir, "early_bird_distance.png"), "search epoch (checkpoint)",
                                 "max Hamming distance to the next checkpoints",
                                 "Early-bird: mask distance (dotted: draw point)"))
