@@ -390,11 +390,9 @@ def checkpoint_name(path: str) -> str:
 
 def main(argv=None):
     import argparse
-    import json
     import sys
-    import types
 
-    from common import (add_common_args, finish_run, load_model, load_task, pick_device, results_template, start_run,
+    from common import (add_common_args, finish_run, load_model, load_task, results_template, start_run,
                         usage_errors, validate_common_args)
 
     parser = argparse.ArgumentParser(description="Attack a saved checkpoint (save_pretrained folder: fine-tune, "
@@ -406,22 +404,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with usage_errors():
         validate_common_args(args)
-        if args.resume is None:
-            run = start_run(args, "attack")
-        else:
-            if not os.path.isfile(os.path.join(args.resume, "args.json")):
-                raise UsageError(f"--resume {args.resume} is not a run folder (no args.json)")
-            offline.preflight(parse_attacks(args.attacks), args.attack_substitutes)
-            earlier = json.load(open(os.path.join(args.resume, "args.json")))
-            changed = [k for k, v in vars(args).items() if k not in ("resume", "output_dir") and earlier.get(k) != v]
-            if changed:
-                raise UsageError(f"--resume {args.resume} was run with other flags: {', '.join(changed)}")
-            set_seed(args.seed)
-            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))  # as start_run
-            from torch.utils.tensorboard import SummaryWriter
-
-            run = Run(args.resume, SummaryWriter(args.resume), pick_device(args.cuda, args.bf16), args, time.time(),
-                      "attack")
+        run = start_run(args, "attack", resume=args.resume, free=("resume", "output_dir"))
         data = load_task(args)
         model, tokenizer = load_model(args.checkpoint, data.num_labels, args.max_seq_length)
         model.to(run.device)

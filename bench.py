@@ -169,6 +169,28 @@ def bench_early_bird(args):
     run.writer.close()
 
 
+# ---- rosearch.py --bench: seconds per evaluated candidate (KD + probe attack), student vs teacher inference ---------
+def bench_rosearch(args):
+    import random
+
+    import numpy as np
+
+    from rosearch import examples_per_second, random_genotype, setup, train_and_score
+
+    ctx, _, _ = setup(args)
+    rng = random.Random(args.seed)
+    records = [train_and_score(random_genotype(ctx.space, rng), ctx, args.proxy_epochs, "bench")
+               for _ in range(args.bench_candidates)]
+    kd, pr = np.mean([r["kd_seconds"] for _, r in records]), np.mean([r["probe_seconds"] for _, r in records])
+    speed, teacher_speed = examples_per_second(records[0][0], ctx), examples_per_second(ctx.teacher, ctx)
+    print(f"bench: {kd + pr:.2f} s per evaluated candidate (KD {kd:.2f} s + probe {args.fitness_attack} {pr:.2f} s, "
+          f"{len(ctx.encoded['train'])} train / {len(ctx.probe_samples)} probe examples); inference student "
+          f"{speed:.0f} ex/s vs teacher {teacher_speed:.0f} ex/s = {speed / teacher_speed:.2f}x "
+          f"(params x{records[0][1]['compression']['total']:.1f} total, "
+          f"x{records[0][1]['compression']['non_embedding']:.1f} non-embedding)", flush=True)
+    ctx.run.writer.close()
+
+
 def main(args):
     from textattack.models.wrappers import HuggingFaceModelWrapper
 

@@ -249,9 +249,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def start_run(args, method: str, also_attacks=()) -> Run:
+def start_run(args, method: str, also_attacks=(), resume: Optional[str] = None, free=("resume",)) -> Run:
     """Check that the attacks can run, seed, pick the device, create runs/{task}__{exp}__{seed}__{time}/ (never
-    reusing one), args.json, TensorBoard. Called after the flags are checked, before any data or model is loaded."""
+    reusing one), args.json, TensorBoard. Called after the flags are checked, before any data or model is loaded.
+    resume=RUN_DIR continues that folder instead, if its args.json has the same flags except those in `free`."""
     offline.preflight(list(dict.fromkeys(parse_attacks(args.attacks) + list(also_attacks))), args.attack_substitutes)
     # TensorBoard's own TF stub, not TensorFlow: importing TF costs seconds and initialises CUDA (tensorboard.compat)
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
@@ -259,16 +260,20 @@ def start_run(args, method: str, also_attacks=()) -> Run:
 
     set_seed(args.seed)
     device = pick_device(args.cuda, args.bf16)
-    stem = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir, n = stem, 1
-    while True:
-        try:
-            os.makedirs(run_dir, exist_ok=False)
-            break
-        except FileExistsError:
-            run_dir, n = f"{stem}_{n}", n + 1
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({"method": method, **vars(args)}, f, indent=2)
+    if resume is not None:
+        run_dir = resume
+        check_resume_flags(args, method, resume, free)
+    else:
+        stem = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir, n = stem, 1
+        while True:
+            try:
+                os.makedirs(run_dir, exist_ok=False)
+                break
+            except FileExistsError:
+                run_dir, n = f"{stem}_{n}", n + 1
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({"method": method, **vars(args)}, f, indent=2)
     if args.track:
         try:
             import wandb
@@ -281,6 +286,22 @@ def start_run(args, method: str, also_attacks=()) -> Run:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     print(f"[{method}] run folder: {run_dir}  device: {device}", flush=True)
     return Run(run_dir, writer, device, args, time.time(), method)
+
+
+def check_resume_flags(args, method: str, folder: str, free=("resume",)):
+    """A resumed run must have been started with the same flags (its args.json), except those in `free`."""
+    path = os.path.join(folder, "args.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {folder} is not a run folder (no args.json)")
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("method", method) != method:
+        raise UsageError(f"--resume {folder} is a {earlier.get('method')} run, not {method}")
+    ours = json.loads(json.dumps(vars(args), default=str))  # tuples -> lists, as args.json stores them
+    changed = sorted(k for k, v in ours.items() if k not in free and earlier.get(k) != v)
+    if changed:
+        raise UsageError(f"--resume {folder} was run with other flags: "
+                         + ", ".join(f"--{k.replace('_', '-')} {earlier.get(k)} (now {ours[k]})" for k in changed))
 
 
 def write_json_atomic(path: str, obj):

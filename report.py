@@ -437,6 +437,44 @@ def plot_curves(rows, out_dir):
     return made
 
 
+def rosearch_features(history, path):
+    """RoSearch §7: Spearman rank correlation of architecture features with R and A over every evaluated candidate
+    of a search history (history_*.jsonl); written to `path` as markdown."""
+    from scipy.stats import spearmanr
+
+    from rosearch import INPUTS, OPS
+
+    ops = sorted({op for r in history for cell in r["genotype"]["cells"] for node in cell for _, op in node})
+
+    feats = {}
+    for r in history:
+        edges = [edge for cell in r["genotype"]["cells"] for node in cell for edge in node]
+        kernels = [OPS[op][1] * OPS[op][2] for _, op in edges if OPS[op][0] == "conv"]
+        f = {"cells": len(r["genotype"]["cells"]), "hidden": r["genotype"]["hidden"],
+             "non_embedding_params": r["params"]["non_embedding"],
+             "mean_conv_span": float(np.mean(kernels)) if kernels else 0.0,
+             "frac_edges_from_cell_inputs": float(np.mean([inp < INPUTS for inp, _ in edges]))}
+        f.update({f"frac_{op}": float(np.mean([o == op for _, o in edges])) for op in ops})
+        for k, v in f.items():
+            feats.setdefault(k, []).append(v)
+    table = {}
+    for k, values in feats.items():
+        row = {}
+        for target in ("R", "A"):
+            ys = [r[target] for r in history]
+            rho = spearmanr(values, ys).statistic if len(set(values)) > 1 and len(set(ys)) > 1 else float("nan")
+            row[target] = float(rho)
+        table[k] = row
+    lines = ["# RoSearch: architecture features vs robustness (Spearman rho over the search history)", "",
+             f"{len(history)} candidates; R = probe robustness, A = dev accuracy; nan = constant feature.", "",
+             "| feature | rho(feature, R) | rho(feature, A) |", "|---|---|---|"]
+    lines += [f"| {k} | {v['R']:+.3f} | {v['A']:+.3f} |" for k, v in sorted(table.items(), key=lambda kv: -abs(
+        np.nan_to_num(kv[1]["R"])))]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return table
+
+
 BENCH_PATTERNS = [  # (log file, label, regex whose groups are the figure, unit appended, target from the issues)
     ("wrapper.log", "attack wrapper: TextAttack stock / ours (time, same outcomes)",
      r"^\S+\s+[\d.]+\s+[\d.]+\s+([\d.]+x\s+\d+/\d+)", "", ">= 3x, identical outcomes"),
@@ -671,6 +709,11 @@ def main():
             f"seconds.", "", summary_table(rows, failures), ""]
     text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     mask_lines, mask_plots = mask_diagnostics(args.results_dir, args.results_dir)
+    for history in sorted(glob.glob(os.path.join(args.results_dir, "**", "history_*.jsonl"), recursive=True)):
+        with open(history) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if len(records) > 2:
+            rosearch_features(records, history.replace(".jsonl", "_features.md"))
     text += ([""] + mask_lines + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in mask_plots]
              if mask_lines else [])
     path = os.path.join(args.results_dir, "summary.md")

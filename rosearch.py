@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections import deque
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 
 from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
-                    load_model, load_task, make_loader, results_template, set_seed, start_run, texts_of, tokenize,
-                    usage_errors, validate_common_args)
+                    load_model, load_task, make_loader, predict_labels, results_template, set_seed, start_run,
+                    texts_of, tokenize, usage_errors, validate_common_args, write_json_atomic)
 from offline import offline_attack_resources
 
 METHOD = "rosearch"
@@ -37,8 +38,7 @@ OPS = {"conv3": ("conv", 3, 1), "conv5": ("conv", 5, 1), "conv7": ("conv", 7, 1)
 DEFAULT_OPS = ",".join(op for op in OPS if op != "attention")
 MUTATIONS = {"op": 0.5, "input": 0.3, "depth": 0.1, "width": 0.1}  # §3.3
 MAX_REDRAWS = 500  # proposals tried before the space is declared exhausted
-BENCH_TRAIN, BENCH_EVAL, BENCH_PROBE = 1000, 200, 20  # --bench defaults
-SEARCHES = {"rosearch": "RoSearch student", "accuracy_only": "accuracy-only search"}
+BENCH_TRAIN, BENCH_EVAL, BENCH_PROBE = 1000, 200, 100  # --bench defaults
 
 
 def parse_args(argv=None):
@@ -77,7 +77,10 @@ def parse_args(argv=None):
     e.add_argument("--fitness-attack", default=None, help=f"R's attack: one of {', '.join(ATTACK_RECIPES)} or 'pgd' "
                    "(embedding PGD at --probe-pgd-radius); default textfooler (deepwordbug under --bench)")
     e.add_argument("--probe-examples", type=int, default=None, help="N_r: seeded dev sentences attacked per "
-                   f"candidate; default 200 ({BENCH_PROBE} under --bench)")
+                   f"candidate, stratified by label; default 200 ({BENCH_PROBE} under --bench)")
+    e.add_argument("--accuracy-floor", type=float, default=0.9, help="a candidate whose dev accuracy A is below this "
+                   "share of the teacher's gets no robustness credit (R counts 0 in F): a collapsed student (one "
+                   "class) cannot win on R; 0 turns the floor off")
     e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
     e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
     e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this "
@@ -138,6 +141,7 @@ def validate(args):
     check_range("kd-alpha", args.kd_alpha, 0, 1)
     check_range("kd-temperature", args.kd_temperature, 0, low_open=True)
     check_range("crossover-prob", args.crossover_prob, 0, 1)
+    check_range("accuracy-floor", args.accuracy_floor, 0, 1)
     check_range("min-compression", args.min_compression, 0, low_open=True)
     for name in ("proxy_epochs", "final_epochs", "student_lr", "probe_pgd_radius"):
         check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
@@ -149,9 +153,6 @@ def validate(args):
         if row not in ("teacher", "handmade", "accuracy-only"):
             raise UsageError(f"unknown row '{row}' in --extra-rows; choose from teacher, handmade, accuracy-only")
     args.rows = rows
-    if args.resume is not None and not any(os.path.isfile(os.path.join(args.resume, f"history_{label}.jsonl"))
-                                           for label in SEARCHES):
-        raise UsageError(f"--resume {args.resume} has no history_rosearch.jsonl; give the folder of an earlier run")
     return args
 
 
@@ -355,8 +356,28 @@ def check_space(space: Space):
 # Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher params
 # ---------------------------------------------------------------------------------------------------------------
 def fitness(record, weights) -> float:
+    """R_credit is R, or 0 below the accuracy floor (records without it: R)."""
     w_r, w_a, w_e = weights
-    return w_r * record["R"] + w_a * record["A"] + w_e * 100.0 * (1.0 - record["E"] / record["E_max"])
+    r = record.get("R_credit", record["R"])
+    return w_r * r + w_a * record["A"] + w_e * 100.0 * (1.0 - record["E"] / record["E_max"])
+
+
+def credit(record: dict, floor_accuracy: float) -> dict:
+    """The collapse guard: no robustness credit below the floor (a one-class student scores R = its class share)."""
+    return {**record, "A_floor": floor_accuracy, "R_credit": record["R"] if record["A"] >= floor_accuracy else 0.0}
+
+
+def stratified_probe(labels, n: int, seed: int) -> np.ndarray:
+    """n indices, as equal per label as the data allow, seeded; sorted. A random probe of 20 can be 70 % one class."""
+    rng, labels = np.random.default_rng(seed), np.asarray(labels)
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
+    taken, chosen = {c: 0 for c in pools}, []
+    while len(chosen) < min(n, len(labels)):
+        for c in sorted(pools, key=lambda c: taken[c]):  # the class with fewest picks first
+            if taken[c] < len(pools[c]) and len(chosen) < n:
+                chosen.append(pools[c][taken[c]])
+                taken[c] += 1
+    return np.sort(np.array(chosen, dtype=int))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,22 +389,32 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None) -
     for index in range(args.population + args.cycles):
         rng = random.Random(args.seed * 1_000_003 + index)
         if index < args.population:
-            propose = lambda: random_genotype(space, rng)  # noqa: E731
+            proposers = [("random", lambda: random_genotype(space, rng))]
         else:
             contenders = sorted(rng.sample(list(population), args.tournament), key=lambda r: -fitness(r, weights))
             parents = [c["genotype"] for c in contenders[:2]]
             use_crossover = len(parents) == 2 and rng.random() < args.crossover_prob
 
-            def propose():
-                base = crossover(parents[0], parents[1], rng) if use_crossover else parents[0]
-                return mutate(base, space, rng)
-        for _ in range(MAX_REDRAWS):  # duplicates and over-budget children are re-drawn
-            genotype = propose()
-            if genotype_hash(genotype) not in seen and is_valid(genotype, space) and within_budget(genotype, space):
+            def child():
+                return mutate(crossover(parents[0], parents[1], rng) if use_crossover else parents[0], space, rng)
+            # a parent whose neighbours are all seen falls back to the next contenders, then to a random genotype
+            proposers = [("mutation", child)] + [(f"mutation of contender {i}", lambda g=c["genotype"]: mutate(
+                g, space, rng)) for i, c in enumerate(contenders[1:], 1)] + [("random", lambda: random_genotype(
+                    space, rng))]
+        genotype = None
+        for how, propose in proposers:
+            for _ in range(MAX_REDRAWS):  # duplicates and over-budget children are re-drawn
+                candidate = propose()
+                if (genotype_hash(candidate) not in seen and is_valid(candidate, space)
+                        and within_budget(candidate, space)):
+                    genotype = candidate
+                    break
+            if genotype is not None:
                 break
-        else:
+        if genotype is None:
             raise UsageError(f"search space exhausted at candidate {index}: no new genotype within budget after "
-                             f"{MAX_REDRAWS} draws; lower --population/--cycles or widen --ops/--max-cells/--hidden")
+                             f"{MAX_REDRAWS} draws of each proposal, random ones included; lower --population/--cycles "
+                             f"or widen --ops/--max-cells/--hidden")
         key = genotype_hash(genotype)
         seen.add(key)
         record = stored.get(index)
@@ -392,7 +423,7 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None) -
                              f"{key}); resume with the same --seed and search flags")
         if record is None:
             record = evaluate(genotype, index)
-        record = {**record, "index": index, "hash": key, "genotype": genotype}
+        record = {**record, "index": index, "hash": key, "genotype": genotype, "proposal": how}
         record["fitness"] = fitness(record, weights)
         if on_record is not None:
             on_record(record)
@@ -436,18 +467,28 @@ def logits_of(model, loader, device):
                       for b in loader])
 
 
+TEACHER_FLAGS = ("model", "task", "seed", "lr", "epochs", "batch_size", "eval_batch_size", "max_seq_length", "warmup",
+                 "weight_decay", "bf16", "cuda")
+
+
+def teacher_cache(args, data) -> str:
+    """The cache folder of the teacher and its logits: a key of every flag its fine-tuning reads, and the data."""
+    raw_teacher = args.bench and args.teacher is None
+    key = [raw_teacher, args.teacher and os.path.abspath(args.teacher), [getattr(args, k) for k in TEACHER_FLAGS],
+           list(texts_of(data, data.train)), list(data.train["label"]), list(texts_of(data, data.dev))]
+    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
+    return os.path.join(args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache"), f"{args.task}_{digest}")
+
+
 def prepare_teacher(args, data, run):
-    """The fine-tuned teacher and its train/dev logits, cached under a key of teacher, data and fine-tuning flags."""
+    """The fine-tuned teacher and its train/dev logits, cached (teacher_cache). Written to temporary names and
+    renamed, and done.json last: a kill leaves no cache that a later run would trust."""
     raw_teacher = args.bench and args.teacher is None  # --bench: timings do not depend on the teacher being trained
-    teacher_path = args.teacher and os.path.abspath(args.teacher)
-    digest = hashlib.sha1(json.dumps([raw_teacher, teacher_path, args.model, args.task, args.seed, args.lr, args.epochs,
-                                      args.batch_size, args.max_seq_length, list(texts_of(data, data.train)),
-                                      list(data.train["label"]), list(texts_of(data, data.dev))],
-                                     default=str).encode()).hexdigest()[:16]
-    folder = os.path.join(args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache"), f"{args.task}_{digest}")
+    folder = teacher_cache(args, data)
+    done = os.path.isfile(os.path.join(folder, "done.json"))
     teacher_dir = args.teacher or (args.model if raw_teacher else os.path.join(folder, "teacher"))
     start = time.time()
-    if args.teacher is None and not raw_teacher and not os.path.isfile(os.path.join(teacher_dir, "config.json")):
+    if args.teacher is None and not raw_teacher and not done:
         print(f"[teacher] fine-tuning {args.model} (cached in {teacher_dir})", flush=True)
         model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
         train = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer, args.batch_size,
@@ -455,19 +496,24 @@ def prepare_teacher(args, data, run):
         dev = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size,
                           False)
         finetune(model, train, dev, run, args.epochs, args.lr, args.weight_decay, args.warmup, tag="teacher")
-        model.save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(teacher_dir)
+        tmp = f"{teacher_dir}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(teacher_dir, ignore_errors=True)  # a cut folder of a killed run
+        os.replace(tmp, teacher_dir)
     teacher, tokenizer = load_model(teacher_dir, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
     teacher.to(run.device).eval()
     cache = os.path.join(folder, "teacher_logits.pt")
     encoded = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev")}
-    if os.path.isfile(cache):
+    if done:
         logits = torch.load(cache)
     else:  # the only teacher forward passes over train/dev: the search never runs the teacher
         logits = {s: logits_of(teacher, make_loader(e, tokenizer, args.eval_batch_size, False), run.device)
                   for s, e in encoded.items()}
         os.makedirs(folder, exist_ok=True)
-        torch.save(logits, cache)
+        torch.save(logits, f"{cache}.tmp{os.getpid()}")
+        os.replace(f"{cache}.tmp{os.getpid()}", cache)
+        write_json_atomic(os.path.join(folder, "done.json"), {"teacher": teacher_dir, "flags": list(TEACHER_FLAGS)})
     for s in encoded:
         encoded[s] = encoded[s].add_column("teacher_logits", logits[s].tolist())
     dev_acc = 100.0 * (logits["dev"].argmax(-1) == torch.tensor(data.dev["label"])).float().mean().item()
@@ -510,7 +556,7 @@ def robustness(student, ctx) -> dict:
     if args.fitness_attack == "pgd":
         aua = 100.0 * pgd_accuracy(student, ctx.probe_loader, ctx.run.device, args.probe_pgd_radius,
                                    autocast=ctx.run.autocast)
-        return {"R": aua, "R_suc": None}
+        return {"R": aua, "probe_not_fooled": None}
     ctx.probe_model.predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size,
                                         ctx.run.device, ctx.run.autocast)
     if ctx.probe_attack is None:
@@ -518,7 +564,7 @@ def robustness(student, ctx) -> dict:
                                         ctx.resources, args.attack_query_budget, args.attack_max_modify_rate,
                                         args.eval_batch_size)
     summary, _ = run_attack(ctx.probe_attack, ctx.probe_samples, ctx.data.text_columns, None, desc="probe")
-    return {"R": summary["aua"], "R_suc": 100.0 - summary["suc"]}
+    return {"R": summary["aua"], "probe_not_fooled": 100.0 - summary["suc"]}  # % of clean-correct ones that held
 
 
 def train_and_score(genotype, ctx, epochs, tag):
@@ -531,17 +577,19 @@ def train_and_score(genotype, ctx, epochs, tag):
     fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, ctx.args.student_lr,
                    ctx.args.student_weight_decay, ctx.args.warmup, loss_fn=ctx.loss_fn, tag=tag)
     kd_seconds, start = time.time() - start, time.time()
+    predicted, _ = predict_labels(student, ctx.dev_loader, ctx.run.device, ctx.run.autocast)
     score = robustness(student, ctx)
     params = student_params(genotype, ctx.space)  # equal to count_params(student) (tests/test_rosearch.py)
     ratio = compression(params, ctx.space)
     record = {"A": 100.0 * fit["dev_accuracy"], **score, "E": 1.0 / ratio[ctx.space.basis],
               "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
+              "majority_share": float(np.bincount(predicted).max() / len(predicted)),
               "kd_seconds": kd_seconds, "probe_seconds": time.time() - start}
-    return student, record
+    return student, credit(record, ctx.floor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Final stage helpers: inference speed, rows, feature/robustness analysis (§6-7)
+# Final stage helpers: inference speed, rows (§6-7)
 # ---------------------------------------------------------------------------------------------------------------
 def examples_per_second(model, ctx, repeats: int = 3) -> float:
     """Inference throughput on --speed-examples dev sentences (best of `repeats`, so load spikes do not count)."""
@@ -558,6 +606,12 @@ def examples_per_second(model, ctx, repeats: int = 3) -> float:
 
 
 def evaluate_row(model, setting, ctx, prefix, dev_accuracy, extra=None) -> dict:
+    """A test row (attacks included), saved to rows/{prefix}.json: a resumed run reads it instead of attacking."""
+    path = os.path.join(ctx.run.dir, "rows", f"{prefix}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            print(f"[{prefix}] evaluated before the resume: {path}", flush=True)
+            return json.load(f)
     start = time.time()
     row = results_template(ctx.args, METHOD, setting, model)
     row["dev_accuracy"] = dev_accuracy
@@ -570,40 +624,9 @@ def evaluate_row(model, setting, ctx, prefix, dev_accuracy, extra=None) -> dict:
     row["extra"]["inference"] = {"examples_per_s": speed, "teacher_examples_per_s": teacher_speed,
                                  "speedup_vs_teacher": speed / teacher_speed}
     row["wall_clock"]["evaluation"] = time.time() - start
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, row)
     return row
-
-
-def analyse(history, ops, path):
-    """Spearman rank correlation of architecture features with R and A over every evaluated candidate (§7)."""
-    from scipy.stats import spearmanr
-
-    feats = {}
-    for r in history:
-        edges = [edge for cell in r["genotype"]["cells"] for node in cell for edge in node]
-        kernels = [OPS[op][1] * OPS[op][2] for _, op in edges if OPS[op][0] == "conv"]
-        f = {"cells": len(r["genotype"]["cells"]), "hidden": r["genotype"]["hidden"],
-             "non_embedding_params": r["params"]["non_embedding"],
-             "mean_conv_span": float(np.mean(kernels)) if kernels else 0.0,
-             "frac_edges_from_cell_inputs": float(np.mean([inp < INPUTS for inp, _ in edges]))}
-        f.update({f"frac_{op}": float(np.mean([o == op for _, o in edges])) for op in ops})
-        for k, v in f.items():
-            feats.setdefault(k, []).append(v)
-    table = {}
-    for k, values in feats.items():
-        row = {}
-        for target in ("R", "A"):
-            ys = [r[target] for r in history]
-            rho = spearmanr(values, ys).statistic if len(set(values)) > 1 and len(set(ys)) > 1 else float("nan")
-            row[target] = float(rho)
-        table[k] = row
-    lines = ["# RoSearch: architecture features vs robustness (Spearman rho over the search history)", "",
-             f"{len(history)} candidates; R = probe robustness, A = dev accuracy; nan = constant feature.", "",
-             "| feature | rho(feature, R) | rho(feature, A) |", "|---|---|---|"]
-    lines += [f"| {k} | {v['R']:+.3f} | {v['A']:+.3f} |" for k, v in sorted(table.items(), key=lambda kv: -abs(
-        np.nan_to_num(kv[1]["R"])))]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return table
 
 
 def handmade_genotype(args):
@@ -612,42 +635,63 @@ def handmade_genotype(args):
     return {"hidden": args.hidden_list[0], "cells": [copy.deepcopy(cell) for _ in range(args.handmade_cells)]}
 
 
+def trained(genotype, ctx, tag):
+    """A student trained with --final-epochs, saved to students/{hash}.pt with its record; a resumed run (or the
+    other search picking the same finalist) loads it instead of training it again."""
+    path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu")
+        return load_student(path, ctx.teacher).to(ctx.run.device), saved["record"]
+    student, record = train_and_score(genotype, ctx, ctx.args.final_epochs, tag)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_student(student, ctx.space, f"{path}.tmp{os.getpid()}", record)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+    return student, record
+
+
+def save_student(student, space, path, record=None):
+    torch.save({"genotype": student.genotype, "state_dict": student.state_dict(), "record": record,
+                "config": {"embed_dim": space.embed_dim, "num_labels": space.num_labels, "heads": space.heads,
+                           "combine": space.combine, "residual": space.residual, "dropout": space.dropout}}, path)
+
+
 def run_search(label, weights, ctx, evaluated):
-    """One evolutionary search (history_{label}.jsonl, appended as each candidate finishes), then the top-k."""
+    """One evolutionary search (history_{label}.jsonl, appended as each candidate finishes; a resumed run replays the
+    stored candidates without training them), then the top-k finalists with the full budget, picked by fitness."""
     args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
-    stored = {}
-    if args.resume and os.path.isfile(os.path.join(args.resume, f"history_{label}.jsonl")):
-        stored = read_history(os.path.join(args.resume, f"history_{label}.jsonl"))
-        evaluated.update({r["hash"]: r for r in stored.values()})
-        print(f"[{label}] resuming: {len(stored)} stored candidates from {args.resume}", flush=True)
+    stored = read_history(path) if os.path.isfile(path) else {}
+    evaluated.update({r["hash"]: r for r in stored.values()})
+    if stored:
+        print(f"[{label}] resuming: {len(stored)} stored candidates", flush=True)
+    with open(path, "w") as f:  # the valid stored lines only (a cut last line is dropped)
+        f.writelines(json.dumps(stored[i]) + "\n" for i in sorted(stored))
     best = [float("-inf")]
 
     def evaluate(genotype, index):
         key = genotype_hash(genotype)
         if key not in evaluated:  # both searches share evaluations: a genotype's R, A, E do not depend on weights
             evaluated[key] = train_and_score(genotype, ctx, args.proxy_epochs, f"search/{key}")[1]
+            ctx.trained_candidates += 1
         return evaluated[key]  # evolve() sets index, fitness, genotype and hash on its own copy
 
     def on_record(record):
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if record["index"] not in stored:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         best[0] = max(best[0], record["fitness"])
         ctx.run.log({f"charts/{label}_fitness": record["fitness"], f"charts/{label}_best_fitness": best[0],
                      f"robust/{label}_R": record["R"], f"eval/{label}_A": record["A"],
+                     f"charts/{label}_majority_share": record.get("majority_share", 0),
                      f"charts/{label}_non_embedding_params": record["params"]["non_embedding"]}, record["index"])
         print(f"[{label} {record['index'] + 1}/{args.population + args.cycles}] {record['hash']} "
               f"K={len(record['genotype']['cells'])} H={record['genotype']['hidden']} A {record['A']:.1f} "
-              f"R {record['R']:.1f} x{record['compression'][ctx.space.basis]:.1f} F {record['fitness']:.2f}",
-              flush=True)
+              f"R {record['R']:.1f}{'' if record.get('R_credit', record['R']) == record['R'] else ' (below floor)'} "
+              f"x{record['compression'][ctx.space.basis]:.1f} F {record['fitness']:.2f}", flush=True)
 
     history = evolve(ctx.space, args, weights, evaluate, stored, on_record)
-    # Final stage: re-train the top-k by fitness with the full KD budget and pick on dev (§3.3)
     best_student, best_record = None, None
     for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
-        if record["hash"] not in ctx.finalists:  # both searches may pick the same finalist: train it once
-            ctx.finalists[record["hash"]] = train_and_score(record["genotype"], ctx, args.final_epochs,
-                                                            f"final/{record['hash']}")
-        student, final = ctx.finalists[record["hash"]]
+        student, final = trained(record["genotype"], ctx, f"final/{record['hash']}")
         final = {**final, "hash": record["hash"], "genotype": record["genotype"]}
         final["fitness"] = fitness(final, weights)
         print(f"[{label} final] {record['hash']} A {final['A']:.1f} R {final['R']:.1f} F {final['fitness']:.2f}",
@@ -657,13 +701,37 @@ def run_search(label, weights, ctx, evaluated):
     return best_student, best_record, history
 
 
-def main(args):
+@dataclass
+class Context:
+    """What every candidate's training and scoring reads."""
+    args: argparse.Namespace
+    run: object
+    data: object
+    teacher: nn.Module
+    tokenizer: object
+    encoded: dict
+    space: Space
+    floor: float  # the accuracy floor in %: --accuracy-floor x the teacher's dev accuracy
+    loss_fn: object
+    resources: object
+    probe_samples: list
+    dev_loader: object
+    probe_loader: object
+    probe_model: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(predict=None))
+    probe_attack: object = None
+    trained_candidates: int = 0  # candidates KD-trained in this process (a resume replays the stored ones)
+
+
+RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a resumed run may change
+
+
+def setup(args):
+    """The run folder (or the resumed one), data, teacher, search space and probe: (ctx, teacher dev accuracy)."""
     args = validate(args)
-    run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [])
+    run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [],
+                    resume=args.resume, free=RESUME_FREE)
     data = load_task(args)
-    results_wall = {}
-    # Stage 1: the teacher, fine-tuned once; its train/dev logits cached to disk (§4.3)
-    teacher, tokenizer, encoded, teacher_dev, results_wall["teacher"] = prepare_teacher(args, data, run)
+    teacher, tokenizer, encoded, teacher_dev, seconds = prepare_teacher(args, data, run)
     word = teacher.get_input_embeddings()
     emb = count_params(teacher.base_model.embeddings)  # the block every student shares: tables + its LayerNorm
     space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, word.embedding_dim,
@@ -671,80 +739,60 @@ def main(args):
                   args.compression_basis, args.min_compression, args.heads, args.cell_combine, args.cell_residual,
                   args.dropout)
     check_space(space)
-    rng = np.random.default_rng(args.probe_seed)
-    probe_idx = np.sort(rng.choice(len(data.dev), size=min(args.probe_examples, len(data.dev)), replace=False))
+    probe_idx = stratified_probe(data.dev["label"], args.probe_examples, args.probe_seed)
     probe = data.dev.select(probe_idx)
-    ctx = SimpleNamespace(args=args, run=run, data=data, teacher=teacher, tokenizer=tokenizer, encoded=encoded,
-                          space=space, loss_fn=kd_loss(args.kd_alpha, args.kd_temperature), probe_attack=None,
-                          finalists={},
-                          resources=(offline_attack_resources(args.attack_substitutes)  # built once, for every attack
-                                     if getattr(args, "attack_substitutes", None) else None),
-                          probe_model=SimpleNamespace(predict=None),
-                          probe_samples=list(zip(texts_of(data, probe), probe["label"])),
-                          dev_loader=make_loader(encoded["dev"], tokenizer, args.eval_batch_size, False),
-                          probe_loader=make_loader(encoded["dev"].select(probe_idx), tokenizer, args.eval_batch_size,
-                                                   False))
-    if args.bench:
-        bench_rng = random.Random(args.seed)
-        records = [train_and_score(random_genotype(space, bench_rng), ctx, args.proxy_epochs, "bench")
-                   for _ in range(args.bench_candidates)]
-        kd, pr = np.mean([r["kd_seconds"] for _, r in records]), np.mean([r["probe_seconds"] for _, r in records])
-        speed, teacher_speed = examples_per_second(records[0][0], ctx), examples_per_second(teacher, ctx)
-        print(f"bench: {kd + pr:.2f} s per evaluated candidate (KD {kd:.2f} s + probe {args.fitness_attack} "
-              f"{pr:.2f} s, {len(encoded['train'])} train / {len(ctx.probe_samples)} probe examples); inference "
-              f"student "
-              f"{speed:.0f} ex/s vs teacher {teacher_speed:.0f} ex/s = {speed / teacher_speed:.2f}x "
-              f"(params x{records[0][1]['compression']['total']:.1f} total, "
-              f"x{records[0][1]['compression']['non_embedding']:.1f} non-embedding)", flush=True)
-        run.writer.close()
-        return
-    rows, evaluated = [], {}
+    ctx = Context(args, run, data, teacher, tokenizer, encoded, space, args.accuracy_floor * teacher_dev,
+                  kd_loss(args.kd_alpha, args.kd_temperature),
+                  offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None,
+                  list(zip(texts_of(data, probe), probe["label"])),
+                  make_loader(encoded["dev"], tokenizer, args.eval_batch_size, False),
+                  make_loader(encoded["dev"].select(probe_idx), tokenizer, args.eval_batch_size, False))
+    return ctx, teacher_dev, seconds
+
+
+ROWS = {"rosearch": "RoSearch student", "accuracy-only": "accuracy-only search", "handmade": "hand-made student",
+        "teacher": "teacher"}
+
+
+def main(args):
+    ctx, teacher_dev, teacher_seconds = setup(args)
+    args, run = ctx.args, ctx.run
+    wanted = list(dict.fromkeys(([args.baseline] if args.baseline != "none" else ["rosearch"]) + args.rows))
     acc_weights = [0.0, args.weights[0] + args.weights[1], args.weights[2]]
-
-    def handmade_row():
-        start = time.time()
-        student, record = train_and_score(handmade_genotype(args), ctx, args.final_epochs, "handmade")
-        row = evaluate_row(student, "hand-made student", ctx, "handmade_", record["A"],
-                           {"genotype": student.genotype, "record": record})
-        row["wall_clock"]["final"] = time.time() - start
-        return row
-
-    if args.baseline == "teacher":
-        main_row = evaluate_row(teacher, "teacher", ctx, "teacher_", teacher_dev)
-    elif args.baseline == "handmade":
-        main_row = handmade_row()
-    else:
-        # Stage 2: evolutionary search, each candidate KD-trained and scored by the fitness (§3-5)
-        label = "accuracy_only" if args.baseline == "accuracy-only" else "rosearch"
-        start = time.time()
-        student, best, history = run_search(label, acc_weights if label == "accuracy_only" else args.weights, ctx,
-                                            evaluated)
-        results_wall["search_and_final"] = time.time() - start
-        # Stage 3: the picked student on test with the full attack set; analysis of the history (§6-7)
-        torch.save({"genotype": student.genotype, "state_dict": student.state_dict(),
-                    "config": {"embed_dim": space.embed_dim, "num_labels": space.num_labels, "heads": space.heads,
-                               "combine": space.combine, "residual": space.residual, "dropout": space.dropout}},
-                   os.path.join(run.dir, "student.pt"))
-        correlations = analyse(history, space.ops, os.path.join(run.dir, "analysis.md"))
-        main_row = evaluate_row(student, SEARCHES[label], ctx, f"{label}_", best["A"],
-                                {"genotype": best["genotype"], "best": best, "correlations": correlations,
-                                 "candidates": len(history), "history": f"history_{label}.jsonl"})
-        if label == "rosearch" and "accuracy-only" in args.rows:
-            acc_student, acc_best, _ = run_search("accuracy_only", acc_weights, ctx, evaluated)
-            rows.append(evaluate_row(acc_student, SEARCHES["accuracy_only"], ctx, "accuracy_only_", acc_best["A"],
-                                     {"genotype": acc_best["genotype"], "best": acc_best}))
-    if args.baseline != "handmade" and "handmade" in args.rows:
-        rows.append(handmade_row())
-    if args.baseline != "teacher" and "teacher" in args.rows:
-        rows.append(evaluate_row(teacher, "teacher", ctx, "teacher_", teacher_dev))
-    results = main_row
-    results["wall_clock"].update(results_wall)
-    results["extra"].update(rows=rows, fitness_weights=args.weights, fitness_attack=args.fitness_attack,
-                            teacher_dev_accuracy=teacher_dev, compression_basis=args.compression_basis)
+    # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done)
+    picked, evaluated, start = {}, {}, time.time()
+    for name, weights in (("rosearch", args.weights), ("accuracy-only", acc_weights)):
+        if name in wanted:
+            picked[name] = run_search(name, weights, ctx, evaluated)
+    if "handmade" in wanted:
+        picked["handmade"] = (*trained(handmade_genotype(args), ctx, "handmade"), None)
+    search_seconds = time.time() - start
+    # Stage 3: every row on test with the full attack set (each row saved as it finishes)
+    rows = []
+    for name in wanted:
+        if name == "teacher":
+            rows.append(evaluate_row(ctx.teacher, ROWS[name], ctx, "teacher_", teacher_dev))
+            continue
+        student, best, history = picked[name]
+        extra = {"genotype": student.genotype, "best": best}
+        if history is not None:
+            extra.update(candidates=len(history), history=f"history_{name}.jsonl")
+            save_student(student, ctx.space, os.path.join(run.dir, f"student_{name}.pt"), best)
+        rows.append(evaluate_row(student, ROWS[name], ctx, f"{name}_", best["A"], extra))
+    results = rows[0]
+    results["wall_clock"].update(teacher=teacher_seconds, search_and_final=search_seconds)
+    results["extra"].update(rows=rows[1:], fitness_weights=args.weights, fitness_attack=args.fitness_attack,
+                            teacher_dev_accuracy=teacher_dev, accuracy_floor=ctx.floor,
+                            compression_basis=args.compression_basis, trained_candidates=ctx.trained_candidates)
     finish_run(run, results)
-    print_summary([(results["setting"], results)] + [(r["setting"], r) for r in rows])
+    print_summary([(r["setting"], r) for r in rows])
 
 
 if __name__ == "__main__":
     with usage_errors():
-        main(parse_args())
+        cli = parse_args()
+        if cli.bench:
+            from bench import bench_rosearch
+            bench_rosearch(cli)
+        else:
+            main(cli)

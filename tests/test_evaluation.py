@@ -320,7 +320,7 @@ def test_attacks_cli_resumes_a_killed_attack_of_a_checkpoint(trained_tiny, tmp_p
     assert again["outcomes"] == whole["outcomes"] and len(open(path).read().splitlines()) == 7
     changed = cli("attacks.py", *flags[:-2], "--output-dir", str(tmp_path / "runs"), "--attack-seed", "3",
                   "--resume", run_dir)
-    assert changed.returncode == 2 and "was run with other flags: attack_seed" in changed.stderr
+    assert changed.returncode == 2 and "was run with other flags: --attack-seed" in changed.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -202,7 +202,7 @@ def run_cli(tmp_path, capsys, *flags):
             str(tmp_path / "cache"), "--max-train-examples", "64", "--max-eval-examples", "40", "--max-seq-length",
             "32",
             "--epochs", "1", "--lr", "1e-3", "--attacks", "none", "--hidden", "8", "--max-cells", "2",
-            "--proxy-epochs", "1", "--final-epochs", "1", "--top-k", "1", "--probe-examples", "3", "--speed-examples",
+            "--proxy-epochs", "1", "--final-epochs", "1", "--top-k", "1", "--probe-examples", "4", "--speed-examples",
             "16", "--student-batch-size", "32", "--population", "3", "--tournament", "2", "--cycles", "1", *flags]
     capsys.readouterr()
     rs.main(rs.parse_args(argv))
@@ -211,28 +211,123 @@ def run_cli(tmp_path, capsys, *flags):
 
 @needs_nltk  # the DeepWordBug probe imports textattack, which needs the NLTK stopwords
 def test_cli_search_rows_attack_probe_resume_and_bench(tmp_path, capsys):
-    # one real run: tiny teacher, DeepWordBug probe on 3 dev sentences, 3 + 1 candidates, teacher + hand-made rows
-    out = run_cli(tmp_path, capsys, "--fitness-attack", "deepwordbug", "--extra-rows", "teacher,handmade",
-                  "--handmade-cells", "1")
+    import shutil
+
+    import bench
+
+    # one real run: tiny teacher, DeepWordBug probe on 4 dev sentences, 3 + 1 candidates, teacher + hand-made rows
+    flags = ["--fitness-attack", "deepwordbug", "--extra-rows", "handmade,teacher", "--handmade-cells", "1"]
+    out = run_cli(tmp_path, capsys, *flags)
     (run_dir,) = [os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs")]
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert results["setting"] == "RoSearch student" and results["compression"] > 1
     assert [r["setting"] for r in results["extra"]["rows"]] == ["hand-made student", "teacher"]
-    assert results["extra"]["compression"]["non_embedding"] >= 4.6
+    assert results["extra"]["compression"]["non_embedding"] >= 4.6 and results["extra"]["trained_candidates"] == 4
     history = [json.loads(line) for line in open(os.path.join(run_dir, "history_rosearch.jsonl"))]
     assert len(history) == 4 and all(0 <= r["R"] <= 100 for r in history)
-    assert {"R", "A", "E", "params", "fitness", "genotype"} <= set(history[0])
-    assert os.path.isfile(os.path.join(run_dir, "analysis.md")) and "bench" not in out
-    # resume from a history cut after two candidates with a corrupt last line: same history, no teacher re-run
-    cut = tmp_path / "cut"
-    cut.mkdir()
+    assert {"R", "R_credit", "A", "A_floor", "majority_share", "E", "params", "fitness", "genotype"} <= set(history[0])
+    assert "bench" not in out
+    # killed after two candidates (a corrupt last line, no finalists, no rows): resumed in place, nothing twice
+    cut = tmp_path / "runs" / "cut"
+    shutil.copytree(run_dir, cut)
+    for name in ("rows", "students", "results.json"):
+        shutil.rmtree(cut / name, ignore_errors=True) if name != "results.json" else os.remove(cut / name)
     lines = open(os.path.join(run_dir, "history_rosearch.jsonl")).read().splitlines()
     (cut / "history_rosearch.jsonl").write_text("\n".join(lines[:2] + ["{garbage"]) + "\n")
-    out = run_cli(tmp_path, capsys, "--fitness-attack", "deepwordbug", "--extra-rows", "none", "--resume", str(cut))
+    out = run_cli(tmp_path, capsys, *flags, "--resume", str(cut))
     assert "fine-tuning" not in out and "resuming: 2 stored" in out
-    resumed_dir = max((os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs")), key=os.path.getmtime)
-    resumed = [json.loads(line) for line in open(os.path.join(resumed_dir, "history_rosearch.jsonl"))]
+    resumed = [json.loads(line) for line in open(cut / "history_rosearch.jsonl")]
     assert [(r["hash"], round(r["fitness"], 6)) for r in resumed] == [(r["hash"], round(r["fitness"], 6))
                                                                       for r in history]
-    out = run_cli(tmp_path, capsys, "--bench", "--bench-candidates", "1", "--fitness-attack", "pgd")
+    again = json.load(open(cut / "results.json"))
+    assert again["extra"]["trained_candidates"] == 2 and again["clean_accuracy"] == results["clean_accuracy"]
+    # a finished run resumed: no candidate, finalist or row trained or evaluated again
+    out = run_cli(tmp_path, capsys, *flags, "--resume", str(cut))
+    assert json.load(open(cut / "results.json"))["extra"]["trained_candidates"] == 0
+    assert out.count("evaluated before the resume") == 3
+    with pytest.raises(UsageError, match="was run with other flags: --proxy-epochs 1.0 \\(now 2.0\\)"):
+        run_cli(tmp_path, capsys, *flags, "--resume", str(cut), "--proxy-epochs", "2")
+    argv = ["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(tmp_path / "runs"), "--cache-dir",
+            str(tmp_path / "cache"), "--attacks", "none", "--hidden", "8", "--max-cells", "2", "--bench",
+            "--bench-candidates", "1", "--fitness-attack", "pgd", "--max-seq-length", "32", "--speed-examples", "16"]
+    capsys.readouterr()
+    bench.bench_rosearch(rs.parse_args(argv))
+    out = capsys.readouterr().out
     assert "s per evaluated candidate" in out and "vs teacher" in out
+
+
+def test_kd_loss_is_kl_teacher_to_student_times_t_squared():
+    logits, teacher = torch.tensor([[2.0, -1.0], [0.5, 0.3]]), torch.tensor([[0.1, 1.5], [-2.0, 1.0]])
+    batch = {"labels": torch.tensor([0, 1]), "teacher_logits": teacher}
+    t = 2.0
+    p, q = (teacher / t).softmax(-1), (logits / t).softmax(-1)  # KL(p_teacher || q_student), not the reverse
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    reverse = (q * (q.log() - p.log())).sum(-1).mean()
+    assert not torch.isclose(kl, reverse)
+    assert torch.isclose(rs.kd_loss(1.0, t)(logits, batch), t ** 2 * kl)
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    assert torch.isclose(rs.kd_loss(0.8, t)(logits, batch), 0.2 * ce + 0.8 * t ** 2 * kl)
+
+
+def test_aging_removes_the_oldest_not_the_worst():
+    """Candidate 0 is the best; with P = 3 it must leave the population at candidate 3 (aging), so tournaments
+    after that never pick it as a parent; 'remove the worst' would keep it forever."""
+    space = make_space(ops=SMALL_OPS, max_cells=3)
+    scores = iter([100.0] + [10.0] * 40)
+    parents = []
+
+    def evaluate(genotype, index):
+        score = next(scores)
+        return {"R": score, "A": score, "E": 0.5, "E_max": 1.0, "params": {"total": 1, "non_embedding": 1},
+                "compression": {"total": 2.0, "non_embedding": 2.0}}
+
+    real_mutate = rs.mutate
+
+    def spy(genotype, space_, rng):
+        parents.append(rs.genotype_hash(genotype))
+        return real_mutate(genotype, space_, rng)
+
+    rs.mutate = spy
+    try:
+        history = rs.evolve(space, evo_args(population=3, tournament=3, cycles=8, crossover_prob=0.0), [0.5, 0.5, 0],
+                            evaluate)
+    finally:
+        rs.mutate = real_mutate
+    best = history[0]["hash"]
+    assert parents[0] == best  # candidate 3: the whole population is the tournament, the best is still in it
+    assert best not in parents[1:]  # after candidate 3, the oldest (the best) has aged out
+
+
+def test_mutated_children_stay_within_the_budget():
+    space = make_space(max_cells=4, hidden=(8, 16, 32), min_compression=8.0)
+    history = rs.evolve(space, evo_args(population=6, tournament=3, cycles=40), [0.5, 0.5, 0.0], planted_fitness(
+        {"hidden": 32, "cells": [rs.random_cell(space, random.Random(1)) for _ in range(4)]}))  # pulls to big ones
+    assert len(history) == 46 and all(rs.within_budget(r["genotype"], space) for r in history)
+    assert any(r["proposal"] == "mutation" for r in history[6:])
+
+
+def test_collapse_guard_gives_a_one_class_student_no_robustness_credit():
+    weights = [0.5, 0.5, 0.05]
+    constant = rs.credit({"R": 50.0, "A": 50.0, "E": 0.2, "E_max": 0.2}, floor_accuracy=0.9 * 86.0)
+    real = rs.credit({"R": 14.0, "A": 84.0, "E": 0.2, "E_max": 0.2}, floor_accuracy=0.9 * 86.0)
+    assert constant["R_credit"] == 0.0 and real["R_credit"] == 14.0
+    assert rs.fitness(real, weights) > rs.fitness(constant, weights)
+    assert rs.fitness({"R": 50.0, "A": 50.0, "E": 0.2, "E_max": 0.2}, weights) > rs.fitness(real, weights)  # unguarded
+    probe = rs.stratified_probe([0] * 90 + [1] * 10, 20, seed=0)
+    assert len(probe) == 20 and sum(i >= 90 for i in probe) == 10  # every class up to its size, then the rest
+    assert list(rs.stratified_probe([0, 1] * 50, 10, seed=0)) == list(rs.stratified_probe([0, 1] * 50, 10, seed=0))
+
+
+def test_teacher_cache_key_covers_every_fine_tuning_flag(tmp_path):
+    import common
+
+    def folder(*flags):
+        args = rs.validate(rs.parse_args(["--task", "toy", "--model", "tiny", "--output-dir", str(tmp_path),
+                                          "--max-train-examples", "40", "--max-eval-examples", "20", *flags]))
+        return rs.teacher_cache(args, common.load_task(args))
+
+    base = folder()
+    assert folder() == base
+    for flags in (["--warmup", "0.2"], ["--weight-decay", "0.1"], ["--lr", "1e-3"], ["--epochs", "2"], ["--seed", "2"],
+                  ["--max-train-examples", "30"], ["--max-seq-length", "64"]):
+        assert folder(*flags) != base, flags
