@@ -131,7 +131,7 @@ method_args() {
                          --final-epochs 2 --top-k 1 --fitness-attack pgd --probe-examples 100 --probe-pgd-radius 0.05 \
                          --extra-rows teacher,handmade,accuracy-only ;;
     rosearch:cpu-real) echo --max-cells 4 --population 6 --tournament 3 --cycles 24 --proxy-epochs 1 --final-epochs 2 \
-                            --top-k 2 --fitness-attack deepwordbug --probe-examples 20 \
+                            --top-k 2 --fitness-attack deepwordbug --probe-examples 100 \
                             --extra-rows teacher,handmade,accuracy-only ;;
     rosearch:full) echo --extra-rows teacher,handmade,accuracy-only --bf16 ;;
     adapter_mixup:full) echo --train-attacks textfooler --baseline full-at ;;
