@@ -1,4 +1,4 @@
-# Tests of rosearch.py (README.md section "RoSearch"): search space, ops and padding, evolution, resume, CLI.
+# Tests of rosearch.py (docs/rosearch.md): search space, ops and padding, evolution, resume, CLI.
 import json
 import os
 import random
