@@ -283,6 +283,19 @@ def student_params(genotype, space: Space) -> dict:
     return space._params[key]
 
 
+def student_flops(genotype, space: Space, seq_len: int) -> int:
+    """Analytic forward FLOPs per token (2 x multiply-adds) of the student past its embeddings: the projection to H,
+    every edge (conv H x H x k, attention 4 H^2 + 2 n H, pools 3 H), the cell merges; pooler / classifier ignored."""
+    h, total = genotype["hidden"], 2 * space.embed_dim * genotype["hidden"]
+    for cell in genotype["cells"]:
+        for _, op in (edge for node in cell for edge in node):
+            kind, kernel, _ = OPS[op]
+            total += {"conv": 2 * h * h * kernel, "attention": 2 * (4 * h * h + 2 * seq_len * h),
+                      "max": 3 * h, "avg": 3 * h}.get(kind, 0)
+        total += 2 * NODES * h * h if space.combine == "concat" else 2 * NODES * h
+    return total
+
+
 def compression(params: dict, space: Space) -> dict:
     return {k: space.teacher_params[k] / max(params[k], 1) for k in ("total", "non_embedding")}
 
@@ -583,6 +596,7 @@ def train_and_score(genotype, ctx, epochs, tag):
     ratio = compression(params, ctx.space)
     record = {"A": 100.0 * fit["dev_accuracy"], **score, "E": 1.0 / ratio[ctx.space.basis],
               "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
+              "flops_per_token": student_flops(genotype, ctx.space, ctx.args.max_seq_length),
               "majority_share": float(np.bincount(predicted).max() / len(predicted)),
               "kd_seconds": kd_seconds, "probe_seconds": time.time() - start}
     return student, credit(record, ctx.floor)

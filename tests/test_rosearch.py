@@ -331,3 +331,12 @@ def test_teacher_cache_key_covers_every_fine_tuning_flag(tmp_path):
     for flags in (["--warmup", "0.2"], ["--weight-decay", "0.1"], ["--lr", "1e-3"], ["--epochs", "2"], ["--seed", "2"],
                   ["--max-train-examples", "30"], ["--max-seq-length", "64"]):
         assert folder(*flags) != base, flags
+
+
+def test_flops_count_convs_by_kernel_and_width():
+    space = make_space(ops=["conv3", "conv7", "identity"], hidden=(8, 16))
+    cell = [[[0, "conv3"], [1, "identity"]], [[2, "conv7"], [0, "identity"]], [[3, "identity"], [1, "identity"]]]
+    small, big = {"hidden": 8, "cells": [cell]}, {"hidden": 16, "cells": [cell, cell]}
+    per_cell = 2 * 8 * 8 * 3 + 2 * 8 * 8 * 7 + 2 * 3 * 8  # two convs + the weighted-sum merge
+    assert rs.student_flops(small, space, 32) == 2 * 16 * 8 + per_cell
+    assert rs.student_flops(big, space, 32) == 2 * 16 * 16 + 2 * (2 * 16 * 16 * 3 + 2 * 16 * 16 * 7 + 2 * 3 * 16)
