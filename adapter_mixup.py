@@ -93,6 +93,13 @@ def validate(args):
     if abs(round(1 / args.beta_grid_step) * args.beta_grid_step - 1) > 1e-6:
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     check_range("curve-attack-examples", args.curve_attack_examples, 0)
+    check_range("bench-steps", args.bench_steps, 1)
+    for name in ("adv_lr", "full_lr", "full_epochs"):
+        if getattr(args, name) is not None:
+            check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
+    if args.pgd_radius > 0:
+        raise UsageError("--pgd-radius is not supported by adapter_mixup.py: the adapter rows are attacked through "
+                         "the mixing predictor (text attacks only); drop the flag")
     args.adv_lr = args.adv_lr or args.lr
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "adpmixup_cache")
 
@@ -331,6 +338,23 @@ def auroc(negatives, positives):
 # ---------------------------------------------------------------------------------------------------------------
 # Adversarial training data: attack the clean model, keep successes, cache as JSONL (spec §3.3)
 # ---------------------------------------------------------------------------------------------------------------
+CACHE_VERSION = 2  # bumped when what a cache holds changes (2: generation seeded per example, complete keys)
+CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eval_examples", "dev_size",
+             "max_seq_length", "batch_size", "eval_batch_size", "lr", "epochs", "weight_decay", "warmup", "bf16",
+             "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
+
+
+def load_cached(path):
+    """A cached checkpoint, or None when absent or unreadable (a cut file is trained again, not a crash)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file: torch raises several types
+        print(f"[cache] {path} is unreadable ({type(e).__name__}); training again", flush=True)
+        return None
+
+
 def read_jsonl(path):
     records = {}
     if os.path.exists(path):
@@ -367,6 +391,8 @@ def generate_adversarial(name, predict, samples, columns, path, args, resources=
                     f.write("\n")
             for i in tqdm(todo, desc=f"adv-gen {name}", leave=False, disable=None):
                 text, label, start = *samples[i], time.time()
+                set_seed(attacks.example_seed(args.attack_seed, i))  # an example's output depends on nothing else
+                attack.clear_cache()
                 result = attack.attack(OrderedDict(zip(columns, text)) if len(columns) > 1 else text, int(label))
                 status = ("successful" if isinstance(result, SuccessfulAttackResult) else
                           "skipped" if isinstance(result, SkippedAttackResult) else "failed")
@@ -501,19 +527,18 @@ def main(args, resources=None):
 
     # ---- Stage 1: clean adapter phi_0 on D_tr, best on dev (spec §3.4 step 1); reused from the cache if trained
     print("=== Stage 1: clean adapter ===", flush=True)
-    config = {k: getattr(args, k) for k in ("model", "task", "data_dir", "seed", "max_train_examples", "dev_size",
-                                            "max_seq_length", "batch_size", "lr", "epochs", "weight_decay", "warmup",
-                                            "adapter_type", "reduction_factor", "adapter_activation")}
+    config = {k: getattr(args, k) for k in CLEAN_KEY} | {"device": run.device.type, "version": CACHE_VERSION}
     clean_path = os.path.join(args.cache_dir, f"clean_{fingerprint(config)}.pt")
-    if os.path.exists(clean_path):
-        saved = torch.load(clean_path)
+    saved = load_cached(clean_path)
+    if saved is not None:
         load_set_state(model, 0, saved["state"])
         clean_stats = {**saved["stats"], "cached": clean_path}
         print(f"[stage 1] clean adapter loaded from {clean_path}", flush=True)
     else:
         clean_stats = train_set(model, mixture, 0, clean_rows, dev_rows, data, tokenizer, run, args, args.epochs,
                                 args.lr, "clean_adapter")
-        torch.save({"state": set_state(model, 0), "stats": clean_stats, "config": config}, clean_path)
+        torch.save({"state": set_state(model, 0), "stats": clean_stats, "config": config}, f"{clean_path}.tmp")
+        os.replace(f"{clean_path}.tmp", clean_path)  # a kill never leaves a cut checkpoint under the cache name
     wall["clean_adapter"] = clean_stats["seconds"]
     clean_id = fingerprint(set_state(model, 0))
 
@@ -526,7 +551,8 @@ def main(args, resources=None):
     for name in args.known:
         start = time.time()
         key = fingerprint([name, clean_id, samples, args.attack_query_budget, args.attack_max_modify_rate,
-                           args.max_seq_length])
+                           args.max_seq_length, args.attack_seed, getattr(resources, "label", None) or "real",
+                           args.attack_substitutes and os.path.abspath(args.attack_substitutes), CACHE_VERSION])
         path = os.path.join(args.cache_dir, f"adv_{name}_{key}.jsonl")
         records = generate_adversarial(name, predictor(["clean"]), samples, data.text_columns, path, args, resources)
         kept = [(r["perturbed"] if len(data.text_columns) == 1 else tuple(r["perturbed"]), r["label"])

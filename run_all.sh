@@ -122,6 +122,8 @@ method_args() {
     # a frozen *random* tiny BERT gives adapters nothing to work with: in quick mode the backbone is the tiny BERT
     # that this run's fine-tune stage trained on the toy task (a stand-in for a pre-trained model)
     adapter_mixup:quick) ft=$(ls -d "$out"/runs/"$task"__finetune__"$seed"__*/model 2>/dev/null | tail -n 1)
+                         [ -n "$ft" ] || echo "warning: no finetune run of seed $seed in $out: adapter_mixup's" \
+                           "frozen backbone is the random tiny BERT (add finetune to --only)" >&2
                          echo ${ft:+--model "$ft"} --epochs 2 --adv-epochs 2 --train-attacks deepwordbug \
                               --adv-train-examples 60 --beta-grid-step 0.25 --baseline full-at --full-epochs 1 ;;
     adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 200 \

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -144,8 +145,12 @@ def test_adversarial_cache_round_trips_and_resumes(tmp_path, toy_args, monkeypat
 def test_bad_flags_end_with_one_line_and_exit_2(tmp_path):
     for flags, message in ((["--beta", "1.5"], "--beta must be in [0, 1], got 1.5"),
                            (["--beta", "often"], "--beta must be a number"),
-                           (["--train-attacks", "pwws,nope"], "unknown attack 'nope' in --train-attacks")):
-        with pytest.raises(common.UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+                           (["--train-attacks", "pwws,nope"], "unknown attack 'nope' in --train-attacks"),
+                           (["--bench-steps", "0"], "--bench-steps must be in [1, None], got 0"),
+                           (["--adv-lr", "-1"], "--adv-lr must be in (0, None], got -1.0"),
+                           (["--full-epochs", "0"], "--full-epochs must be in (0, None]"),
+                           (["--pgd-radius", "0.5"], "--pgd-radius is not supported")):
+        with pytest.raises(common.UsageError, match=re.escape(message)):
             am.validate(quick_args(tmp_path, *flags))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "adapter_mixup.py"), "--beta", "-0.2"],
                          capture_output=True, text=True, cwd=str(tmp_path))
@@ -249,3 +254,34 @@ def test_pair_inputs_are_attacked_and_cached_as_pairs(tmp_path, toy_args):
     records = am.generate_adversarial("deepwordbug", predict, pairs, ("premise", "hypothesis"),
                                       str(tmp_path / "pairs.jsonl"), toy_args)
     assert all(len(r["perturbed"]) == 2 and r["original"] == list(p) for r, (p, _) in zip(records, pairs))
+
+
+def test_clean_adapter_cache_key_is_complete_and_a_cut_checkpoint_is_retrained(tmp_path, monkeypatch):
+    fake_the_attacks(monkeypatch, 0)
+    first = am.main(quick_args(tmp_path))
+    cache = tmp_path / "adpmixup_cache"
+    (path,) = [p for p in cache.iterdir() if p.name.startswith("clean_")]
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]  # written under a temporary name
+    for flags in (["--max-eval-examples", "24"], ["--eval-batch-size", "16"], ["--warmup", "0.2"]):
+        again = am.main(quick_args(tmp_path, *flags))  # each changes what phi_0 is or is selected on: trained anew
+        assert "cached" not in again["extra"]["training"]["clean"], flags
+    path.write_bytes(path.read_bytes()[:100])  # a checkpoint cut by a kill
+    cut = am.main(quick_args(tmp_path))
+    assert "cached" not in cut["extra"]["training"]["clean"] and cut["clean_accuracy"] == first["clean_accuracy"]
+    assert am.main(quick_args(tmp_path))["extra"]["training"]["clean"]["cached"] == str(path)  # rewritten whole
+
+
+def test_adversarial_cache_key_covers_seed_and_substitutes(tmp_path, toy_args, monkeypatch):
+    keys = []
+    fake_the_attacks(monkeypatch, 0)
+    fake = am.generate_adversarial
+
+    def spy(name, predict, samples, columns, path, args, resources=None):
+        keys.append(os.path.basename(path))
+        return fake(name, predict, samples, columns, path, args, resources)
+
+    monkeypatch.setattr(am, "generate_adversarial", spy)
+    am.main(quick_args(tmp_path))
+    am.main(quick_args(tmp_path, "--attack-seed", "7"))
+    am.main(quick_args(tmp_path))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
