@@ -501,6 +501,13 @@ BENCH_PATTERNS = [  # (log file, label, regex whose groups are the figure, unit 
 ]
 
 
+def setting_of_flags(flags: dict) -> str:
+    """robust_ticket.setting_name from a run's args.json, without importing the method."""
+    if flags.get("adv_steps") == 0 or (flags.get("adv_lr") == 0 and flags.get("adv_init_mag") == 0):
+        return "w/o adv"
+    return "w/o L0" if flags.get("l0_lambda") == 0 else "ticket"
+
+
 def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
     """Robust-ticket searches in one folder (issue 13): per search the state of the mask (gates exactly 0 / binary at
     the drawn checkpoint, E[L0], how hard L0 pushed against the adversarial gradient), and per pair of searches the
@@ -509,12 +516,19 @@ def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
     paths = sorted(glob.glob(os.path.join(results_dir, "**", "mask_scores.pt"), recursive=True))
     searches = []
     for path in paths:
-        results_path = os.path.join(os.path.dirname(path), "results.json")
-        if not os.path.isfile(results_path):
-            continue
-        with open(results_path) as f:
-            result = json.load(f)
+        results_path, search_path = (os.path.join(os.path.dirname(path), f) for f in ("results.json", "search.json"))
+        result = {}
+        if os.path.isfile(results_path):
+            with open(results_path) as f:
+                result = json.load(f)
         search = (result.get("extra") or {}).get("search") or {}
+        if not search and os.path.isfile(search_path):  # a run cut after its search (search.json is written then)
+            with open(search_path) as f:
+                search = json.load(f)
+            with open(os.path.join(os.path.dirname(path), "args.json")) as f:
+                flags = json.load(f)
+            result = {"seed": flags.get("seed"), "setting": setting_of_flags(flags), "extra": {"rows": [
+                {"extra": {"target_sparsity": float(x)}} for x in str(flags.get("sparsity", "")).split(",") if x]}}
         if not search.get("curve"):
             continue
         import torch

@@ -18,7 +18,7 @@ from attacks import evaluate_model, print_summary
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
                     check_range, count_params, evaluate_accuracy, finetune, finish_run, linear_schedule, load_model,
                     load_task, make_loader, results_template, start_run, state_copy, tokenize, usage_errors,
-                    validate_common_args)
+                    validate_common_args, write_json_atomic)
 
 METHOD = "robust_ticket"
 # hard-concrete distribution (Louizos et al. 2018), as in the paper and the official masked_linear.py
@@ -450,8 +450,7 @@ def main(args):
         rows.append(row_of(ft_results))
 
     # ---- Stage 2: search the robust ticket: hard-concrete masks on the frozen theta --------------------------------
-    start = time.time()
-    search = {}
+    start, search = time.time(), {}
     if args.draw != "robust":
         scores = draw_scores(model, args)
     elif args.mask_scores is not None:
@@ -463,6 +462,7 @@ def main(args):
         reseed(args.seed, train_loader)
         scores, search = search_masks(model, train_loader, dev_loader, run, args, adv)
         torch.save(scores, os.path.join(run.dir, "mask_scores.pt"))
+        write_json_atomic(os.path.join(run.dir, "search.json"), search)  # the diagnostics, before any retraining
         assert all(torch.equal(v.cpu(), finetuned_state[k]) for k, v in model.state_dict().items()), "weights moved"
     wall["stage2_search"] = time.time() - start
     zero_share = learned_zero_share(scores) if args.draw == "robust" else None

@@ -171,3 +171,18 @@ def test_mask_diagnostics_correlate_searches_and_compare_pruned_overlap_with_cha
     assert float(same[0]) > 0.9 and float(same[1].strip(" |")) > 0.8  # correlated seeds: overlap far above 0.5
     assert abs(float(other[0])) < 0.05 and abs(float(other[1].strip(" |")) - 0.5) < 0.03  # unrelated: chance
     assert "| 50.0 | 90.0 | 0.960 → 0.400 | 0.8 |" in text and os.path.isfile(plots[0])
+
+
+def test_mask_diagnostics_read_search_json_of_a_run_cut_after_its_search(tmp_path):
+    import torch
+
+    folder = tmp_path / "runs" / "cut"
+    write_search(folder, 1, {"l1": torch.randn(10, 10)})
+    os.remove(folder / "results.json")
+    (folder / "search.json").write_text(json.dumps({"curve": [
+        {"step": 0, "sparsity/expected_l0": 0.96, "sparsity/binary_share": 0.0, "sparsity/eval_zero_share": 0.0},
+        {"step": 5, "sparsity/expected_l0": 0.5, "sparsity/binary_share": 0.8, "sparsity/eval_zero_share": 0.4,
+         "l0_over_adv": 0.1}], "steps": 5, "lambda_effective": 0.0}))
+    (folder / "args.json").write_text(json.dumps({"seed": 3, "l0_lambda": 0, "sparsity": "0.3,0.7"}))
+    lines, _ = report.mask_diagnostics(str(tmp_path), str(tmp_path))
+    assert any(line.startswith("| w/o L0 (seed 3, lambda 0) | 5 | 40.0 | 80.0 |") for line in lines)
