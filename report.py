@@ -544,14 +544,17 @@ def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
         return [], []
     lines = ["## Robust ticket: did the mask search learn?", "",
              "Per search: gates exactly 0 and exactly 0 or 1 (eval gate, Eq. 5) at the drawn checkpoint, E[L0] at the "
-             "start and the end, the largest |L0 grad| / |adversarial grad| over the search. A draw deeper than the "
-             "learned zero share ranks the rest by noise.", "",
-             "| search | steps | zero % | binary % | E[L0] start → end | max L0/adv grad |", "|---|" * 6]
+             "start and the end, and the largest share of gates on which the L0 part of the gradient exceeded the "
+             "adversarial part (near 0: lambda did nothing). A draw deeper than the learned zero share ranks the rest "
+             "by noise.", "",
+             "| search | steps | zero % | binary % | E[L0] start → end | L0 part > adversarial, max % of gates |",
+             "|" + "---|" * 6]
     for s in searches:
         curve, sel = s["search"]["curve"], s["search"].get("selected_stats") or s["search"]["curve"][-1]
         lines.append(f"| {s['label']} | {s['search'].get('steps')} | {100 * sel['sparsity/eval_zero_share']:.1f} | "
                      f"{100 * sel['sparsity/binary_share']:.1f} | {curve[0]['sparsity/expected_l0']:.3f} → "
-                     f"{curve[-1]['sparsity/expected_l0']:.3f} | {max(p.get('l0_over_adv', 0) for p in curve):.3g} |")
+                     f"{curve[-1]['sparsity/expected_l0']:.3f} | "
+                     f"{100 * max(p.get('l0_wins_share', 0) for p in curve):.1f} |")
     levels = sorted({x for s in searches for x in s["sparsities"]}) or [0.3, 0.7]
     if len(searches) > 1:
         lines += ["", "Pairs of searches: Pearson correlation of log α over all gates, and the share of one search's "

@@ -144,7 +144,7 @@ def write_search(folder, seed, scores, setting="ticket s=0.5", lam=7.0):
     torch.save(scores, os.path.join(folder, "mask_scores.pt"))
     curve = [{"step": 0, "sparsity/expected_l0": 0.96, "sparsity/binary_share": 0.0, "sparsity/eval_zero_share": 0.0},
              {"step": 10, "sparsity/expected_l0": 0.4, "sparsity/binary_share": 0.9, "sparsity/eval_zero_share": 0.5,
-              "l0_over_adv": 0.8}]
+              "l0_over_adv": 0.8, "l0_wins_share": 0.75}]
     row = {"setting": setting, "extra": {"target_sparsity": 0.5}}
     result = {"method": "robust_ticket", "setting": setting, "task": "toy", "model": "tiny", "seed": seed,
               "extra": {"search": {"curve": curve, "steps": 10, "lambda_effective": lam}, "rows": [row]}}
@@ -170,7 +170,8 @@ def test_mask_diagnostics_correlate_searches_and_compare_pruned_overlap_with_cha
     other = pairs[frozenset({"ticket (seed 1, lambda 7)", "w/o L0 (seed 1, lambda 0)"})]
     assert float(same[0]) > 0.9 and float(same[1].strip(" |")) > 0.8  # correlated seeds: overlap far above 0.5
     assert abs(float(other[0])) < 0.05 and abs(float(other[1].strip(" |")) - 0.5) < 0.03  # unrelated: chance
-    assert "| 50.0 | 90.0 | 0.960 → 0.400 | 0.8 |" in text and os.path.isfile(plots[0])
+    assert "| 50.0 | 90.0 | 0.960 → 0.400 | 75.0 |" in text and os.path.isfile(plots[0])
+    assert "|---|---|---|---|---|---|" in text
 
 
 def test_mask_diagnostics_read_search_json_of_a_run_cut_after_its_search(tmp_path):
