@@ -704,15 +704,17 @@ def run_search(label, weights, ctx, evaluated):
 
     history = evolve(ctx.space, args, weights, evaluate, stored, on_record)
     best_student, best_record = None, None
+    cost = sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # as if alone: shared candidates count too
     for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
         student, final = trained(record["genotype"], ctx, f"final/{record['hash']}")
+        cost += final["kd_seconds"] + final["probe_seconds"]
         final = {**final, "hash": record["hash"], "genotype": record["genotype"]}
         final["fitness"] = fitness(final, weights)
         print(f"[{label} final] {record['hash']} A {final['A']:.1f} R {final['R']:.1f} F {final['fitness']:.2f}",
               flush=True)
         if best_record is None or final["fitness"] > best_record["fitness"]:
             best_student, best_record = student, final
-    return best_student, best_record, history
+    return best_student, best_record, history, cost
 
 
 @dataclass
@@ -774,29 +776,26 @@ def main(args):
     wanted = list(dict.fromkeys(([args.baseline] if args.baseline != "none" else ["rosearch"]) + args.rows))
     acc_weights = [0.0, args.weights[0] + args.weights[1], args.weights[2]]
     # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done)
-    picked, evaluated, seconds = {}, {}, {}
+    picked, evaluated = {}, {}
     for name, weights in (("rosearch", args.weights), ("accuracy-only", acc_weights)):
         if name in wanted:
-            start = time.time()
             picked[name] = run_search(name, weights, ctx, evaluated)
-            seconds[name] = time.time() - start  # candidates shared with the other search count once (first)
     if "handmade" in wanted:
-        start = time.time()
-        picked["handmade"] = (*trained(handmade_genotype(args), ctx, "handmade"), None)
-        seconds["handmade"] = time.time() - start
+        student, record = trained(handmade_genotype(args), ctx, "handmade")
+        picked["handmade"] = (student, record, None, record["kd_seconds"] + record["probe_seconds"])
     # Stage 3: every row on test with the full attack set (each row saved as it finishes)
     rows = []
     for name in wanted:
         if name == "teacher":
             rows.append(evaluate_row(ctx.teacher, ROWS[name], ctx, "teacher_", teacher_dev))
             continue
-        student, best, history = picked[name]
+        student, best, history, cost = picked[name]
         extra = {"genotype": student.genotype, "best": best}
         if history is not None:
             extra.update(candidates=len(history), history=f"history_{name}.jsonl")
             save_student(student, ctx.space, os.path.join(run.dir, f"student_{name}.pt"), best)
         rows.append(evaluate_row(student, ROWS[name], ctx, f"{name}_", best["A"], extra))
-        rows[-1]["wall_clock"]["search_and_final"] = seconds[name]  # this process's share (0 if all resumed)
+        rows[-1]["wall_clock"]["search_and_final"] = cost  # KD + probe seconds of its candidates and finalists
     results = rows[0]
     results["wall_clock"]["teacher"] = teacher_seconds
     results["extra"].update(rows=rows[1:], fitness_weights=args.weights, fitness_attack=args.fitness_attack,
