@@ -61,6 +61,9 @@ def parse_args(argv=None):
     g.add_argument("--beta-grid-step", type=float, default=0.1, help="step of the v1 grid / beta curve / simplex grid")
     g.add_argument("--curve-attack-examples", type=int, default=0, help="if > 0, run every --attacks recipe on this "
                    "many test examples at each beta of the curve (else the curve uses transfer adversarial sets)")
+    g.add_argument("--gate-examples", type=int, default=100, help="dev sentences on which each adversarial adapter "
+                   "and phi_0 are attacked with its own attack (paired): the gate that says whether it is more robust "
+                   "(0: skip)")
     g.add_argument("--baseline", default="none", choices=["none", "full-at"],
                    help="full-at: also fully fine-tune the backbone on clean + the same adversarial data")
     g.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of the full-at baseline")
@@ -94,6 +97,7 @@ def validate(args):
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     check_range("curve-attack-examples", args.curve_attack_examples, 0)
     check_range("bench-steps", args.bench_steps, 1)
+    check_range("gate-examples", args.gate_examples, 0)
     for name in ("adv_lr", "full_lr", "full_epochs"):
         if getattr(args, name) is not None:
             check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
@@ -583,11 +587,14 @@ def main(args, resources=None):
         copy_set(model, 0, slot[f"adv-{name}"])
         clean_sample = [clean_rows[i] for i in rng.choice(len(clean_rows), len(adv_train[name]), replace=False)] \
             if len(adv_train[name]) <= len(clean_rows) else clean_rows
-        stats = train_set(model, mixture, slot[f"adv-{name}"], adv_train[name] + clean_sample,
-                          dev_rows + adv_val[name], data, tokenizer, run, args, args.adv_epochs, args.adv_lr,
-                          f"adv_adapter_{name}")
+        # selected on dev and adv-val weighted equally: adv-val repeated to dev's size (it is ~10x smaller)
+        balanced = dev_rows + adv_val[name] * max(1, round(len(dev_rows) / max(1, len(adv_val[name]))))
+        stats = train_set(model, mixture, slot[f"adv-{name}"], adv_train[name] + clean_sample, balanced, data,
+                          tokenizer, run, args, args.adv_epochs, args.adv_lr, f"adv_adapter_{name}")
         wall["adversarial_adapters"] += stats["seconds"]
         train_stats[f"adv-{name}"] = stats
+    extra["gate"] = {name: adapter_gate(name, predictor(["clean"]), predictor([f"adv-{name}"]), dev_rows, data, args,
+                                        resources, warnings) for name in known if args.gate_examples}
     if known:  # adversarial training of one adapter on D_tr ∪ all D_adv,k, from the same initialisation as phi_0
         load_set_state(model, slot["at"], init_state)
         train_stats["at"] = train_set(model, mixture, slot["at"], clean_rows + [r for n in known for r in adv_train[n]],
@@ -690,6 +697,34 @@ def main(args, resources=None):
     for w in warnings:
         print(f"warning: {w}")
     return results
+
+
+def adapter_gate(name, clean_predict, adv_predict, dev_rows, data, args, resources, warnings) -> dict:
+    """Does the adversarial adapter phi_k resist its own attack a_k better than phi_0? Both attacked afresh (not the
+    transfer examples phi_0 failed on by construction) on the same seeded dev sentences; paired interval. The mix
+    can only help if phi_k passes."""
+    rng = np.random.default_rng(args.attack_seed)
+    idx = np.sort(rng.choice(len(dev_rows), size=min(args.gate_examples, len(dev_rows)), replace=False))
+    sample = [dev_rows[i] for i in idx]
+    robust = {}
+    for who, predict in (("clean", clean_predict), ("adversarial", adv_predict)):
+        attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
+                              args.attack_max_modify_rate, args.eval_batch_size)
+        summary, _ = attacks.run_attack(attack, sample, data.text_columns, desc=f"gate {name} {who}",
+                                        attack_seed=args.attack_seed)
+        robust[who] = [o == "F" for o in summary["outcomes"]]  # F: the attack failed, the example held
+    delta, low, high = attacks.paired_interval(robust["adversarial"], robust["clean"], seed=args.attack_seed)
+    gate = {"n": len(sample), "aua_clean": 100.0 * np.mean(robust["clean"]),
+            "aua_adversarial": 100.0 * np.mean(robust["adversarial"]), "delta": delta, "ci": [low, high],
+            "passed": low > 0}
+    print(f"[gate {name}] dev Aua under {name}: phi_0 {gate['aua_clean']:.1f}% vs adversarial adapter "
+          f"{gate['aua_adversarial']:.1f}% (n={len(sample)}): {delta:+.1f} [{low:+.1f}, {high:+.1f}] -> "
+          f"{'passed' if gate['passed'] else 'NOT passed'}", flush=True)
+    if not gate["passed"]:
+        warnings.append(f"the {name} adversarial adapter is not more robust than the clean adapter under {name} on "
+                        f"dev beyond the paired interval ({delta:+.1f} [{low:+.1f}, {high:+.1f}] points, n="
+                        f"{len(sample)}): mixing it in cannot be expected to help")
+    return gate
 
 
 def mark_known(row, known):

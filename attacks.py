@@ -108,6 +108,14 @@ def attack_sample(data: TaskData, n: int, seed: int) -> list:
     return list(zip(texts_of(data, subset), subset["label"]))
 
 
+def paired_interval(a, b, n_boot: int = 2000, seed: int = 0) -> tuple:
+    """(mean of a - b in points, 95 % bootstrap interval) for two 0/1 arrays over the same examples (paired)."""
+    diff = 100.0 * (np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
 def example_seed(attack_seed: int, index: int) -> int:
     """The seed example `index` of the seeded sample is attacked under: its outcome depends on nothing else."""
     return (attack_seed * 1_000_003 + index) % (2 ** 31 - 1)

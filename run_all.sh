@@ -125,6 +125,7 @@ method_args() {
                          [ -n "$ft" ] || echo "warning: no finetune run of seed $seed in $out: adapter_mixup's" \
                            "frozen backbone is the random tiny BERT (add finetune to --only)" >&2
                          echo ${ft:+--model "$ft"} --epochs 2 --adv-epochs 2 --train-attacks deepwordbug \
+                              --gate-examples 40 \
                               --adv-train-examples 60 --beta-grid-step 0.25 --baseline full-at --full-epochs 1 ;;
     adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 200 \
                                  --beta-grid-step 0.25 --baseline full-at --full-lr 1e-4 --full-epochs 1 \

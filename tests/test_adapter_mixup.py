@@ -46,7 +46,8 @@ def quick_args(tmp_path, *extra):
                           "--max-seq-length", "64", "--attacks", "none", "--max-train-examples", "64",
                           "--max-eval-examples", "32", "--epochs", "1", "--adv-epochs", "1", "--lr", "1e-2",
                           "--reduction-factor", "4", "--batch-size", "16", "--beta-grid-step", "0.5",
-                          "--train-attacks", "deepwordbug", "--adv-train-examples", "6", *extra])
+                          "--train-attacks", "deepwordbug", "--adv-train-examples", "6", "--gate-examples", "0",
+                          *extra])
 
 
 def test_beta_one_and_zero_reproduce_each_adapter_exactly(tmp_path):
@@ -285,3 +286,14 @@ def test_adversarial_cache_key_covers_seed_and_substitutes(tmp_path, toy_args, m
     am.main(quick_args(tmp_path, "--attack-seed", "7"))
     am.main(quick_args(tmp_path))
     assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+@needs_nltk
+def test_gate_attacks_phi0_and_the_adversarial_adapter_afresh_on_the_same_dev_sentences(tmp_path, monkeypatch):
+    fake_the_attacks(monkeypatch, 5)
+    results = am.main(quick_args(tmp_path, "--gate-examples", "12"))
+    gate = results["extra"]["gate"]["deepwordbug"]
+    assert gate["n"] == 12 and gate["ci"][0] <= gate["delta"] <= gate["ci"][1]
+    assert gate["delta"] == pytest.approx(gate["aua_adversarial"] - gate["aua_clean"])
+    assert gate["passed"] == (gate["ci"][0] > 0)
+    assert gate["passed"] or any("is not more robust than the clean adapter" in w for w in results["extra"]["warnings"])
