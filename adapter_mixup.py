@@ -10,6 +10,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -275,7 +276,8 @@ def simplex_grid(n_sets, step):
 
 class MixupPredictor:
     """beta None: adapter set sets[0] alone (a fixed mix is merged into a set first); 'dynamic': beta(x) from the
-    entropies of the S single-set predictions (S passes batched by repeating the batch, plus the mixed pass)."""
+    entropies of the S single-set predictions (S passes batched by repeating the batch, plus the mixed pass);
+    'ensemble': the control that mixes outputs, not weights: the mean of the S single sets' probabilities."""
 
     def __init__(self, model, tokenizer, mixture, sets, beta, args, device, autocast, rule="inverse-entropy"):
         self.model, self.tokenizer, self.mixture, self.sets, self.beta = model, tokenizer, mixture, sets, beta
@@ -285,25 +287,29 @@ class MixupPredictor:
 
     @property
     def passes(self):
-        if self.beta != "dynamic":
+        if self.beta not in ("dynamic", "ensemble"):
             return 1
-        return len(self.candidates) + (self.rule != "min-entropy")
+        return len(self.candidates) + (self.rule != "min-entropy" and self.beta == "dynamic")
 
     @torch.no_grad()
     def mix(self, enc):
         """(logits, beta) for one tokenised batch."""
         self.model.eval()
         batch = enc["input_ids"].size(0)
-        if self.beta != "dynamic":
+        if self.beta not in ("dynamic", "ensemble"):
             self.mixture.use(self.sets, None)
             with self.autocast():
                 logits = common._logits(self.model(**enc)).float()
             return logits, torch.ones(batch, 1)
+        if self.beta == "ensemble":
+            self.candidates = torch.eye(len(self.sets))
         grid = self.candidates.size(0)  # copy g of the batch uses candidate mix g (one-hot = single adapter)
         self.mixture.use(self.sets, self.candidates.repeat_interleave(batch, 0).to(self.device))
         with self.autocast():
             logits = common._logits(self.model(**{k: v.repeat(grid, 1) for k, v in enc.items()})).float()
         logits = logits.view(grid, batch, -1)
+        if self.beta == "ensemble":  # log of the mean probability: argmax and attacks see the averaged output
+            return torch.logsumexp(F.log_softmax(logits, -1), 0) - math.log(grid), torch.full((batch, grid), 1 / grid)
         entropies = entropy(logits).T  # (B, G)
         if self.rule == "min-entropy":  # variant B: the grid point whose mixed model is most confident
             pick = entropies.argmin(1)
@@ -644,13 +650,14 @@ def main(args, resources=None):
     if known:
         rows_spec += [("at", "AT adapter (clean+adv)", predictor(["at"]), generation + ["at_adapter"]),
                       ("soup", f"soup (beta={1 / (m + 1):.2f})", predictor(["soup"]), generation + mixing),
+                      ("ensemble", "output ensemble (control)", predictor(mix_sets, "ensemble"), generation + mixing),
                       ("v1", f"AdpMixup v1 (beta={beta_v1:g})", predictor(["v1"]), generation + mixing),
                       ("v2", f"AdpMixup v2 ({args.dynamic_rule})", predictor(mix_sets, "dynamic"), generation + mixing)]
     rows, transfer_sets = [], {}
     attacked = {}  # weights fingerprint -> (row key, attacks): v1 at a grid end or at 1/(m+1) is another row's weights
     for key, setting, predict, cost in rows_spec:
         start = time.time()
-        stored = per_set * (len(mix_sets) if key in ("soup", "v1", "v2") else 1)
+        stored = per_set * (len(mix_sets) if key in ("soup", "v1", "v2", "ensemble") else 1)
         row = {"key": key, "setting": setting, "passes_per_example": predict.passes,
                "params": {"trainable": stored, "trainable_pct_of_backbone": 100 * stored / backbone["total"],
                           "total": backbone["total"] + stored},

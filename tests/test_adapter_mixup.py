@@ -186,7 +186,8 @@ def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkey
     fake_the_attacks(monkeypatch, 5)
     results = am.main(quick_args(tmp_path, "--beta", "dev", "--baseline", "full-at", "--full-epochs", "1"))
     rows = {r["key"]: r for r in results["extra"]["rows"]}
-    assert list(rows) == ["clean", "adv-deepwordbug", "at", "soup", "v1", "v2", "full-at"]
+    assert list(rows) == ["clean", "adv-deepwordbug", "at", "soup", "ensemble", "v1", "v2", "full-at"]
+    assert rows["ensemble"]["passes_per_example"] == 2
     assert rows["v2"]["passes_per_example"] == 3 and rows["v1"]["passes_per_example"] == 1
     assert rows["v2"]["params"]["trainable"] == 2 * rows["clean"]["params"]["trainable"]
     assert rows["full-at"]["params"]["trainable_pct_of_backbone"] == 100.0
@@ -196,7 +197,7 @@ def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkey
     assert results["extra"]["adversarial_data"]["deepwordbug"]["kept_train"] == 4
     run = next(os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("toy__"))
     assert os.path.isfile(os.path.join(run, "beta_curve.csv")) and os.path.isfile(os.path.join(run, "beta_curve.png"))
-    assert json.load(open(os.path.join(run, "results.json")))["extra"]["rows"][4]["key"] == "v1"
+    assert json.load(open(os.path.join(run, "results.json")))["extra"]["rows"][5]["key"] == "v1"
     # the checkpoint loads back into a fresh adapted model: same weights, same v2-free clean logits
     ckpt = torch.load(os.path.join(run, "adapters.pt"))
     model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
@@ -297,3 +298,13 @@ def test_gate_attacks_phi0_and_the_adversarial_adapter_afresh_on_the_same_dev_se
     assert gate["delta"] == pytest.approx(gate["aua_adversarial"] - gate["aua_clean"])
     assert gate["passed"] == (gate["ci"][0] > 0)
     assert gate["passed"] or any("is not more robust than the clean adapter" in w for w in results["extra"]["warnings"])
+
+
+def test_output_ensemble_is_the_mean_of_the_single_adapters_probabilities(tmp_path, toy_args):
+    model, tokenizer, mixture = adapted_tiny(tmp_path)
+    predict = am.MixupPredictor(model, tokenizer, mixture, [0, 1, 2], "ensemble", toy_args, torch.device("cpu"),
+                                nullcontext)
+    logits = predict(TOY_TEXTS)
+    enc = encode(tokenizer)
+    probs = torch.stack([logits_of(model, mixture, enc, [k]).softmax(-1) for k in range(3)]).mean(0)
+    assert np.allclose(np.exp(logits), probs.numpy(), atol=1e-5) and predict.passes == 3
