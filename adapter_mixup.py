@@ -58,7 +58,15 @@ def parse_args(argv=None):
     g.add_argument("--dynamic-rule", default="inverse-entropy", choices=["inverse-entropy", "softmax", "min-entropy"],
                    help="v2 beta(x) (spec §3.6): beta_k ∝ 1/(H_k+eps) (A), softmax(-H/tau), or the simplex-grid "
                         "point minimising the mixed model's entropy (B)")
-    g.add_argument("--temperature", type=float, default=1.0, help="tau of --dynamic-rule softmax")
+    g.add_argument("--temperature", type=float, default=1.0, help="tau of --dynamic-rule softmax (fixed unless "
+                   "--v2-grid tunes it)")
+    g.add_argument("--head-start", type=float, default=0.0, help="the clean adapter's head start b in v2: softmax "
+                   "scores -H_k/tau + b [k = clean]; inverse-entropy scores x (1 + b) (fixed unless --v2-grid)")
+    g.add_argument("--v2-grid", default="", help="tau:b pairs tried for v2 on dev with the adaptive objective, e.g. "
+                   "'0.5:0,1:0,1:1,2:2' (needs --beta-attack-examples > 0); empty: --temperature/--head-start as given")
+    g.add_argument("--beta-attack-examples", type=int, default=0, help="if > 0, v1's beta (and v2's tau:b) are "
+                   "chosen on (dev clean acc + mean dev Aua) / 2, with every known attack run afresh on this many dev "
+                   "sentences against each candidate (phi_0 is not 0 by construction there, as it is on adv-val)")
     g.add_argument("--beta-grid-step", type=float, default=0.1, help="step of the v1 grid / beta curve / simplex grid")
     g.add_argument("--curve-attack-examples", type=int, default=0, help="if > 0, run every --attacks recipe on this "
                    "many test examples at each beta of the curve (else the curve uses transfer adversarial sets)")
@@ -99,6 +107,15 @@ def validate(args):
     check_range("curve-attack-examples", args.curve_attack_examples, 0)
     check_range("bench-steps", args.bench_steps, 1)
     check_range("gate-examples", args.gate_examples, 0)
+    check_range("beta-attack-examples", args.beta_attack_examples, 0)
+    try:
+        args.v2_pairs = [tuple(float(x) for x in p.split(":")) for p in args.v2_grid.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--v2-grid is a comma list of tau:b pairs, e.g. 0.5:0,1:1, got '{args.v2_grid}'")
+    if any(len(p) != 2 or p[0] <= 0 for p in args.v2_pairs):
+        raise UsageError(f"--v2-grid pairs are tau:b with tau > 0, got '{args.v2_grid}'")
+    if args.v2_pairs and not args.beta_attack_examples:
+        raise UsageError("--v2-grid tunes v2 on the adaptive dev objective: give --beta-attack-examples > 0")
     for name in ("adv_lr", "full_lr", "full_epochs"):
         if getattr(args, name) is not None:
             check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
@@ -260,12 +277,17 @@ def entropy(logits):
     return -(F.softmax(logits.float(), -1) * F.log_softmax(logits.float(), -1)).sum(-1)
 
 
-def dynamic_beta(entropies, rule="inverse-entropy", temperature=1.0):
-    """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6)."""
+def dynamic_beta(entropies, rule="inverse-entropy", temperature=1.0, head_start=0.0):
+    """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6); column 0 is the clean
+    adapter, given a head start b (deviation: with adapters that are small tweaks of phi_0 all H_k are alike and
+    the rule without it returns the uniform soup on every input)."""
     if rule == "inverse-entropy":  # variant A: s_k = 1/(H_k + eps), beta_k = s_k / sum_j s_j
         scores = 1.0 / (entropies + ENTROPY_EPS)
+        scores = torch.cat([scores[:, :1] * (1.0 + head_start), scores[:, 1:]], 1)
         return scores / scores.sum(-1, keepdim=True)
-    return F.softmax(-entropies / temperature, -1)
+    bonus = torch.zeros_like(entropies)
+    bonus[:, 0] = head_start
+    return F.softmax((-entropies + bonus) / temperature, -1)
 
 
 def simplex_grid(n_sets, step):
@@ -314,7 +336,7 @@ class MixupPredictor:
         if self.rule == "min-entropy":  # variant B: the grid point whose mixed model is most confident
             pick = entropies.argmin(1)
             return logits[pick, torch.arange(batch)], self.candidates[pick.cpu()]
-        beta = dynamic_beta(entropies, self.rule, self.args.temperature)
+        beta = dynamic_beta(entropies, self.rule, self.args.temperature, self.args.head_start)
         self.mixture.use(self.sets, beta)
         with self.autocast():
             return common._logits(self.model(**enc)).float(), beta.cpu()
@@ -623,6 +645,9 @@ def main(args, resources=None):
                  "adv_val": accuracy(predictor(["curve"]), *zip(*adv_val_rows)) if adv_val_rows else float("nan"),
                  "test_clean": accuracy(predictor(["curve"]), test_texts, test_labels)}
         point["objective"] = point["dev_clean"] if not adv_val_rows else (point["dev_clean"] + point["adv_val"]) / 2
+        if args.beta_attack_examples:  # the adaptive objective: the known attacks afresh on dev, at this beta
+            point.update(adaptive_objective(predictor(["curve"]), point["dev_clean"], known, dev_rows, data, args,
+                                            resources))
         if args.curve_attack_examples and parse_attacks(args.attacks):
             curve_args = copy.copy(args)
             curve_args.attack_examples = args.curve_attack_examples
@@ -634,13 +659,27 @@ def main(args, resources=None):
               flush=True)
     beta_v1 = args.beta if isinstance(args.beta, float) else 1.0  # v1: fixed, or the best grid point on dev
     if curve and not isinstance(args.beta, float):
-        beta_v1 = max(curve, key=lambda point: (point["objective"], point["beta"]))["beta"]  # ties: more clean
+        key = "adaptive_objective" if args.beta_attack_examples else "objective"
+        beta_v1 = max(curve, key=lambda point: (point[key], point["beta"]))["beta"]  # ties: more clean
     if known:
         merge_sets(model, [slot[s] for s in mix_sets], spread(beta_v1), slot["v1"])
         merge_sets(model, [slot[s] for s in mix_sets], [1 / (m + 1)] * (m + 1), slot["soup"])
     extra["beta_curve"] = {"points": curve, "csv": "beta_curve.csv", "png": "beta_curve.png"}
     if curve:
         write_curve(run.dir, curve)
+
+    if known and args.v2_pairs:  # v2's tau and head start on the same adaptive dev objective
+        tried = []
+        for tau, head in args.v2_pairs:
+            args.temperature, args.head_start = tau, head
+            v2 = predictor(mix_sets, "dynamic")
+            tried.append({"tau": tau, "head_start": head, **adaptive_objective(
+                v2, accuracy(v2, dev_texts, dev_labels), known, dev_rows, data, args, resources)})
+            print(f"[stage 4] v2 tau {tau:g} head start {head:g}: objective {tried[-1]['adaptive_objective']:.1f}",
+                  flush=True)
+        pick = max(tried, key=lambda t: (t["adaptive_objective"], t["head_start"]))  # ties: more clean
+        args.temperature, args.head_start = pick["tau"], pick["head_start"]
+        extra["v2_tuning"] = {"tried": tried, "tau": pick["tau"], "head_start": pick["head_start"]}
 
     # ---- Stage 5: every predictor, attacked as a whole (spec §7), plus transfer sets and profiling
     print("=== Stage 5: evaluation ===", flush=True)
@@ -706,31 +745,41 @@ def main(args, resources=None):
     return results
 
 
+def dev_attack(name, predict, dev_rows, data, args, resources, n) -> list:
+    """Robust (True) / not, per example, of `n` seeded dev sentences under recipe `name` run afresh on `predict`."""
+    rng = np.random.default_rng(args.attack_seed)
+    sample = [dev_rows[i] for i in np.sort(rng.choice(len(dev_rows), size=min(n, len(dev_rows)), replace=False))]
+    attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
+                          args.attack_max_modify_rate, args.eval_batch_size)
+    summary, _ = attacks.run_attack(attack, sample, data.text_columns, desc=f"dev {name}", attack_seed=args.attack_seed)
+    return [o == "F" for o in summary["outcomes"]]  # F: the attack failed, the example held
+
+
+def adaptive_objective(predict, dev_clean, known, dev_rows, data, args, resources) -> dict:
+    """(dev clean accuracy + mean over the known attacks of dev Aua, each attack run on this predictor) / 2."""
+    auas = {f"dev_aua_{name}": 100.0 * float(np.mean(dev_attack(name, predict, dev_rows, data, args, resources,
+                                                                 args.beta_attack_examples))) for name in known}
+    return {**auas, "adaptive_objective": (dev_clean + float(np.mean(list(auas.values())))) / 2}
+
+
 def adapter_gate(name, clean_predict, adv_predict, dev_rows, data, args, resources, warnings) -> dict:
     """Does the adversarial adapter phi_k resist its own attack a_k better than phi_0? Both attacked afresh (not the
     transfer examples phi_0 failed on by construction) on the same seeded dev sentences; paired interval. The mix
     can only help if phi_k passes."""
-    rng = np.random.default_rng(args.attack_seed)
-    idx = np.sort(rng.choice(len(dev_rows), size=min(args.gate_examples, len(dev_rows)), replace=False))
-    sample = [dev_rows[i] for i in idx]
-    robust = {}
-    for who, predict in (("clean", clean_predict), ("adversarial", adv_predict)):
-        attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
-                              args.attack_max_modify_rate, args.eval_batch_size)
-        summary, _ = attacks.run_attack(attack, sample, data.text_columns, desc=f"gate {name} {who}",
-                                        attack_seed=args.attack_seed)
-        robust[who] = [o == "F" for o in summary["outcomes"]]  # F: the attack failed, the example held
+    robust = {who: dev_attack(name, predict, dev_rows, data, args, resources, args.gate_examples)
+              for who, predict in (("clean", clean_predict), ("adversarial", adv_predict))}
     delta, low, high = attacks.paired_interval(robust["adversarial"], robust["clean"], seed=args.attack_seed)
-    gate = {"n": len(sample), "aua_clean": 100.0 * np.mean(robust["clean"]),
+    n = len(robust["clean"])
+    gate = {"n": n, "aua_clean": 100.0 * np.mean(robust["clean"]),
             "aua_adversarial": 100.0 * np.mean(robust["adversarial"]), "delta": delta, "ci": [low, high],
             "passed": low > 0}
     print(f"[gate {name}] dev Aua under {name}: phi_0 {gate['aua_clean']:.1f}% vs adversarial adapter "
-          f"{gate['aua_adversarial']:.1f}% (n={len(sample)}): {delta:+.1f} [{low:+.1f}, {high:+.1f}] -> "
+          f"{gate['aua_adversarial']:.1f}% (n={n}): {delta:+.1f} [{low:+.1f}, {high:+.1f}] -> "
           f"{'passed' if gate['passed'] else 'NOT passed'}", flush=True)
     if not gate["passed"]:
         warnings.append(f"the {name} adversarial adapter is not more robust than the clean adapter under {name} on "
-                        f"dev beyond the paired interval ({delta:+.1f} [{low:+.1f}, {high:+.1f}] points, n="
-                        f"{len(sample)}): mixing it in cannot be expected to help")
+                        f"dev beyond the paired interval ({delta:+.1f} [{low:+.1f}, {high:+.1f}] points, n={n}): "
+                        f"mixing it in cannot be expected to help")
     return gate
 
 

@@ -125,11 +125,15 @@ method_args() {
                          [ -n "$ft" ] || echo "warning: no finetune run of seed $seed in $out: adapter_mixup's" \
                            "frozen backbone is the random tiny BERT (add finetune to --only)" >&2
                          echo ${ft:+--model "$ft"} --epochs 2 --adv-epochs 2 --train-attacks deepwordbug \
-                              --gate-examples 40 \
+                              --gate-examples 40 --beta-attack-examples 10 --dynamic-rule softmax --v2-grid 1:0,1:1 \
                               --adv-train-examples 60 --beta-grid-step 0.25 --baseline full-at --full-epochs 1 ;;
-    adapter_mixup:cpu-real) echo --lr 1e-3 --epochs 2 --adv-epochs 2 --train-attacks pwws --adv-train-examples 200 \
-                                 --beta-grid-step 0.25 --baseline full-at --full-lr 1e-4 --full-epochs 1 \
-                                 --attacks "$attacks,textfooler" --attack-substitutes "$model" ;;
+    # issue 16's regime: phi_0 on 10,000 sentences, two known attacks with 2,500 attacked sentences each, the gate,
+    # v1 / v2 chosen on the adaptive dev objective (the known attacks run afresh at each candidate)
+    adapter_mixup:cpu-real) echo --max-train-examples 10000 --lr 1e-3 --epochs 2 --adv-epochs 3 \
+                                 --train-attacks pwws,deepwordbug --adv-train-examples 2500 --gate-examples 100 \
+                                 --beta dev --beta-attack-examples 100 --dynamic-rule softmax \
+                                 --v2-grid 0.5:0,1:0,1:1,1:2 --beta-grid-step 0.25 --baseline full-at --full-lr 1e-4 \
+                                 --full-epochs 1 --attacks "$attacks,textfooler" --attack-substitutes "$model" ;;
     rosearch:quick) echo --hidden 16 --max-cells 3 --population 4 --tournament 2 --cycles 4 --proxy-epochs 1 \
                          --final-epochs 2 --top-k 1 --fitness-attack pgd --probe-examples 100 --probe-pgd-radius 0.05 \
                          --extra-rows teacher,handmade,accuracy-only ;;

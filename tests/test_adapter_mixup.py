@@ -84,7 +84,7 @@ def test_dynamic_beta_favours_the_confident_adapter_and_sums_to_one(tmp_path, to
     model, tokenizer, mixture = adapted_tiny(tmp_path)
     with torch.no_grad():  # make adapter set 1 far more confident: scale its classifier
         model.classifier.linears[1].weight.mul_(50), model.classifier.linears[1].bias.mul_(50)
-    toy_args.beta_grid_step, toy_args.temperature = 0.1, 1.0
+    toy_args.beta_grid_step, toy_args.temperature, toy_args.head_start = 0.1, 1.0, 0.0
     for rule in ("inverse-entropy", "min-entropy"):
         predict = am.MixupPredictor(model, tokenizer, mixture, [0, 1], "dynamic", toy_args, torch.device("cpu"),
                                     nullcontext, rule)
@@ -248,7 +248,7 @@ def test_textfooler_generation_runs_offline_with_injected_substitutes(tmp_path, 
 @needs_nltk
 def test_pair_inputs_are_attacked_and_cached_as_pairs(tmp_path, toy_args):
     model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=2)
-    toy_args.temperature, toy_args.beta_grid_step = 1.0, 0.1
+    toy_args.temperature, toy_args.beta_grid_step, toy_args.head_start = 1.0, 0.1, 0.0
     predict = am.MixupPredictor(model, tokenizer, mixture, [0, 1], "dynamic", toy_args, torch.device("cpu"),
                                 nullcontext)
     pairs = [(("the movie was good", "a plot is bad"), 0), (("the cast was brilliant", "the story was fine"), 1)]
@@ -308,3 +308,28 @@ def test_output_ensemble_is_the_mean_of_the_single_adapters_probabilities(tmp_pa
     enc = encode(tokenizer)
     probs = torch.stack([logits_of(model, mixture, enc, [k]).softmax(-1) for k in range(3)]).mean(0)
     assert np.allclose(np.exp(logits), probs.numpy(), atol=1e-5) and predict.passes == 3
+
+
+def test_head_start_moves_v2_off_the_uniform_soup():
+    entropies = torch.full((4, 3), 0.6)  # adapters that are small tweaks of phi_0: equal entropies
+    for rule in ("inverse-entropy", "softmax"):
+        assert torch.allclose(am.dynamic_beta(entropies, rule), torch.full((4, 3), 1 / 3))  # the soup
+        beta = am.dynamic_beta(entropies, rule, 1.0, head_start=1.0)
+        assert (beta[:, 0] >= 0.5 - 1e-6).all() and torch.allclose(beta.sum(1), torch.ones(4))
+    assert torch.allclose(am.dynamic_beta(entropies, "inverse-entropy", head_start=1.0)[:, 0], torch.full((4,), 0.5))
+
+
+@needs_nltk
+def test_v1_and_v2_are_chosen_on_the_adaptive_dev_objective(tmp_path, monkeypatch):
+    fake_the_attacks(monkeypatch, 5)
+    results = am.main(quick_args(tmp_path, "--beta", "dev", "--beta-attack-examples", "8", "--v2-grid", "1:0,1:2",
+                                 "--dynamic-rule", "softmax"))
+    extra = results["extra"]
+    points = extra["beta_curve"]["points"]
+    assert all("dev_aua_deepwordbug" in p and "adaptive_objective" in p for p in points)
+    best = max(points, key=lambda p: (p["adaptive_objective"], p["beta"]))
+    assert extra["beta_v1"] == best["beta"]
+    tuning = extra["v2_tuning"]
+    assert len(tuning["tried"]) == 2 and (tuning["tau"], tuning["head_start"]) in ((1.0, 0.0), (1.0, 2.0))
+    with pytest.raises(common.UsageError, match="--v2-grid tunes v2"):
+        am.validate(quick_args(tmp_path, "--v2-grid", "1:0"))
