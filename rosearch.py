@@ -61,7 +61,8 @@ def parse_args(argv=None):
     s.add_argument("--ops", default=DEFAULT_OPS, help=f"operations of an edge, from: {', '.join(OPS)}")
     s.add_argument("--min-cells", type=int, default=1, help="smallest number of cells K")
     s.add_argument("--max-cells", type=int, default=8, help="largest number of cells K (AdaBERT K_max = 8)")
-    s.add_argument("--hidden", default="128", help="student width H; a comma list makes H part of the genotype")
+    s.add_argument("--hidden", default="128,256,512", help="student width H; a comma list makes H part of the "
+                   "genotype (AdaBERT: 128; wider choices let the budget bind)")
     s.add_argument("--heads", type=int, default=4, help="heads of the optional 'attention' op")
     s.add_argument("--cell-combine", default="weighted-sum", choices=["weighted-sum", "concat"],
                    help="cell output: softmax-weighted sum of its nodes (AdaBERT) or concat + linear")
@@ -69,6 +70,10 @@ def parse_args(argv=None):
                    help="add the previous cell's output to a cell's output before its LayerNorm")
     s.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the teacher's word/position/type embeddings frozen in the student")
+    s.add_argument("--student-embeddings", default="folded", choices=["folded", "teacher"],
+                   help="folded: LayerNorm_H(P (word + position + type)), the teacher's tables x the trained "
+                        "projection P folded into H-wide tables after training (AdaBERT's export; counted folded); "
+                        "teacher: the teacher's whole embedding block (its LayerNorm too) before P, counted d-wide")
     s.add_argument("--dropout", type=float, default=0.1, help="dropout of the student's classifier")
     s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
     e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
@@ -85,8 +90,9 @@ def parse_args(argv=None):
     e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
     e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this "
                    "(abstract: 4.6x - 6.5x)")
-    e.add_argument("--compression-basis", default="non_embedding", choices=["non_embedding", "total"],
-                   help="parameters the budget and E count (the shared embedding tables excluded or not)")
+    e.add_argument("--compression-basis", default="total", choices=["non_embedding", "total"],
+                   help="parameters the budget and E count: all (the folded H-wide tables included), or without "
+                        "the embedding tables")
     e.add_argument("--population", type=int, default=20, help="P: population of regularized evolution (§3.3)")
     e.add_argument("--tournament", type=int, default=5, help="S: tournament size (§3.3)")
     e.add_argument("--cycles", type=int, default=80, help="C: evolution cycles; P + C candidates in all (§3.3)")
@@ -223,13 +229,16 @@ class Cell(nn.Module):
 
 
 class Student(nn.Module):
-    """Teacher embeddings -> projection to H -> K cells -> masked mean pool -> tanh -> classifier (§2.3-2.4)."""
+    """Teacher embeddings -> projection to H -> K cells -> masked mean pool -> tanh -> classifier (§2.3-2.4).
+    folded: the tables are summed raw, projected, then normalised in H, so P folds exactly into the tables."""
 
-    def __init__(self, genotype, embed_dim, num_labels, heads=4, combine="weighted-sum", residual=True, dropout=0.1):
+    def __init__(self, genotype, embed_dim, num_labels, heads=4, combine="weighted-sum", residual=True, dropout=0.1,
+                 folded=False):
         super().__init__()
-        self.genotype, hidden = genotype, genotype["hidden"]
+        self.genotype, hidden, self.folded = genotype, genotype["hidden"], folded
         self.embeddings = None  # the teacher's BertEmbeddings, attached by build_student
         self.project = nn.Linear(embed_dim, hidden)
+        self.embed_norm = nn.LayerNorm(hidden) if folded else None
         self.cells = nn.ModuleList(Cell(c, hidden, heads, combine, residual) for c in genotype["cells"])
         self.dropout = nn.Dropout(dropout)
         self.pooler = nn.Linear(hidden, hidden)
@@ -240,12 +249,22 @@ class Student(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None, **unused):
         shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+        device = self.classifier.weight.device
         if attention_mask is None:
-            attention_mask = torch.ones(shape, dtype=torch.long, device=self.project.weight.device)
-        x = self.embeddings(input_ids=None if inputs_embeds is not None else input_ids, token_type_ids=token_type_ids,
-                            inputs_embeds=inputs_embeds)
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        if self.folded:
+            e = self.embeddings
+            words = inputs_embeds if inputs_embeds is not None else e.word_embeddings(input_ids)
+            types = token_type_ids if token_type_ids is not None else torch.zeros(shape, dtype=torch.long, device=device)
+            offset = getattr(e, "padding_idx", -1) + 1  # RoBERTa's positions start after its padding index
+            x = words + e.position_embeddings(torch.arange(shape[1], device=device)[None] + offset) + \
+                e.token_type_embeddings(types)
+            x = e.dropout(self.embed_norm(self.project(x)))
+        else:
+            x = self.project(self.embeddings(input_ids=None if inputs_embeds is not None else input_ids,
+                                             token_type_ids=token_type_ids, inputs_embeds=inputs_embeds))
         mask = attention_mask.unsqueeze(-1).to(x.dtype)
-        s0 = s1 = self.project(x) * mask
+        s0 = s1 = x * mask
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, mask)
         pooled = (s1 * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -265,6 +284,8 @@ class Space:
     teacher_params: dict
     basis: str = "non_embedding"
     min_compression: float = 4.6
+    folded: bool = False  # --student-embeddings folded: counted as the exported H-wide tables
+    table_rows: int = 0  # vocabulary + positions + token types of the teacher's tables
     heads: int = 4
     combine: str = "weighted-sum"
     residual: bool = True
@@ -277,16 +298,37 @@ def student_params(genotype, space: Space) -> dict:
     key = genotype_hash(genotype)
     if key not in space._params:
         with torch.device("meta"):
-            body = Student(genotype, space.embed_dim, space.num_labels, space.heads, space.combine, space.residual)
-        n = sum(p.numel() for p in body.parameters()) + space.embedding_params
-        space._params[key] = {"total": n, "non_embedding": n - space.embedding_tables}
+            body = Student(genotype, space.embed_dim, space.num_labels, space.heads, space.combine, space.residual,
+                           folded=space.folded)
+        n, h = sum(p.numel() for p in body.parameters()), genotype["hidden"]
+        if space.folded:  # P (d x H + H) folded into the tables: rows x H
+            n, tables = n - (space.embed_dim * h + h) + space.table_rows * h, space.table_rows * h
+        else:
+            n, tables = n + space.embedding_params, space.embedding_tables
+        space._params[key] = {"total": n, "non_embedding": n - tables}
     return space._params[key]
+
+
+@torch.no_grad()
+def fold_embeddings(student):
+    """AdaBERT's export: each table x P^T becomes an H-wide table (P's bias goes into the type table: every token
+    has exactly one type); P and the teacher's LayerNorm are dropped. The logits do not change (a test checks it)."""
+    if not student.folded or isinstance(student.project, nn.Identity):
+        return student
+    e, p = student.embeddings, student.project
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        table = getattr(e, name)
+        new = nn.Embedding(table.num_embeddings, p.out_features, padding_idx=table.padding_idx)
+        new.weight.copy_(table.weight @ p.weight.T + (p.bias if name == "token_type_embeddings" else 0))
+        setattr(e, name, new.requires_grad_(False).to(table.weight.device))
+    e.LayerNorm, student.project = nn.Identity(), nn.Identity()
+    return student
 
 
 def student_flops(genotype, space: Space, seq_len: int) -> int:
     """Analytic forward FLOPs per token (2 x multiply-adds) of the student past its embeddings: the projection to H,
     every edge (conv H x H x k, attention 4 H^2 + 2 n H, pools 3 H), the cell merges; pooler / classifier ignored."""
-    h, total = genotype["hidden"], 2 * space.embed_dim * genotype["hidden"]
+    h, total = genotype["hidden"], 0 if space.folded else 2 * space.embed_dim * genotype["hidden"]
     for cell in genotype["cells"]:
         for _, op in (edge for node in cell for edge in node):
             kind, kernel, _ = OPS[op]
@@ -548,7 +590,7 @@ def kd_loss(alpha: float, temperature: float):
 
 def build_student(genotype, ctx):
     student = Student(genotype, ctx.space.embed_dim, ctx.space.num_labels, ctx.space.heads, ctx.space.combine,
-                      ctx.space.residual, ctx.space.dropout)
+                      ctx.space.residual, ctx.space.dropout, ctx.space.folded)
     student.embeddings = copy.deepcopy(ctx.teacher.base_model.embeddings).cpu()
     student.embeddings.requires_grad_(not ctx.args.freeze_embeddings)
     return student.to(ctx.run.device)
@@ -666,7 +708,8 @@ def trained(genotype, ctx, tag):
 def save_student(student, space, path, record=None):
     torch.save({"genotype": student.genotype, "state_dict": student.state_dict(), "record": record,
                 "config": {"embed_dim": space.embed_dim, "num_labels": space.num_labels, "heads": space.heads,
-                           "combine": space.combine, "residual": space.residual, "dropout": space.dropout}}, path)
+                           "combine": space.combine, "residual": space.residual, "dropout": space.dropout,
+                           "folded": space.folded}}, path)
 
 
 def run_search(label, weights, ctx, evaluated):
@@ -748,12 +791,15 @@ def setup(args):
                     resume=args.resume, free=RESUME_FREE)
     data = load_task(args)
     teacher, tokenizer, encoded, teacher_dev, seconds = prepare_teacher(args, data, run)
-    word = teacher.get_input_embeddings()
-    emb = count_params(teacher.base_model.embeddings)  # the block every student shares: tables + its LayerNorm
+    word, block = teacher.get_input_embeddings(), teacher.base_model.embeddings
+    emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
+    rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
+                                                          "token_type_embeddings"))
     space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, word.embedding_dim,
                   data.num_labels, emb["total"], emb["total"] - emb["non_embedding"], count_params(teacher),
-                  args.compression_basis, args.min_compression, args.heads, args.cell_combine, args.cell_residual,
-                  args.dropout)
+                  args.compression_basis, args.min_compression, folded=args.student_embeddings == "folded",
+                  table_rows=rows, heads=args.heads, combine=args.cell_combine, residual=args.cell_residual,
+                  dropout=args.dropout)
     check_space(space)
     probe_idx = stratified_probe(data.dev["label"], args.probe_examples, args.probe_seed)
     probe = data.dev.select(probe_idx)
@@ -790,6 +836,7 @@ def main(args):
             rows.append(evaluate_row(ctx.teacher, ROWS[name], ctx, "teacher_", teacher_dev))
             continue
         student, best, history, cost = picked[name]
+        student = fold_embeddings(student)  # the exported student is what is counted, attacked and timed
         extra = {"genotype": student.genotype, "best": best}
         if history is not None:
             extra.update(candidates=len(history), history=f"history_{name}.jsonl")

@@ -340,3 +340,33 @@ def test_flops_count_convs_by_kernel_and_width():
     per_cell = 2 * 8 * 8 * 3 + 2 * 8 * 8 * 7 + 2 * 3 * 8  # two convs + the weighted-sum merge
     assert rs.student_flops(small, space, 32) == 2 * 16 * 8 + per_cell
     assert rs.student_flops(big, space, 32) == 2 * 16 * 16 + 2 * (2 * 16 * 16 * 3 + 2 * 16 * 16 * 7 + 2 * 3 * 16)
+
+
+def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
+    from offline import tiny_bert
+
+    teacher, tokenizer = tiny_bert(2, "/tmp/rosearch_test_tiny")
+    emb = teacher.base_model.embeddings
+    rows = sum(getattr(emb, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
+                                                        "token_type_embeddings"))
+    space = rs.Space(list(rs.OPS), 1, 3, [16], 64, 2, 0, 0, count_params(teacher), folded=True, table_rows=rows)
+    ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
+                          run=SimpleNamespace(device=torch.device("cpu")))
+    enc = dict(tokenizer(["the movie was good", "a dull and boring plot"], padding=True, return_tensors="pt"))
+    for seed in range(3):
+        genotype = rs.random_genotype(space, random.Random(seed))
+        torch.manual_seed(seed)
+        student = rs.build_student(genotype, ctx).eval()
+        with torch.no_grad():
+            student.project.bias.normal_()  # a trained projection has a bias: it must fold into the type table
+            before = student(**enc)
+        folded = rs.fold_embeddings(student)
+        with torch.no_grad():
+            after = folded(**enc)
+        assert torch.allclose(before, after, atol=1e-5)
+        counted, built = rs.student_params(genotype, space), count_params(folded)
+        assert counted["total"] == built["total"] == sum(p.numel() for p in folded.parameters())
+        assert counted["non_embedding"] == built["non_embedding"]
+        assert folded.get_input_embeddings().embedding_dim == 16 and isinstance(folded.project, torch.nn.Identity)
+    # a MiniLM-sized teacher (22.7M): the folded H=128 tables alone are 3.97M, so 4.6x total (4.94M) leaves < 1M for cells
+    assert 30522 * 128 + 512 * 128 + 2 * 128 == 3_972_608
