@@ -23,7 +23,10 @@ def baselines_of(method: str, setting: str) -> list:
     if method == "freelb":
         return [("finetune", "fine-tune")]
     if method == "robust_ticket" and s != "fine-tune":
-        return [("robust_ticket", "fine-tune"), ("finetune", "fine-tune")]
+        level = s.split("s=")[-1]  # the robust ticket against its controls at the same sparsity
+        ablations = [("robust_ticket", f"{a} s={level}") for a in ("w/o adv", "w/o l0", "random", "magnitude")
+                     if s.startswith("ticket s=")]
+        return [("robust_ticket", "fine-tune"), ("finetune", "fine-tune")] + ablations
     if method == "early_bird_adv":
         return {"early-bird ticket": [("early_bird_adv", "freelb"), ("freelb", "freelb")],
                 "freelb": [("early_bird_adv", "fine-tune"), ("finetune", "fine-tune")]}.get(s, [])

@@ -187,3 +187,11 @@ def test_mask_diagnostics_read_search_json_of_a_run_cut_after_its_search(tmp_pat
     (folder / "args.json").write_text(json.dumps({"seed": 3, "l0_lambda": 0, "sparsity": "0.3,0.7"}))
     lines, _ = report.mask_diagnostics(str(tmp_path), str(tmp_path))
     assert any(line.startswith("| w/o L0 (seed 3, lambda 0) | 5 | 40.0 | 80.0 |") for line in lines)
+
+
+def test_a_robust_ticket_is_paired_with_fine_tune_and_its_controls_at_the_same_sparsity():
+    bases = report.baselines_of("robust_ticket", "ticket s=0.7")
+    assert bases[0] == ("robust_ticket", "fine-tune") and ("robust_ticket", "w/o adv s=0.7") in bases
+    assert ("robust_ticket", "random s=0.7") in bases and ("robust_ticket", "w/o l0 s=0.7") in bases
+    assert report.baselines_of("robust_ticket", "random s=0.7") == [("robust_ticket", "fine-tune"),
+                                                                     ("finetune", "fine-tune")]
