@@ -1,4 +1,5 @@
-# Adapters Mixup: Mixing Parameter-Efficient Adapters to Enhance the Adversarial Robustness of Fine-tuned Pre-trained Text Classifiers (EMNLP 2024, arXiv 2401.10111) — README.md section "AdpMixup"
+# Adapters Mixup: Mixing Parameter-Efficient Adapters to Enhance the Adversarial Robustness of Fine-tuned Pre-trained
+# Text Classifiers (EMNLP 2024, arXiv 2401.10111); usage, caches, what is logged, deviations: docs/adapter_mixup.md
 """AdpMixup (Nguyen & Le). A frozen PLM theta_0 gets bottleneck adapters; one adapter set phi_0 is trained on clean
 data, one phi_k per known attack on its adversarial examples (warm-started from phi_0), and prediction uses the
 convex combination phi_mix = sum_k beta_k phi_k of all adapter tensors and heads (v1: one fixed beta; v2: beta per

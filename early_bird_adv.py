@@ -1,7 +1,7 @@
 # EarlyRobust: Efficient Adversarial Training with Robust Early-Bird Tickets (EMNLP 2022, arXiv 2211.07263)
 # Stage 1 FreeLB search of the model + slimming gates (heads, FFN neurons) with L1, stopped online when the masks
 # converge; Stage 2 draw, rewind to the pre-trained weights, prune physically; Stage 3 plain fine-tuning of the ticket.
-# Usage, logged metrics, numbered deviations, the speed-up's cost model and results: README.md "EarlyRobust".
+# Usage, logged metrics, numbered deviations, the speed-up's cost model and results: docs/early_bird_adv.md.
 import argparse
 import json
 import math
