@@ -292,7 +292,9 @@ class StopRule:
 
     def add(self, head_mask, ffn_mask, gates, epoch) -> Optional[int]:
         """Record a checkpoint; the index of the drawn checkpoint once the rule fires, else None."""
-        self.head_masks.append(head_mask), self.ffn_masks.append(ffn_mask), self.gates.append(gates)
+        self.head_masks.append(head_mask)
+        self.ffn_masks.append(ffn_mask)
+        self.gates.append(gates)
         self.moved.append(bool(np.ptp(gates[0]) > 0 and np.ptp(gates[1]) > 0))
         g = len(self.head_masks) - 1 - self.window  # the checkpoint the rule can judge now
         if g < 0:

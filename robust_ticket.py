@@ -146,11 +146,6 @@ def masked_linears(model) -> list:
     return layers
 
 
-def _set_submodule(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def attach_gates(model, init: float) -> dict:
     """Wrap every masked linear in a MaskedLinear; freeze all weights (only log_alpha is trained). -> {name: gate}"""
     model._trainable_before_gates = [p.requires_grad for p in model.parameters()]
@@ -159,7 +154,7 @@ def attach_gates(model, init: float) -> dict:
     gates = {}
     for name, linear in masked_linears(model):
         wrapped = MaskedLinear(linear, init)
-        _set_submodule(model, name, wrapped)
+        model.set_submodule(name, wrapped)
         gates[name] = wrapped.gate
     return gates
 
@@ -168,7 +163,7 @@ def detach_gates(model):
     """Unwrap the MaskedLinears and make the weights as trainable as they were before attach_gates."""
     for name, wrapped in list(model.named_modules()):
         if isinstance(wrapped, MaskedLinear):
-            _set_submodule(model, name, wrapped.linear)
+            model.set_submodule(name, wrapped.linear)
     for p, trainable in zip(model.parameters(), model.__dict__.pop("_trainable_before_gates", [])):
         p.requires_grad_(trainable)
 
@@ -284,7 +279,8 @@ def search_masks(model, train_loader, dev_loader, run, args, adv) -> tuple:
     detach_gates(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     seconds = (time.time() - started) / total
-    print(f"[search] {total} steps, {seconds:.3f} s/step (dev evals in)" + (f", peak {peak:.1f} GiB" if peak else ""))
+    print(f"[search] {total} steps, {seconds:.3f} s/step (dev evals included)"
+          + (f", peak GPU memory {peak:.1f} GiB" if peak else ""), flush=True)
     if max(p["l0_wins_share"] for p in curve[1:]) < 0.01 and args.l0_lambda > 0:
         print("[search] warning: the L0 gradient exceeded the adversarial one on < 1 % of the gates: lambda did next "
               "to nothing (try --l0-normalise or a larger --l0-lambda)", flush=True)
@@ -366,7 +362,8 @@ def row_of(results: dict) -> dict:
 
 
 def reseed(seed: int, train_loader):  # the same head, data order and dropout for every draw and ablation
-    torch.manual_seed(seed), train_loader.generator.manual_seed(seed)
+    torch.manual_seed(seed)
+    train_loader.generator.manual_seed(seed)
 
 
 def setting_name(args, s: float) -> str:
@@ -393,7 +390,8 @@ def learned_zero_share(scores: dict) -> float:
 
 def export(model, tokenizer, out: str, masks: Optional[dict] = None):
     """A standard checkpoint (a ticket's mask is folded into its weights), plus a ticket's bit-packed mask."""
-    model.save_pretrained(out), tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     if masks is not None:
         save_mask(os.path.join(out, "mask.npz"), masks)
 
