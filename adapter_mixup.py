@@ -305,8 +305,8 @@ class MixupPredictor:
     def __init__(self, model, tokenizer, mixture, sets, beta, args, device, autocast, rule="inverse-entropy"):
         self.model, self.tokenizer, self.mixture, self.sets, self.beta = model, tokenizer, mixture, sets, beta
         self.args, self.device, self.autocast, self.rule = args, device, autocast, rule
-        self.candidates = torch.eye(len(sets)) if rule != "min-entropy" else simplex_grid(len(sets),
-                                                                                         args.beta_grid_step)
+        self.candidates = torch.eye(len(sets)) if rule != "min-entropy" or beta == "ensemble" else simplex_grid(
+            len(sets), args.beta_grid_step)
 
     @property
     def passes(self):
@@ -324,8 +324,6 @@ class MixupPredictor:
             with self.autocast():
                 logits = common._logits(self.model(**enc)).float()
             return logits, torch.ones(batch, 1)
-        if self.beta == "ensemble":
-            self.candidates = torch.eye(len(self.sets))
         grid = self.candidates.size(0)  # copy g of the batch uses candidate mix g (one-hot = single adapter)
         self.mixture.use(self.sets, self.candidates.repeat_interleave(batch, 0).to(self.device))
         with self.autocast():
