@@ -308,6 +308,12 @@ class MixupPredictor:
         self.candidates = torch.eye(len(sets)) if rule != "min-entropy" or beta == "ensemble" else simplex_grid(
             len(sets), args.beta_grid_step)
 
+    def to(self, device):
+        """Move the model (a spawned GPU attack worker's copy) to `device`."""
+        self.model.to(device)
+        self.device = device
+        return self
+
     @property
     def passes(self):
         if self.beta not in ("dynamic", "ensemble"):

@@ -43,6 +43,12 @@ class Predictor:
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
 
+    def to(self, device):
+        """Move the model (a spawned GPU attack worker's copy) to `device`."""
+        self.model.to(device)
+        self.device = device
+        return self
+
     @torch.no_grad()
     def __call__(self, texts):
         self.model.eval()
@@ -191,11 +197,8 @@ def read_attack_csv(csv_path: str, key: str) -> dict:
     return {int(r["index"]): r for r in csv.DictReader(io.StringIO(text, newline="")) if valid_row(r)}
 
 
-def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, conn):
-    """A forked worker: its own copy of the attack and predictor, `threads` torch threads, one row per message on
-    its own pipe (a worker killed mid-message cannot block the others)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's rayon pool does not survive fork (TextAttack sets it)
-    torch.set_num_threads(threads)
+def _attack_share(attack, samples, column_names, indices, attack_seed, conn) -> int:
+    """A worker's loop: one row per message on its own pipe (a worker killed mid-message cannot block the others)."""
     code = 0
     try:
         for i in indices:
@@ -204,26 +207,66 @@ def _attack_worker(attack, samples, column_names, indices, attack_seed, threads,
         traceback.print_exc()
         code = 1
     conn.close()
-    os._exit(code)  # no inherited exit handlers or stream flushes (TensorBoard writer, pytest capture) in a fork
+    return code
 
 
-def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers: int, desc: str):
-    """Yield (index, row) for every index in todo, attacked by `workers` forked processes (strided shares); a worker
-    that dies is reported and its unfinished examples are attacked here, so none is dropped."""
+def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, conn):
+    """A forked CPU worker: its own copy of the attack and predictor, `threads` torch threads."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's rayon pool does not survive fork (TextAttack sets it)
+    torch.set_num_threads(threads)
+    os._exit(_attack_share(attack, samples, column_names, indices, attack_seed, conn))  # no inherited exit handlers
+
+
+def _spawned_worker(predict, recipe, samples, column_names, indices, attack_seed, threads, device, conn):
+    """A spawned (GPU) worker: the pickled predictor moved to `device`, the recipe rebuilt here around it."""
+    torch.set_num_threads(threads)
+    predict.to(torch.device(device))
+    attack = build_attack(recipe["name"], callable_wrapper(predict), recipe_resources(recipe), recipe["query_budget"],
+                          recipe["max_modify_rate"], recipe["batch_size"])
+    raise SystemExit(_attack_share(attack, samples, column_names, indices, attack_seed, conn))
+
+
+def recipe_resources(recipe: dict):
+    """The resources a spawned worker attacks with: rebuilt from --attack-substitutes, else the pickled object."""
+    if recipe.get("substitutes"):
+        return offline.offline_attack_resources(recipe["substitutes"])
+    return recipe.get("resources")
+
+
+def worker_devices(workers: int, device) -> list:
+    """Worker w's device: CPU for all, or visible GPU w mod n (the indices CUDA_VISIBLE_DEVICES exposes)."""
+    if torch.device(device).type != "cuda":
+        return ["cpu"] * workers
+    n = torch.cuda.device_count()
+    if n < 1:
+        raise UsageError("--attack-workers on CUDA: no visible GPU (CUDA_VISIBLE_DEVICES)")
+    return [f"cuda:{w % n}" for w in range(workers)]
+
+
+def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers: int, desc: str, spawn=None):
+    """Yield (index, row) for every index in todo, attacked by `workers` processes (strided shares): forked CPU
+    copies of `attack`, or with spawn = (predictor, recipe dict, devices) spawned processes that rebuild the recipe
+    around the pickled predictor on their device (CUDA cannot be forked). A worker that dies is reported and its
+    unfinished examples are attacked here, so none is dropped."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        raise UsageError("--attack-workers > 1 forks CPU workers, and a process that used CUDA cannot fork them: "
-                         "attack with --attack-workers 1 on a GPU")
-    ctx = mp.get_context("fork")
+    if spawn is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise UsageError("--attack-workers: a process that used CUDA cannot fork workers (spawned ones need the "
+                         "predictor and recipe: evaluate_robustness passes them)")
+    ctx = mp.get_context("fork" if spawn is None else "spawn")
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
     procs, readers = [], []
-    for share in (todo[w::workers] for w in range(workers)):
+    for w, share in enumerate(todo[w::workers] for w in range(workers)):
         if share:
             reader, writer = ctx.Pipe(duplex=False)
-            procs.append(ctx.Process(target=_attack_worker, args=(attack, samples, column_names, share, attack_seed,
-                                                                  threads, writer), daemon=True))
+            if spawn is None:
+                target, args = _attack_worker, (attack, samples, column_names, share, attack_seed, threads, writer)
+            else:
+                predict, recipe, devices = spawn
+                target, args = _spawned_worker, (predict, recipe, samples, column_names, share, attack_seed,
+                                                 threads, devices[w], writer)
+            procs.append(ctx.Process(target=target, args=args, daemon=True))
             procs[-1].start()
             writer.close()  # the parent keeps only the read end: a dead worker's pipe then ends (EOFError)
             readers.append(reader)
@@ -255,7 +298,7 @@ def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers:
 
 
 def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack",
-               attack_seed: int = 0, key: str = "", indices=None, workers: int = 1):
+               attack_seed: int = 0, key: str = "", indices=None, workers: int = 1, spawn=None):
     """Attack samples[i] for i in `indices` (default: all), each under example_seed(attack_seed, i), in this process
     or in `workers` forked ones. Rows go to the per-example CSV as they finish; examples already in a CSV with the
     same `key` are not attacked again (resume). Returns (summary dict, rows in sample order)."""
@@ -275,7 +318,7 @@ def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[st
         writer.writerows(done[i] for i in sorted(done))
         out.flush()
     if workers > 1 and len(todo) > 1:
-        finished = attack_in_workers(attack, samples, column_names, todo, attack_seed, workers, desc)
+        finished = attack_in_workers(attack, samples, column_names, todo, attack_seed, workers, desc, spawn)
     else:
         finished = ((i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i)))
                     for i in tqdm(todo, desc=desc, leave=False, disable=None))
@@ -301,6 +344,19 @@ def attack_config(args, name: str, resources, samples: list) -> dict:
             "max_seq_length": args.max_seq_length, "sample": fingerprint([list(map(str, s)) for s in samples])}
 
 
+def spawn_spec(predict, name: str, resources, args, device, workers: int):
+    """None (fork CPU workers, or one process), or what spawned GPU workers need: (predictor, recipe, devices)."""
+    if workers < 2 or torch.device(device).type != "cuda":
+        return None
+    if not hasattr(predict, "to"):
+        raise UsageError("--attack-workers on CUDA needs a predictor with .to(device) (attacks.Predictor has one)")
+    substitutes = getattr(args, "attack_substitutes", None)
+    recipe = {"name": name, "substitutes": substitutes, "resources": None if substitutes else resources,
+              "query_budget": args.attack_query_budget, "max_modify_rate": args.attack_max_modify_rate,
+              "batch_size": args.eval_batch_size}
+    return predict, recipe, worker_devices(workers, device)
+
+
 def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefix: str = "", resources=None,
                         row: Optional[dict] = None) -> dict:
     """Every --attacks recipe on the seeded test sample against the whole predictor. Returns {attack: metrics}.
@@ -321,6 +377,7 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
     # the predictor's rounded logits on the sample: shards of one predictor merge, shards of two never do
     predictor = fingerprint(np.round(np.asarray(predict([s[0] for s in samples]), dtype=float), 3).tolist())
     wrapper = callable_wrapper(predict)
+    workers = getattr(args, "attack_workers", 1)
     for name in names:
         start = time.time()
         config = {**attack_config(args, name, resources, samples), "predictor": predictor,
@@ -330,8 +387,8 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
             attack = build_attack(name, wrapper, resources, args.attack_query_budget, args.attack_max_modify_rate,
                                   args.eval_batch_size)
             summary, _ = run_attack(attack, samples, data.text_columns, csv_path, f"{prefix}{name}", args.attack_seed,
-                                    key=fingerprint([config, prefix]), indices=indices,
-                                    workers=getattr(args, "attack_workers", 1))
+                                    key=fingerprint([config, prefix]), indices=indices, workers=workers,
+                                    spawn=spawn_spec(predict, name, resources, args, run.device, workers))
         except Exception as e:  # noqa: BLE001 -- one recipe's failure must not lose the others (README "Results")
             traceback.print_exc()
             metrics[name] = {**config, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack
+from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack, spawn_spec
 from common import (add_common_args, adversarial_backward, adversary_from_args, count_params, cross_entropy, finetune,
                     load_model, load_task, make_loader, pick_device, start_run, sync, tokenize, usage_errors,
                     validate_common_args)
@@ -29,20 +29,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def timed_attack(name, wrapper, samples, columns, batch_size, workers=1):
+def timed_attack(name, wrapper, samples, columns, batch_size, workers=1, spawn=None):
     attack = build_attack(name, wrapper, model_batch_size=batch_size)
     start = time.time()
-    summary, rows = run_attack(attack, samples, columns, desc=name, workers=workers)
+    summary, rows = run_attack(attack, samples, columns, desc=name, workers=workers, spawn=spawn)
     return time.time() - start, summary, [(r["result"], r["perturbed_text"]) for r in rows]
 
 
-def compare_workers(args, samples, columns, wrapper):
-    """1 worker vs N workers on the same seeded sample: identical outcomes expected, time ratio measured."""
+def compare_workers(args, samples, columns, predict, device):
+    """1 worker vs N workers on the same seeded sample: identical outcomes expected, time ratio measured (on CUDA
+    the N workers are spawned round-robin over the visible GPUs, as in a method's attack evaluation)."""
+    wrapper = callable_wrapper(predict)
     print(f"{'attack':<14}{'1 worker s':>12}{f'{args.compare_workers} workers s':>14}{'speed-up':>10}"
           f"{'same outcome':>14}{'aua':>8}")
     for name in args.attacks.split(","):
         t_one, s_one, r_one = timed_attack(name, wrapper, samples, columns, args.eval_batch_size)
-        t_n, _, r_n = timed_attack(name, wrapper, samples, columns, args.eval_batch_size, args.compare_workers)
+        spawn = spawn_spec(predict, name, None, args, device, args.compare_workers)
+        t_n, _, r_n = timed_attack(name, wrapper, samples, columns, args.eval_batch_size, args.compare_workers, spawn)
         same = sum(a == b for a, b in zip(r_one, r_n))
         print(f"{name:<14}{t_one:>12.1f}{t_n:>14.1f}{t_one / t_n:>9.2f}x{same:>9}/{len(samples):<4}"
               f"{s_one['aua']:>8.1f}", flush=True)
@@ -207,9 +210,10 @@ def main(args):
         finetune(model, train, dev, run, args.epochs, args.lr)
     model.to(run.device).eval()  # --finetuned loads on the CPU; without eval() dropout makes outcomes random
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
-    ours = callable_wrapper(Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device))
+    predict = Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device)
     if args.compare_workers > 1:
-        return compare_workers(args, samples, data.text_columns, ours)
+        return compare_workers(args, samples, data.text_columns, predict, run.device)
+    ours = callable_wrapper(predict)
     stock = HuggingFaceModelWrapper(model, tokenizer)  # pads to tokenizer.model_max_length = --max-seq-length
     print(f"model {args.finetuned or args.model}  max length {tokenizer.model_max_length}  {len(samples)} examples", flush=True)
     print(f"{'attack':<14}{'stock s':>10}{'ours s':>10}{'speed-up':>10}{'same outcome':>14}{'clean':>8}{'aua':>8}")

@@ -103,8 +103,9 @@ def add_common_args(parser: argparse.ArgumentParser, exp_name: str, **defaults):
     a.add_argument("--attack-examples", type=int, default=1000, help="seeded random sample of the test split")
     a.add_argument("--attack-seed", type=int, default=0, help="seed of the attacked sample (same for every run); "
                    "example i is attacked under a seed derived from (attack seed, i)")
-    a.add_argument("--attack-workers", type=int, default=1, help="attack the sample in N forked CPU processes, each "
-                   "with its own copy of the predictor and cores/N torch threads (same outcomes as 1)")
+    a.add_argument("--attack-workers", type=int, default=1, help="attack the sample in N processes, each with its own "
+                   "copy of the predictor and cores/N torch threads (same outcomes as 1): forked on CPU; on CUDA "
+                   "spawned, worker w on visible GPU w mod (number of GPUs in CUDA_VISIBLE_DEVICES)")
     a.add_argument("--attack-shard", default=None, metavar="I/N", help="attack only positions I, I+N, ... of the "
                    "sample (one job of a cluster array); `python report.py --merge-shards` joins the N run folders")
     a.add_argument("--attack-query-budget", type=int, default=None, help="max model queries per attacked example")
@@ -151,9 +152,6 @@ def validate_common_args(args):
     check_range("dev-size", args.dev_size, 0, low_open=True)
     check_range("attack-examples", args.attack_examples, 1)
     parse_shard(args.attack_shard)
-    if args.attack_workers > 1 and args.cuda and torch.cuda.is_available():
-        raise UsageError("--attack-workers > 1 forks CPU workers, which cannot use CUDA: pass --no-cuda, or run one "
-                         "process per GPU with --attack-shard I/N (README 'Scaling the attacks')")
     for name in ("max_train_examples", "max_eval_examples", "attack_query_budget", "attack_workers"):
         if getattr(args, name) is not None:
             check_range(name.replace("_", "-"), getattr(args, name), 1)
@@ -188,6 +186,16 @@ def parse_shard(spec: Optional[str]):
 
 
 # ---- Run bookkeeping -------------------------------------------------------------------------------------------------
+class Autocast:
+    """A picklable `autocast` callable: Autocast(True)() is a bf16 CUDA autocast context, Autocast(False)() a no-op."""
+
+    def __init__(self, bf16: bool):
+        self.bf16 = bf16
+
+    def __call__(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+
 @dataclass
 class Run:
     dir: str
@@ -214,11 +222,10 @@ class Run:
         partial.update(status="partial", data=self.data, extra={"rows": rows})
         write_json_atomic(os.path.join(self.dir, "results.json"), partial)
 
+    @property
     def autocast(self):
-        """bf16 autocast on CUDA when --bf16, else a no-op."""
-        if self.args.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        """bf16 autocast on CUDA when --bf16, else a no-op: `with run.autocast():` (picklable, for GPU workers)."""
+        return Autocast(bool(self.args.bf16 and self.device.type == "cuda"))
 
     def log(self, scalars: dict, step: int):
         for k, v in scalars.items():

@@ -348,13 +348,39 @@ def test_a_line_cut_by_a_kill_is_attacked_again(trained_tiny, tmp_path):
     assert sorted(attacks.read_attack_csv(path, "k")) == [0, 1, 2, 3] and len(open(path).read().splitlines()) == 5
 
 
-def test_workers_with_cuda_are_refused_with_the_flags(toy_args, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    toy_args.attack_workers, toy_args.cuda = 2, True
-    with pytest.raises(common.UsageError, match="--attack-workers > 1 forks CPU workers"):
-        common.validate_common_args(toy_args)
-    toy_args.cuda = False
-    common.validate_common_args(toy_args)
+def test_gpu_workers_go_round_robin_over_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert attacks.worker_devices(3, "cuda") == ["cuda:0", "cuda:1", "cuda:0"]
+    assert attacks.worker_devices(2, "cpu") == ["cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(common.UsageError, match="no visible GPU"):
+        attacks.worker_devices(2, "cuda")
+
+
+def test_spawn_is_chosen_only_for_several_workers_on_cuda(toy_args, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    toy_args.attack_substitutes = None
+    assert attacks.spawn_spec(lambda texts: None, "pwws", None, toy_args, "cpu", 2) is None
+    assert attacks.spawn_spec(lambda texts: None, "pwws", None, toy_args, "cuda", 1) is None
+    with pytest.raises(common.UsageError, match="a predictor with .to"):
+        attacks.spawn_spec(lambda texts: None, "pwws", None, toy_args, "cuda", 2)
+    predict = attacks.Predictor(None, None, 64, 32, "cuda")
+    _, recipe, devices = attacks.spawn_spec(predict, "pwws", None, toy_args, "cuda", 2)
+    assert recipe["name"] == "pwws" and devices == ["cuda:0", "cuda:1"]
+
+
+@needs_nltk
+def test_spawned_workers_rebuild_the_recipe_and_give_the_outcomes_of_one(trained_tiny, capsys):
+    """The GPU path (spawned processes, the predictor pickled and the recipe rebuilt), run on CPU devices."""
+    _, data, _, model, tokenizer = trained_tiny
+    predict = attacks.Predictor(model, tokenizer, 64, 32, torch.device("cpu"), common.Autocast(False))
+    attack = attacks.build_attack("deepwordbug", attacks.callable_wrapper(predict))
+    samples = attacks.attack_sample(data, 6, 0)
+    _, one = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
+    recipe = {"name": "deepwordbug", "query_budget": None, "max_modify_rate": None, "batch_size": 32}
+    _, two = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0, workers=2,
+                                spawn=(predict, recipe, ["cpu", "cpu"]))
+    assert two == one and "died" not in capsys.readouterr().out  # the workers did it, not the fallback
 
 
 def test_checkpoint_rows_are_named_after_their_run():
