@@ -1,4 +1,4 @@
-# The shared attack protocol (README.md, "Protocol and metrics"): TextAttack recipes against a method's whole
+# The shared attack protocol (docs/protocol.md): TextAttack recipes against a method's whole
 # predictor on one seeded sample of the test split; per-example seeds, CSV rows written as they finish (a killed run
 # resumes), the configuration and per-example outcomes recorded next to every number so report.py compares like with
 # like and pairs rows example by example. Methods call evaluate_model (or evaluate_robustness for a custom predictor).
@@ -389,7 +389,7 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
             summary, _ = run_attack(attack, samples, data.text_columns, csv_path, f"{prefix}{name}", args.attack_seed,
                                     key=fingerprint([config, prefix]), indices=indices, workers=workers,
                                     spawn=spawn_spec(predict, name, resources, args, run.device, workers))
-        except Exception as e:  # noqa: BLE001 -- one recipe's failure must not lose the others (README "Results")
+        except Exception as e:  # noqa: BLE001 -- one recipe's failure must not lose the others (docs/protocol.md)
             traceback.print_exc()
             metrics[name] = {**config, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
             RECIPE_FAILURES.append(f"{prefix}{name}: {metrics[name]['error']}")

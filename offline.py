@@ -1,4 +1,4 @@
-# Offline and test scaffolding (README.md, "Offline use"): what a reader of a method never needs.
+# Offline and test scaffolding (README.md and docs/protocol.md, "Offline use"): what a reader of a method never needs.
 #   - preflight: can each requested TextAttack recipe run here (modules, NLTK data, downloads)? Checked before
 #     any data or model is loaded, so a missing resource costs seconds, not a training run;
 #   - TextAttack made importable without network (its first-import downloads, the 0.3.11 wheel's missing file);
@@ -102,7 +102,7 @@ def preflight_problems(attacks: list, substitutes: Optional[str] = None) -> list
             except LookupError:
                 problems.append(f"--attacks {name} needs the NLTK data '{path}', found in no NLTK_DATA folder: "
                                 f"python -m nltk.downloader {os.path.basename(path)} (offline: set NLTK_DATA, "
-                                f"README 'Offline use')")
+                                f"docs/protocol.md 'Offline use')")
         if use and not substituted and not missing:
             if not use_cached() and not can_download("tfhub.dev"):
                 problems.append(f"--attacks {name} needs the Universal Sentence Encoder ({USE_URL}, downloaded "
