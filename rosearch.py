@@ -13,7 +13,6 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,17 +38,19 @@ DEFAULT_OPS = ",".join(op for op in OPS if op != "attention")
 MUTATIONS = {"op": 0.5, "input": 0.3, "depth": 0.1, "width": 0.1}  # §3.3
 MAX_REDRAWS = 500  # proposals tried before the space is declared exhausted
 BENCH_TRAIN, BENCH_EVAL, BENCH_PROBE = 1000, 200, 100  # --bench defaults
+# a row of the results -> its setting; the first three are searches (run_search), the first one is the method
+ROWS = {"rosearch": "RoSearch student", "accuracy-only": "accuracy-only search", "random-search": "random search",
+        "handmade": "hand-made student", "teacher": "teacher"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RoSearch: evolutionary search for robust students under knowledge "
-                                "distillation (arXiv 2106.03613), reconstructed")
+                                "distillation (arXiv 2106.03613), reconstructed; docs/rosearch.md")
     add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,pwws,bert-attack")
+    on = dict(action=argparse.BooleanOptionalAction, default=True)
     g = p.add_argument_group("RoSearch: teacher and knowledge distillation (§4)")
-    g.add_argument("--teacher", default=None, help="folder of an already fine-tuned teacher (else --model is "
-                   "fine-tuned with --lr/--epochs and cached)")
-    g.add_argument("--cache-dir", default=None, help="teacher and its cached logits "
-                   "(default OUTPUT_DIR/.rosearch_cache)")
+    g.add_argument("--teacher", help="folder of a fine-tuned teacher (else --model is fine-tuned with --lr/--epochs)")
+    g.add_argument("--cache-dir", help="teacher and its cached logits (default OUTPUT_DIR/.rosearch_cache)")
     g.add_argument("--kd-alpha", type=float, default=0.8, help="alpha: weight of the soft-target KL term (§4.3)")
     g.add_argument("--kd-temperature", type=float, default=2.0, help="T: distillation temperature (§4.3)")
     g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT default, §4.3)")
@@ -61,38 +62,34 @@ def parse_args(argv=None):
     s.add_argument("--ops", default=DEFAULT_OPS, help=f"operations of an edge, from: {', '.join(OPS)}")
     s.add_argument("--min-cells", type=int, default=1, help="smallest number of cells K")
     s.add_argument("--max-cells", type=int, default=8, help="largest number of cells K (AdaBERT K_max = 8)")
-    s.add_argument("--hidden", default="128,256,512", help="student width H; a comma list makes H part of the "
-                   "genotype (AdaBERT: 128; wider choices let the budget bind)")
+    s.add_argument("--hidden", default="128,256,512", help="student width H; a comma list makes H part of the genotype "
+                   "(AdaBERT: 128; wider choices let the budget bind)")
     s.add_argument("--heads", type=int, default=4, help="heads of the optional 'attention' op")
     s.add_argument("--cell-combine", default="weighted-sum", choices=["weighted-sum", "concat"],
                    help="cell output: softmax-weighted sum of its nodes (AdaBERT) or concat + linear")
-    s.add_argument("--cell-residual", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the previous cell's output to a cell's output before its LayerNorm")
-    s.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the teacher's word/position/type embeddings frozen in the student")
+    s.add_argument("--cell-residual", **on, help="add the previous cell's output before a cell's LayerNorm")
+    s.add_argument("--freeze-embeddings", **on, help="keep the teacher's embedding tables frozen in the student")
     s.add_argument("--student-embeddings", default="folded", choices=["folded", "teacher"],
-                   help="folded: LayerNorm_H(P (word + position + type)), the teacher's tables x the trained "
-                        "projection P folded into H-wide tables after training (AdaBERT's export; counted folded); "
-                        "teacher: the teacher's whole embedding block (its LayerNorm too) before P, counted d-wide")
+                   help="folded: LayerNorm_H(P (word + position + type)) on the teacher's tables, P folded into "
+                   "H-wide tables after training and counted so (AdaBERT's export); teacher: the teacher's whole "
+                   "embedding block (its LayerNorm too) before P, counted d-wide")
     s.add_argument("--dropout", type=float, default=0.1, help="dropout of the student's classifier")
     s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
     e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
     e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e of F = w_r R + w_a A + "
                    "w_e 100 (1 - E/E_max) (§5.4, reconstructed)")
-    e.add_argument("--fitness-attack", default=None, help=f"R's attack: one of {', '.join(ATTACK_RECIPES)} or 'pgd' "
-                   "(embedding PGD at --probe-pgd-radius); default textfooler (deepwordbug under --bench)")
-    e.add_argument("--probe-examples", type=int, default=None, help="N_r: seeded dev sentences attacked per "
-                   f"candidate, stratified by label; default 200 ({BENCH_PROBE} under --bench)")
-    e.add_argument("--accuracy-floor", type=float, default=0.9, help="a candidate whose dev accuracy A is below this "
-                   "share of the teacher's gets no robustness credit (R counts 0 in F): a collapsed student (one "
-                   "class) cannot win on R; 0 turns the floor off")
+    e.add_argument("--fitness-attack", help=f"R's attack: one of {', '.join(ATTACK_RECIPES)} or 'pgd' (embedding "
+                   "PGD at --probe-pgd-radius); default textfooler (deepwordbug under --bench)")
+    e.add_argument("--probe-examples", type=int, help="N_r: seeded dev sentences attacked per candidate, stratified "
+                   f"by label; default 200 ({BENCH_PROBE} under --bench)")
+    e.add_argument("--accuracy-floor", type=float, default=0.9, help="no robustness credit (R counts 0 in F) below "
+                   "this share of the teacher's dev accuracy, so a one-class student cannot win on R; 0: off")
     e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
     e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
     e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this "
                    "(abstract: 4.6x - 6.5x)")
-    e.add_argument("--compression-basis", default="total", choices=["non_embedding", "total"],
-                   help="parameters the budget and E count: all (the folded H-wide tables included), or without "
-                        "the embedding tables")
+    e.add_argument("--compression-basis", default="total", choices=["non_embedding", "total"], help="parameters "
+                   "the budget and E count: all (the folded H-wide tables included), or without the embedding tables")
     e.add_argument("--population", type=int, default=20, help="P: population of regularized evolution (§3.3)")
     e.add_argument("--tournament", type=int, default=5, help="S: tournament size (§3.3)")
     e.add_argument("--cycles", type=int, default=80, help="C: evolution cycles; P + C candidates in all (§3.3)")
@@ -100,11 +97,12 @@ def parse_args(argv=None):
                    "the two best contenders before mutation (0 = pure regularized evolution)")
     e.add_argument("--top-k", type=int, default=3, help="finalists re-trained with --final-epochs (§3.3)")
     r = p.add_argument_group("RoSearch: rows, resume, benchmark")
-    r.add_argument("--baseline", default="none", choices=["none", "accuracy-only", "handmade", "teacher"],
-                   help="run one baseline as this run's main row instead of RoSearch")
-    r.add_argument("--extra-rows", default="teacher,handmade", help="rows evaluated in the same run (extra.rows): "
-                   "any of teacher, handmade, accuracy-only; 'none' for none")
-    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the search of this run folder")
+    others = list(ROWS)[1:]
+    r.add_argument("--baseline", default="none", choices=["none", *others], help="run this row as the main row instead "
+                   "of RoSearch's")
+    r.add_argument("--extra-rows", default="teacher,handmade", help=f"rows also evaluated (extra.rows), any of "
+                   f"{', '.join(others)}; 'none' for none")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags)")
     r.add_argument("--bench", action="store_true", help="print seconds per candidate and student/teacher speed, exit "
                    f"(the raw --model as teacher; --max-train/eval-examples default {BENCH_TRAIN}/{BENCH_EVAL})")
     r.add_argument("--bench-candidates", type=int, default=2, help="candidates timed by --bench")
@@ -137,35 +135,28 @@ def validate(args):
         check_range("hidden", h, 1)
         if "attention" in args.ops_list and h % args.heads:
             raise UsageError(f"--hidden {h} is not divisible by --heads {args.heads} (needed by the attention op)")
-    check_range("min-cells", args.min_cells, 1)
-    check_range("max-cells", args.max_cells, args.min_cells)
-    for name in ("population", "tournament", "probe_examples", "top_k", "bench_candidates", "speed_examples",
-                 "student_batch_size", "handmade_cells"):
+    for name in ("min_cells", "population", "tournament", "probe_examples", "top_k", "bench_candidates",
+                 "speed_examples", "student_batch_size", "handmade_cells"):
         check_range(name.replace("_", "-"), getattr(args, name), 1)
+    for name in ("kd_temperature", "min_compression", "proxy_epochs", "final_epochs", "student_lr", "probe_pgd_radius"):
+        check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
+    for name in ("kd_alpha", "crossover_prob", "accuracy_floor"):
+        check_range(name.replace("_", "-"), getattr(args, name), 0, 1)
+    check_range("max-cells", args.max_cells, args.min_cells)
     check_range("cycles", args.cycles, 0)
     check_range("tournament", args.tournament, 1, args.population)
-    check_range("kd-alpha", args.kd_alpha, 0, 1)
-    check_range("kd-temperature", args.kd_temperature, 0, low_open=True)
-    check_range("crossover-prob", args.crossover_prob, 0, 1)
-    check_range("accuracy-floor", args.accuracy_floor, 0, 1)
-    check_range("min-compression", args.min_compression, 0, low_open=True)
-    for name in ("proxy_epochs", "final_epochs", "student_lr", "probe_pgd_radius"):
-        check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
     if args.fitness_attack != "pgd" and args.fitness_attack not in ATTACK_RECIPES:
         raise UsageError(f"unknown --fitness-attack '{args.fitness_attack}'; use pgd or one of "
                          f"{', '.join(ATTACK_RECIPES)}")
-    rows = [] if args.extra_rows.strip() in ("", "none") else [s.strip() for s in args.extra_rows.split(",")]
-    for row in rows:
-        if row not in ("teacher", "handmade", "accuracy-only"):
-            raise UsageError(f"unknown row '{row}' in --extra-rows; choose from teacher, handmade, accuracy-only")
-    args.rows = rows
+    args.rows = [] if args.extra_rows.strip() in ("", "none") else [s.strip() for s in args.extra_rows.split(",")]
+    for row in args.rows:
+        if row not in ROWS or row == "rosearch":
+            raise UsageError(f"unknown row '{row}' in --extra-rows; choose from {', '.join(list(ROWS)[1:])}")
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Search space: genotype = {"hidden": H, "cells": [cell_0 .. cell_{K-1}]}, cell = B nodes,
-# node = two [input index, op] edges; inputs 0, 1 = the previous two cells, 2.. = earlier nodes (§2.3)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Search space (§2.3): genotype = {"hidden": H, "cells": [cell_0 .. cell_{K-1}]}, cell = B nodes, node = two
+# [input, op] edges; inputs 0, 1 = the previous two cells, 2.. = earlier nodes -----------------------------------
 def genotype_hash(genotype) -> str:
     return hashlib.sha1(json.dumps(genotype, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
@@ -184,10 +175,8 @@ class Op(nn.Module):
     def forward(self, x, mask):
         pad = mask == 0
         x = x.masked_fill(pad, 0.0)
-        if self.kind == "zero":
-            return torch.zeros_like(x)
-        if self.kind == "identity":
-            return x
+        if self.kind in ("zero", "identity"):
+            return x if self.kind == "identity" else torch.zeros_like(x)
         if self.kind == "conv":
             y = self.conv(F.relu(x).transpose(1, 2)).transpose(1, 2)
         elif self.kind == "max":
@@ -255,11 +244,10 @@ class Student(nn.Module):
         if self.folded:
             e = self.embeddings
             words = inputs_embeds if inputs_embeds is not None else e.word_embeddings(input_ids)
-            types = token_type_ids if token_type_ids is not None else torch.zeros(shape, dtype=torch.long, device=device)
+            types = torch.zeros(shape, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
             offset = getattr(e, "padding_idx", -1) + 1  # RoBERTa's positions start after its padding index
-            x = words + e.position_embeddings(torch.arange(shape[1], device=device)[None] + offset) + \
-                e.token_type_embeddings(types)
-            x = e.dropout(self.embed_norm(self.project(x)))
+            positions = e.position_embeddings(torch.arange(shape[1], device=device)[None] + offset)
+            x = e.dropout(self.embed_norm(self.project(words + positions + e.token_type_embeddings(types))))
         else:
             x = self.project(self.embeddings(input_ids=None if inputs_embeds is not None else input_ids,
                                              token_type_ids=token_type_ids, inputs_embeds=inputs_embeds))
@@ -342,18 +330,17 @@ def compression(params: dict, space: Space) -> dict:
     return {k: space.teacher_params[k] / max(params[k], 1) for k in ("total", "non_embedding")}
 
 
-def is_valid(genotype, space: Space) -> bool:
-    cells = genotype.get("cells", [])
-    structure = genotype.get("hidden") in space.hidden_choices and space.min_cells <= len(cells) <= space.max_cells
-    for cell in cells:
-        structure = structure and len(cell) == NODES and all(len(node) == EDGES_PER_NODE for node in cell)
-        for j, node in enumerate(cell):
-            structure = structure and all(0 <= inp < INPUTS + j and op in space.ops for inp, op in node)
-    return bool(structure)
-
-
 def within_budget(genotype, space: Space) -> bool:
     return compression(student_params(genotype, space), space)[space.basis] >= space.min_compression
+
+
+def is_valid(genotype, space: Space) -> bool:
+    cells = genotype.get("cells", [])
+    if genotype.get("hidden") not in space.hidden_choices or not space.min_cells <= len(cells) <= space.max_cells:
+        return False
+    edges_ok = (len(node) == EDGES_PER_NODE and all(0 <= inp < INPUTS + j and op in space.ops for inp, op in node)
+                for cell in cells for j, node in enumerate(cell))
+    return all(len(cell) == NODES for cell in cells) and all(edges_ok)
 
 
 def random_cell(space, rng):
@@ -396,20 +383,17 @@ def crossover(a, b, rng: random.Random):
 
 def check_space(space: Space):
     """The cheapest genotype (fewest cells, smallest width, cheapest op) must meet the budget."""
-    cheapest = min(space.ops, key=lambda op: student_params(
-        {"hidden": space.hidden_choices[0], "cells": [[[[0, op]] * EDGES_PER_NODE] * NODES]}, space)["total"])
-    cell = [[[0, cheapest]] * EDGES_PER_NODE] * NODES
-    smallest = {"hidden": space.hidden_choices[0], "cells": [cell] * space.min_cells}
+    candidates = ({"hidden": space.hidden_choices[0], "cells": [[[[0, op]] * EDGES_PER_NODE] * NODES] * space.min_cells}
+                  for op in space.ops)
+    smallest = min(candidates, key=lambda g: student_params(g, space)[space.basis])
     if not within_budget(smallest, space):
-        n = student_params(smallest, space)[space.basis]
         raise UsageError(f"no genotype meets --min-compression {space.min_compression}: the smallest student has "
-                         f"{n:,} {space.basis} params vs {space.teacher_params[space.basis]:,} in the teacher; lower "
-                         f"--min-compression/--hidden/--min-cells or use --compression-basis non_embedding")
+                         f"{student_params(smallest, space)[space.basis]:,} {space.basis} params vs "
+                         f"{space.teacher_params[space.basis]:,} in the teacher; lower --min-compression/--hidden/"
+                         f"--min-cells or use --compression-basis non_embedding")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher params
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher params
 def fitness(record, weights) -> float:
     """R_credit is R, or 0 below the accuracy floor (records without it: R)."""
     w_r, w_a, w_e = weights
@@ -435,37 +419,29 @@ def stratified_probe(labels, n: int, seed: int) -> np.ndarray:
     return np.sort(np.array(chosen, dtype=int))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Regularized (aging) evolution (Real et al. 2019; §3.2-3.3). Candidate i's proposal depends only on
-# (seed, i) and the history before it, so a resumed search replays the stored records and continues identically.
-# ---------------------------------------------------------------------------------------------------------------
-def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None) -> list:
-    stored, population, history, seen = stored or {}, deque(), [], set()
+# ---- Regularized (aging) evolution (Real et al. 2019; §3.2-3.3). Candidate i's proposal depends only on (seed, i)
+# and the history before it, so a resumed search replays the stored records and continues identically. ------------
+def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None, random_search=False) -> list:
+    """P random genotypes, then C tournament children; random_search: all P + C random (the equal-budget control:
+    same draws, same dedup and budget, no selection)."""
+    stored, population, history, seen = stored or {}, deque(maxlen=args.population), [], set()
     for index in range(args.population + args.cycles):
         rng = random.Random(args.seed * 1_000_003 + index)
-        if index < args.population:
-            proposers = [("random", lambda: random_genotype(space, rng))]
-        else:
+        proposers = [("random", lambda: random_genotype(space, rng))]
+        if index >= args.population and not random_search:
             contenders = sorted(rng.sample(list(population), args.tournament), key=lambda r: -fitness(r, weights))
-            parents = [c["genotype"] for c in contenders[:2]]
-            use_crossover = len(parents) == 2 and rng.random() < args.crossover_prob
+            parents = [c["genotype"] for c in contenders]
+            crossed = len(parents) >= 2 and rng.random() < args.crossover_prob
 
             def child():
-                return mutate(crossover(parents[0], parents[1], rng) if use_crossover else parents[0], space, rng)
+                return mutate(crossover(parents[0], parents[1], rng) if crossed else parents[0], space, rng)
             # a parent whose neighbours are all seen falls back to the next contenders, then to a random genotype
-            proposers = [("mutation", child)] + [(f"mutation of contender {i}", lambda g=c["genotype"]: mutate(
-                g, space, rng)) for i, c in enumerate(contenders[1:], 1)] + [("random", lambda: random_genotype(
-                    space, rng))]
-        genotype = None
-        for how, propose in proposers:
-            for _ in range(MAX_REDRAWS):  # duplicates and over-budget children are re-drawn
-                candidate = propose()
-                if (genotype_hash(candidate) not in seen and is_valid(candidate, space)
-                        and within_budget(candidate, space)):
-                    genotype = candidate
-                    break
-            if genotype is not None:
-                break
+            proposers = [("mutation", child)] + [(f"mutation of contender {i}", lambda g=g: mutate(g, space, rng))
+                                                 for i, g in enumerate(parents[1:], 1)] + proposers
+        # the first proposal that is new (by hash), valid and within budget; up to MAX_REDRAWS per proposer, in order
+        draws = ((how, propose()) for how, propose in proposers for _ in range(MAX_REDRAWS))
+        how, genotype = next(((how, g) for how, g in draws if genotype_hash(g) not in seen and is_valid(g, space)
+                              and within_budget(g, space)), (None, None))
         if genotype is None:
             raise UsageError(f"search space exhausted at candidate {index}: no new genotype within budget after "
                              f"{MAX_REDRAWS} draws of each proposal, random ones included; lower --population/--cycles "
@@ -476,15 +452,12 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None) -
         if record is not None and record["hash"] != key:
             raise UsageError(f"--resume: candidate {index} of the history differs from this run's ({record['hash']} vs "
                              f"{key}); resume with the same --seed and search flags")
-        if record is None:
-            record = evaluate(genotype, index)
-        record = {**record, "index": index, "hash": key, "genotype": genotype, "proposal": how}
+        record = {**(record or evaluate(genotype, index)), "index": index, "hash": key, "genotype": genotype,
+                  "proposal": how}
         record["fitness"] = fitness(record, weights)
         if on_record is not None:
             on_record(record)
-        population.append(record)
-        if len(population) > args.population:
-            population.popleft()  # aging: the oldest dies, not the worst
+        population.append(record)  # aging: the full deque drops its oldest member, not its worst
         history.append(record)
     return history
 
@@ -512,9 +485,7 @@ def read_history(path: str) -> dict:
     return records
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Teacher (fine-tuned once, cached) and knowledge distillation from its cached logits (§4.3)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Teacher (fine-tuned once, cached) and knowledge distillation from its cached logits (§4.3) ------------------
 @torch.no_grad()
 def logits_of(model, loader, device):
     model.eval().to(device)
@@ -612,10 +583,10 @@ def robustness(student, ctx) -> dict:
         aua = 100.0 * pgd_accuracy(student, ctx.probe_loader, ctx.run.device, args.probe_pgd_radius,
                                    autocast=ctx.run.autocast)
         return {"R": aua, "probe_not_fooled": None}
-    ctx.probe_model.predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size,
-                                        ctx.run.device, ctx.run.autocast)
-    if ctx.probe_attack is None:
-        ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_model.predict(t)),
+    ctx.probe_predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size, ctx.run.device,
+                                  ctx.run.autocast)
+    if ctx.probe_attack is None:  # built once; it queries whichever student is being probed
+        ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_predict(t)),
                                         ctx.resources, args.attack_query_budget, args.attack_max_modify_rate,
                                         args.eval_batch_size)
     summary, _ = run_attack(ctx.probe_attack, ctx.probe_samples, ctx.data.text_columns, None, desc="probe")
@@ -625,7 +596,7 @@ def robustness(student, ctx) -> dict:
 def train_and_score(genotype, ctx, epochs, tag):
     """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
     seed = int(hashlib.sha1(f"{ctx.args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
-    set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by both searches and resumes
+    set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by all searches and resumes
     student = build_student(genotype, ctx)
     loader = make_loader(ctx.encoded["train"], ctx.tokenizer, ctx.args.student_batch_size, True, seed)
     start = time.time()
@@ -644,9 +615,7 @@ def train_and_score(genotype, ctx, epochs, tag):
     return student, credit(record, ctx.floor)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Final stage helpers: inference speed, rows (§6-7)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Final stage (§6-7): finalists, inference speed, rows ------------------------------------------------------
 def examples_per_second(model, ctx, repeats: int = 3) -> float:
     """Inference throughput on --speed-examples dev sentences (best of `repeats`, so load spikes do not count)."""
     texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
@@ -685,15 +654,9 @@ def evaluate_row(model, setting, ctx, prefix, dev_accuracy, extra=None) -> dict:
     return row
 
 
-def handmade_genotype(args):
-    """A residual conv3 stack: node j = conv3(previous state) + identity(previous state)."""
-    cell = [[[1, "conv3"], [1, "identity"]], [[2, "conv3"], [2, "identity"]], [[3, "conv3"], [3, "identity"]]]
-    return {"hidden": args.hidden_list[0], "cells": [copy.deepcopy(cell) for _ in range(args.handmade_cells)]}
-
-
 def trained(genotype, ctx, tag):
-    """A student trained with --final-epochs, saved to students/{hash}.pt with its record; a resumed run (or the
-    other search picking the same finalist) loads it instead of training it again."""
+    """A student trained with --final-epochs, saved to students/{hash}.pt with its record; a resumed run (or another
+    search picking the same finalist) loads it instead of training it again."""
     path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu")
@@ -713,8 +676,8 @@ def save_student(student, space, path, record=None):
 
 
 def run_search(label, weights, ctx, evaluated):
-    """One evolutionary search (history_{label}.jsonl, appended as each candidate finishes; a resumed run replays the
-    stored candidates without training them), then the top-k finalists with the full budget, picked by fitness."""
+    """One search (history_{label}.jsonl, appended as each candidate finishes, resumed in place: stored candidates
+    are replayed, not trained), then its top-k finalists trained with --final-epochs, the best fitness picked."""
     args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
     stored = read_history(path) if os.path.isfile(path) else {}
     evaluated.update({r["hash"]: r for r in stored.values()})
@@ -726,7 +689,7 @@ def run_search(label, weights, ctx, evaluated):
 
     def evaluate(genotype, index):
         key = genotype_hash(genotype)
-        if key not in evaluated:  # both searches share evaluations: a genotype's R, A, E do not depend on weights
+        if key not in evaluated:  # the searches share evaluations: a genotype's R, A, E do not depend on weights
             evaluated[key] = train_and_score(genotype, ctx, args.proxy_epochs, f"search/{key}")[1]
             ctx.trained_candidates += 1
         return evaluated[key]  # evolve() sets index, fitness, genotype and hash on its own copy
@@ -745,7 +708,7 @@ def run_search(label, weights, ctx, evaluated):
               f"R {record['R']:.1f}{'' if record.get('R_credit', record['R']) == record['R'] else ' (below floor)'} "
               f"x{record['compression'][ctx.space.basis]:.1f} F {record['fitness']:.2f}", flush=True)
 
-    history = evolve(ctx.space, args, weights, evaluate, stored, on_record)
+    history = evolve(ctx.space, args, weights, evaluate, stored, on_record, random_search=label == "random-search")
     best_student, best_record = None, None
     cost = sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # as if alone: shared candidates count too
     for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
@@ -776,7 +739,7 @@ class Context:
     probe_samples: list
     dev_loader: object
     probe_loader: object
-    probe_model: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(predict=None))
+    probe_predict: object = None  # the Predictor of the student being probed
     probe_attack: object = None
     trained_candidates: int = 0  # candidates KD-trained in this process (a resume replays the stored ones)
 
@@ -785,7 +748,7 @@ RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a
 
 
 def setup(args):
-    """The run folder (or the resumed one), data, teacher, search space and probe: (ctx, teacher dev accuracy)."""
+    """The run folder (or the resumed one), data, teacher, search space and probe: (ctx, teacher dev acc, seconds)."""
     args = validate(args)
     run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [],
                     resume=args.resume, free=RESUME_FREE)
@@ -812,22 +775,22 @@ def setup(args):
     return ctx, teacher_dev, seconds
 
 
-ROWS = {"rosearch": "RoSearch student", "accuracy-only": "accuracy-only search", "handmade": "hand-made student",
-        "teacher": "teacher"}
-
-
 def main(args):
     ctx, teacher_dev, teacher_seconds = setup(args)
     args, run = ctx.args, ctx.run
-    wanted = list(dict.fromkeys(([args.baseline] if args.baseline != "none" else ["rosearch"]) + args.rows))
-    acc_weights = [0.0, args.weights[0] + args.weights[1], args.weights[2]]
-    # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done)
+    wanted = list(dict.fromkeys(["rosearch" if args.baseline == "none" else args.baseline] + args.rows))  # main first
+    # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done).
+    # accuracy-only: w_r's weight moved to A; random-search: RoSearch's fitness over P + C uniform random genotypes
+    searches = {"rosearch": args.weights, "accuracy-only": [0.0, args.weights[0] + args.weights[1], args.weights[2]],
+                "random-search": args.weights}
     picked, evaluated = {}, {}
-    for name, weights in (("rosearch", args.weights), ("accuracy-only", acc_weights)):
+    for name, weights in searches.items():
         if name in wanted:
             picked[name] = run_search(name, weights, ctx, evaluated)
-    if "handmade" in wanted:
-        student, record = trained(handmade_genotype(args), ctx, "handmade")
+    if "handmade" in wanted:  # a residual conv3 stack: node j = conv3(previous state) + identity(previous state)
+        cells = [[[[j + 1, "conv3"], [j + 1, "identity"]] for j in range(NODES)] for _ in range(args.handmade_cells)]
+        genotype = {"hidden": args.hidden_list[0], "cells": cells}
+        student, record = trained(genotype, ctx, "handmade")
         picked["handmade"] = (student, record, None, record["kd_seconds"] + record["probe_seconds"])
     # Stage 3: every row on test with the full attack set (each row saved as it finishes)
     rows = []

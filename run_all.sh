@@ -139,8 +139,8 @@ method_args() {
                          --extra-rows teacher,handmade,accuracy-only ;;
     rosearch:cpu-real) echo --max-cells 4 --population 6 --tournament 3 --cycles 24 --proxy-epochs 1 --final-epochs 2 \
                             --top-k 2 --fitness-attack deepwordbug --probe-examples 100 \
-                            --extra-rows teacher,handmade,accuracy-only ;;
-    rosearch:full) echo --extra-rows teacher,handmade,accuracy-only --bf16 ;;
+                            --extra-rows teacher,handmade,accuracy-only,random-search ;;
+    rosearch:full) echo --extra-rows teacher,handmade,accuracy-only,random-search --bf16 ;;
     adapter_mixup:full) echo --train-attacks textfooler --baseline full-at ;;
     *) echo "" ;;
   esac
@@ -156,10 +156,10 @@ mkdir -p "$out/logs" "$out/failed" "$out/runs"
 start=$(date +%s)
 n_seeds=$(echo $seeds | wc -w); n_methods=$(echo $only | wc -w)
 if [ "$mode" = full ]; then
-  # attacked predictors per method: finetune 1, freelb 1, robust_ticket 1 + sweep, early_bird 1, rosearch 4, adapter 7
+  # attacked predictors per method: finetune 1, freelb 1, robust_ticket 1 + sweep, early_bird 1, rosearch 5, adapter 7
   n_rows=0
   for m in $only; do
-    case $m in finetune|freelb|early_bird_adv|ticket_*) n_rows=$((n_rows + 1)) ;; rosearch) n_rows=$((n_rows + 4)) ;;
+    case $m in finetune|freelb|early_bird_adv|ticket_*) n_rows=$((n_rows + 1)) ;; rosearch) n_rows=$((n_rows + 5)) ;;
       adapter_mixup) n_rows=$((n_rows + 7)) ;; robust_ticket) n_rows=$((n_rows + 1 + $(echo $sweep | wc -w))) ;; esac
   done
   n_attacks=$(echo "$attacks" | tr ',' ' ' | wc -w)

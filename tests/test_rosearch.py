@@ -168,6 +168,34 @@ def test_resume_after_interruption_reproduces_the_history(tmp_path, capsys):
     assert [(r["hash"], r["fitness"]) for r in resumed] == [(r["hash"], r["fitness"]) for r in full]
 
 
+def test_random_search_draws_the_budget_at_random_whatever_the_fitness():
+    """The equal-budget control: P + C candidates, each a fresh random genotype (never a mutation or crossover), the
+    same sequence whatever the scores; its first P are RoSearch's initial population (shared evaluations)."""
+    space = make_space(ops=SMALL_OPS, max_cells=3, min_compression=2.0)
+    args, weights = evo_args(population=5, tournament=3, cycles=15), [0.5, 0.5, 0.0]
+    targets = [rs.random_genotype(space, random.Random(s)) for s in (1, 2)]
+    real = rs.mutate, rs.crossover
+
+    def forbidden(*unused):
+        raise AssertionError("the random search mutated or crossed a genotype")
+
+    rs.mutate = rs.crossover = forbidden
+    try:
+        calls = []
+        first = rs.evolve(space, args, weights, lambda g, i: calls.append(i) or planted_fitness(targets[0])(g, i),
+                          random_search=True)
+        second = rs.evolve(space, args, weights, planted_fitness(targets[1]), random_search=True)
+    finally:
+        rs.mutate, rs.crossover = real
+    assert calls == list(range(20)) and len(first) == 20  # exactly the budget P + C, each trained once
+    assert [r["hash"] for r in first] == [r["hash"] for r in second]  # the scores never steer the proposals
+    assert len({r["hash"] for r in first}) == 20 and all(r["proposal"] == "random" for r in first)
+    assert all(rs.is_valid(r["genotype"], space) and rs.within_budget(r["genotype"], space) for r in first)
+    evolution = rs.evolve(space, args, weights, planted_fitness(targets[0]))
+    assert [r["hash"] for r in first[:5]] == [r["hash"] for r in evolution[:5]]
+    assert all(r["proposal"] != "random" for r in evolution[5:])  # the evolution's own children are mutations
+
+
 def test_bad_search_spaces_are_one_line_errors(tmp_path):
     with pytest.raises(UsageError, match="no genotype meets --min-compression"):
         rs.check_space(make_space(hidden=(64,), min_compression=1000.0))
@@ -215,17 +243,23 @@ def test_cli_search_rows_attack_probe_resume_and_bench(tmp_path, capsys):
 
     import bench
 
-    # one real run: tiny teacher, DeepWordBug probe on 4 dev sentences, 3 + 1 candidates, teacher + hand-made rows
-    flags = ["--fitness-attack", "deepwordbug", "--extra-rows", "handmade,teacher", "--handmade-cells", "1"]
+    # one real run: tiny teacher, DeepWordBug probe on 4 dev sentences, 3 + 1 candidates, hand-made, teacher and
+    # random-search rows (the random search shares the 3 initial candidates, then draws 1 of its own)
+    flags = ["--fitness-attack", "deepwordbug", "--extra-rows", "handmade,teacher,random-search", "--handmade-cells",
+             "1"]
     out = run_cli(tmp_path, capsys, *flags)
     (run_dir,) = [os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs")]
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert results["setting"] == "RoSearch student" and results["compression"] > 1
-    assert [r["setting"] for r in results["extra"]["rows"]] == ["hand-made student", "teacher"]
-    assert results["extra"]["compression"]["non_embedding"] >= 4.6 and results["extra"]["trained_candidates"] == 4
+    assert [r["setting"] for r in results["extra"]["rows"]] == ["hand-made student", "teacher", "random search"]
+    assert results["extra"]["compression"]["non_embedding"] >= 4.6 and results["extra"]["trained_candidates"] == 5
     history = [json.loads(line) for line in open(os.path.join(run_dir, "history_rosearch.jsonl"))]
     assert len(history) == 4 and all(0 <= r["R"] <= 100 for r in history)
     assert {"R", "R_credit", "A", "A_floor", "majority_share", "E", "params", "fitness", "genotype"} <= set(history[0])
+    randoms = [json.loads(line) for line in open(os.path.join(run_dir, "history_random-search.jsonl"))]
+    assert len(randoms) == 4 and [r["proposal"] for r in randoms] == ["random"] * 4  # RoSearch's budget, all random
+    assert [r["hash"] for r in randoms[:3]] == [r["hash"] for r in history[:3]] and randoms[3] != history[3]
+    assert results["extra"]["rows"][2]["extra"]["candidates"] == 4
     assert "bench" not in out
     # killed after two candidates (a corrupt last line, no finalists, no rows): resumed in place, nothing twice
     cut = tmp_path / "runs" / "cut"
@@ -244,7 +278,16 @@ def test_cli_search_rows_attack_probe_resume_and_bench(tmp_path, capsys):
     # a finished run resumed: no candidate, finalist or row trained or evaluated again
     out = run_cli(tmp_path, capsys, *flags, "--resume", str(cut))
     assert json.load(open(cut / "results.json"))["extra"]["trained_candidates"] == 0
-    assert out.count("evaluated before the resume") == 3
+    assert out.count("evaluated before the resume") == 4
+    # killed while training the random search's own candidate (after RoSearch finished): only that one is trained
+    cut = tmp_path / "runs" / "cut_random"
+    shutil.copytree(run_dir, cut, ignore=shutil.ignore_patterns("rows", "results.json"))
+    (cut / "history_random-search.jsonl").write_text("".join(json.dumps(r) + "\n" for r in randoms[:3]))
+    out = run_cli(tmp_path, capsys, *flags, "--resume", str(cut))
+    assert "[random-search] resuming: 3 stored" in out and json.load(open(cut / "results.json"))["extra"][
+        "trained_candidates"] == 1
+    assert [json.loads(line)["hash"] for line in open(cut / "history_random-search.jsonl")] == [r["hash"]
+                                                                                              for r in randoms]
     with pytest.raises(UsageError, match="was run with other flags: --proxy-epochs 1.0 \\(now 2.0\\)"):
         run_cli(tmp_path, capsys, *flags, "--resume", str(cut), "--proxy-epochs", "2")
     argv = ["--task", "toy", "--model", "tiny", "--no-cuda", "--output-dir", str(tmp_path / "runs"), "--cache-dir",
