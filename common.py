@@ -330,7 +330,7 @@ def count_params(model: torch.nn.Module) -> dict:
 
 
 def results_template(args, method: str, setting: str, model=None) -> dict:
-    """The one results.json schema every script writes (README.md, "Results schema")."""
+    """The one results.json schema every script writes (docs/protocol.md, "`results.json`")."""
     return {"method": method, "setting": setting, "status": "running", "task": args.task, "model": args.model,
             "max_seq_length": args.max_seq_length, "seed": args.seed,
             "data": None,  # TaskData.identity: source, split sizes, test-set fingerprint
@@ -725,3 +725,67 @@ def finish_run(run: Run, results: dict):
 def state_copy(model) -> dict:
     """A CPU copy of the model's weights (to rewind to, or to keep the best-on-dev state)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# Caches a second script can share: weight fingerprints, atomic checkpoints, resumable JSONL records, a rank metric
+def fingerprint_tensors(state: dict) -> str:
+    """12 hex digits of SHA-1 over a {name: tensor} dict's names and float32 values: equal iff bit-identical."""
+    h = hashlib.sha1()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_atomic(obj, path: str):
+    """torch.save under a temporary name, then rename: a kill never leaves a cut file under `path`."""
+    torch.save(obj, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path: str):
+    """torch.load(path), or None when it is absent or unreadable (a cut file is computed again, not a crash)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file: torch raises several types
+        print(f"[cache] {path} is unreadable ({type(e).__name__}); computing it again", flush=True)
+        return None
+
+
+def read_jsonl(path: str, key: str = "index") -> dict:
+    """{record[key]: record} of a JSONL file (empty if absent); a line cut by an interruption is skipped."""
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    records[record[key]] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+    return records
+
+
+def open_jsonl(path: str):
+    """`path` opened to append records (append_jsonl); a last line cut mid-write is ended first."""
+    f = open(path, "a+")
+    f.seek(0, os.SEEK_END)
+    if f.tell() > 0:
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
+
+
+def append_jsonl(f, record: dict):
+    """One record, one line, flushed: an interruption loses at most the record being written."""
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def auroc(negatives, positives) -> float:
+    """P(score of a positive > score of a negative) + ties/2 (Mann-Whitney); nan when either side is empty."""
+    neg, pos = np.asarray(negatives)[:, None], np.asarray(positives)[None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean()) if neg.size and pos.size else float("nan")

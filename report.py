@@ -376,6 +376,26 @@ def finish_plot(fig, ax, path, xlabel, ylabel, title):
     return path
 
 
+def plot_adapter_mixup_beta(rows, out_dir, plt) -> list:
+    """AdpMixup's beta curve (extra.beta_curve.points of each run: dev / test clean accuracy, adversarial-validation
+    accuracy, the objectives, any Aua at each beta), one line per quantity and seed. adapter_mixup.py draws no plot."""
+    curves = [(r, (r.get("extra") or {}).get("beta_curve")) for r in rows if r["method"] == "adapter_mixup"]
+    curves = [(r, c["points"] if isinstance(c, dict) else c) for r, c in curves if c]
+    curves = [(r, c) for r, c in curves if c]
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r, curve in curves:
+        betas = [p["beta"] for p in curve]
+        for key in [k for k in curve[0] if k != "beta"]:
+            ax.plot(betas, [p[key] for p in curve], marker=".", label=f"{key} (seed {r['seed']})")
+    path = finish_plot(fig, ax, os.path.join(out_dir, "adapter_mixup_beta.png"),
+                       "beta (weight of the clean adapter: 1 = clean adapter alone)", "accuracy %",
+                       "AdpMixup: beta trade-off")
+    plt.close(fig)
+    return [path]
+
+
 def plot_curves(rows, out_dir):
     """The method-specific curves: robust-ticket sparsity sweep, AdpMixup beta curve, early-bird mask distance."""
     import matplotlib
@@ -401,18 +421,7 @@ def plot_curves(rows, out_dir):
         made.append(finish_plot(fig, ax, os.path.join(out_dir, "robust_ticket_sparsity.png"),
                                 "sparsity of the masked weights %", "accuracy %", "Robust ticket: sparsity sweep"))
         plt.close(fig)
-    curves = [(r, (r.get("extra") or {}).get("beta_curve")) for r in rows if r["method"] == "adapter_mixup"]
-    curves = [(r, c["points"] if isinstance(c, dict) else c) for r, c in curves if c]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for r, curve in curves:
-            betas = [p["beta"] for p in curve]
-            for key in [k for k in curve[0] if k != "beta"]:
-                ax.plot(betas, [p[key] for p in curve], marker=".", label=f"{key} (seed {r['seed']})")
-        made.append(finish_plot(fig, ax, os.path.join(out_dir, "adapter_mixup_beta.png"),
-                                "beta (weight of the clean adapter: 1 = clean adapter alone)", "accuracy %",
-                                "AdpMixup: beta trade-off"))
-        plt.close(fig)
+    made += plot_adapter_mixup_beta(rows, out_dir, plt)
     tickets = [r for r in rows if r["method"] == "early_bird_adv" and (r.get("extra") or {}).get("window_distances")]
     for path in sorted(glob.glob(os.path.join(out_dir, "**", "bench.json"), recursive=True)):  # early-bird --bench
         with open(path) as f:
@@ -499,8 +508,8 @@ BENCH_PATTERNS = [  # (log file, label, regex whose groups are the figure, unit 
     ("rosearch.log", "RoSearch: student / teacher inference throughput", r"= ([\d.]+x) \(params", "", ""),
     ("adapter_mixup.log", "AdpMixup: adapter step / full fine-tuning step", r"adapter / full step time: ([\d.]+x)",
      "", ""),
-    ("adapter_mixup.log", "AdpMixup: projected training AdpMixup vs full AT (s)",
-     r"AdpMixup (\d+s) .* vs full AT (\d+s)", "", ""),
+    ("adapter_mixup.log", "AdpMixup: projected training at equal epochs, AdpMixup vs full AT (s)",
+     r"projected training at equal epochs .*?: AdpMixup (\d+s) vs full AT (\d+s)", "", ""),
 ]
 
 

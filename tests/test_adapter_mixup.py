@@ -25,7 +25,7 @@ def adapted_tiny(tmp_path, n_sets=3, adapter_type="houlsby"):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for k in range(n_sets):
-            for p in am.set_params(model, k):
+            for p in am.adapter_params(model, k):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     model.eval()
     return model, tokenizer, mixture
@@ -68,7 +68,7 @@ def test_per_example_output_mixing_equals_building_the_mixed_weights(tmp_path):
     beta = torch.distributions.Dirichlet(torch.ones(3)).sample((len(TOY_TEXTS),))
     mixed = logits_of(model, mixture, enc, [0, 1, 2], beta)
     for i in range(len(TOY_TEXTS)):
-        am.merge_sets(model, [0, 1, 2], beta[i].tolist(), 3)  # phi_mix written into set 3
+        am.merge_adapters(model, [0, 1, 2], beta[i].tolist(), 3)  # phi_mix written into set 3
         built = logits_of(model, mixture, {k: v[i: i + 1] for k, v in enc.items()}, [3])
         assert torch.allclose(mixed[i: i + 1], built, atol=1e-5), (mixed[i], built)
     assert not torch.allclose(mixed, logits_of(model, mixture, enc, [0]), atol=1e-3)
@@ -102,13 +102,13 @@ def test_backbone_bit_identical_and_other_sets_unchanged_after_training(tmp_path
     mixture = am.add_adapters(model, 2, "houlsby", 4, "relu")
     backbone = {n: p.clone() for n, p in model.named_parameters() if ".linears." not in n or "pooler" in n}
     backbone = {n: p for n, p in backbone.items() if ".linears." not in n}
-    before = [am.set_state(model, k) for k in (0, 1)]
+    before = [am.adapter_state(model, k) for k in (0, 1)]
     rows = list(zip(common.texts_of(data, data.train), data.train["label"]))
-    am.train_set(model, mixture, 0, rows[:32], rows[32:48], data, tokenizer, run, args, 1, 1e-2, "t")
+    am.train_adapter(model, mixture, 0, rows[:32], rows[32:48], data, tokenizer, run, args, 1, 1e-2, "t")
     after = dict(model.named_parameters())
     assert backbone and all(torch.equal(p, after[n]) for n, p in backbone.items())
-    assert not all(torch.equal(v, am.set_state(model, 0)[k]) for k, v in before[0].items())
-    assert all(torch.equal(v, am.set_state(model, 1)[k]) for k, v in before[1].items())
+    assert not all(torch.equal(v, am.adapter_state(model, 0)[k]) for k, v in before[0].items())
+    assert all(torch.equal(v, am.adapter_state(model, 1)[k]) for k, v in before[1].items())
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -150,7 +150,8 @@ def test_bad_flags_end_with_one_line_and_exit_2(tmp_path):
                            (["--bench-steps", "0"], "--bench-steps must be in [1, None], got 0"),
                            (["--adv-lr", "-1"], "--adv-lr must be in (0, None], got -1.0"),
                            (["--full-epochs", "0"], "--full-epochs must be in (0, None]"),
-                           (["--pgd-radius", "0.5"], "--pgd-radius is not supported")):
+                           (["--pgd-radius", "0.5"], "--pgd-radius is not supported"),
+                           (["--transfer-source", "independent"], "--transfer-source independent attacks the test")):
         with pytest.raises(common.UsageError, match=re.escape(message)):
             am.validate(quick_args(tmp_path, *flags))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "adapter_mixup.py"), "--beta", "-0.2"],
@@ -192,19 +193,24 @@ def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkey
     assert rows["v2"]["params"]["trainable"] == 2 * rows["clean"]["params"]["trainable"]
     assert rows["full-at"]["params"]["trainable_pct_of_backbone"] == 100.0
     assert 0 < rows["clean"]["params"]["trainable_pct_of_backbone"] < 100
+    share = results["extra"]["trainable_share"]  # the pooler dense (tiny BERT: hidden 64) is counted, and given
+    assert share["pooler"] == 64 * 64 + 64 and share["per_adapter"] == rows["clean"]["params"]["trainable"]
+    assert rows["v2"]["params"]["trainable_pct_without_pooler"] == pytest.approx(
+        2 * 100 * (share["per_adapter"] - share["pooler"]) / results["extra"]["backbone_params"]["total"])
     assert results["setting"] == rows["v1"]["setting"] and results["extra"]["beta_v1"] in (0.0, 0.5, 1.0)
     assert [p["beta"] for p in results["extra"]["beta_curve"]["points"]] == [0.0, 0.5, 1.0]
     assert results["extra"]["adversarial_data"]["deepwordbug"]["kept_train"] == 4
     run = next(os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("toy__"))
-    assert os.path.isfile(os.path.join(run, "beta_curve.csv")) and os.path.isfile(os.path.join(run, "beta_curve.png"))
+    assert os.path.isfile(os.path.join(run, "beta_curve.csv"))
+    assert not os.path.exists(os.path.join(run, "beta_curve.png"))  # the beta plot is report.py's alone
     assert json.load(open(os.path.join(run, "results.json")))["extra"]["rows"][5]["key"] == "v1"
     # the checkpoint loads back into a fresh adapted model: same weights, same v2-free clean logits
     ckpt = torch.load(os.path.join(run, "adapters.pt"))
     model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
     mixture = am.add_adapters(model, len(ckpt["slots"]), "houlsby", 4, "relu")
     for k, name in enumerate(ckpt["slots"]):
-        am.load_set_state(model, k, ckpt["state"][name])
-    assert all(torch.equal(am.set_state(model, k)[t], v) for k, name in enumerate(ckpt["slots"])
+        am.load_adapter_state(model, k, ckpt["state"][name])
+    assert all(torch.equal(am.adapter_state(model, k)[t], v) for k, name in enumerate(ckpt["slots"])
                for t, v in ckpt["state"][name].items())
     assert any(f.startswith("clean_") for f in os.listdir(os.path.join(tmp_path, "adpmixup_cache")))
 
@@ -229,7 +235,17 @@ def test_bench_reports_adapter_and_full_costs(tmp_path, capsys):
     out = am.main(quick_args(tmp_path, "--bench", "--bench-steps", "1"))
     assert set(out["timing"]) == {"full fine-tuning", "adapter set"}
     assert out["timing"]["adapter set"][1] < out["timing"]["full fine-tuning"][1]
-    assert "inference passes per example" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "inference passes per example" in log and "without)" in log
+    # like with like: at equal epochs every stage runs --full-epochs; the flagged projection uses --epochs 1 here
+    args = quick_args(tmp_path)
+    steps = lambda n, epochs: np.ceil(n / args.batch_size) * epochs  # noqa: E731
+    adapter_s, full_s = out["timing"]["adapter set"][0], out["timing"]["full fine-tuning"][0]
+    equal, flagged = out["projected_seconds"]["equal_epochs"], out["projected_seconds"]["flagged"]
+    assert equal["adpmixup"] == pytest.approx(adapter_s * (steps(64, 3) + steps(12, 3)))
+    assert flagged["adpmixup"] == pytest.approx(adapter_s * (steps(64, 1) + steps(12, 1)))
+    assert equal["full_at"] == flagged["full_at"] == pytest.approx(full_s * steps(70, 3))
+    assert re.search(r"at equal epochs \(3 for every stage.*: AdpMixup \d+s vs full AT \d+s", log)
 
 
 @needs_nltk
@@ -264,7 +280,8 @@ def test_clean_adapter_cache_key_is_complete_and_a_cut_checkpoint_is_retrained(t
     cache = tmp_path / "adpmixup_cache"
     (path,) = [p for p in cache.iterdir() if p.name.startswith("clean_")]
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]  # written under a temporary name
-    for flags in (["--max-eval-examples", "24"], ["--eval-batch-size", "16"], ["--warmup", "0.2"]):
+    for flags in (["--max-eval-examples", "24"], ["--eval-batch-size", "16"], ["--warmup", "0.2"],
+                  ["--train-attacks", "deepwordbug,pwws"]):  # one more slot: phi_0 starts from other weights
         again = am.main(quick_args(tmp_path, *flags))  # each changes what phi_0 is or is selected on: trained anew
         assert "cached" not in again["extra"]["training"]["clean"], flags
     path.write_bytes(path.read_bytes()[:100])  # a checkpoint cut by a kill
@@ -333,3 +350,30 @@ def test_v1_and_v2_are_chosen_on_the_adaptive_dev_objective(tmp_path, monkeypatc
     assert len(tuning["tried"]) == 2 and (tuning["tau"], tuning["head_start"]) in ((1.0, 0.0), (1.0, 2.0))
     with pytest.raises(common.UsageError, match="--v2-grid tunes v2"):
         am.validate(quick_args(tmp_path, "--v2-grid", "1:0"))
+
+
+def test_independent_transfer_source_is_another_adapter_than_phi0_and_is_cached(tmp_path, monkeypatch):
+    fake_the_attacks(monkeypatch, 5)
+    calls, fake = [], am.generate_adversarial
+
+    def spy(name, predict, samples, columns, path, args, resources=None):
+        calls.append((os.path.basename(path), predict.slots, predict(TOY_TEXTS), samples))
+        return fake(name, predict, samples, columns, path, args, resources)
+
+    monkeypatch.setattr(am, "generate_adversarial", spy)
+    monkeypatch.setattr(am, "evaluate_robustness", lambda *a, **k: {})
+    flags = ["--transfer-source", "independent", "--attacks", "deepwordbug", "--attack-examples", "8"]
+    results = am.main(quick_args(tmp_path, *flags))
+    (adv,) = [c for c in calls if c[0].startswith("adv_")]  # the training data: attacked on phi_0
+    (transfer,) = [c for c in calls if c[0].startswith("transfer_")]
+    assert transfer[1] != adv[1] and not np.allclose(transfer[2], adv[2])  # another slot, and not phi_0's outputs
+    assert len(transfer[3]) == 8 and transfer[3] != adv[3]  # the seeded test sample, not the train subset
+    source, rows = results["extra"]["transfer_source"], results["extra"]["rows"]
+    assert source["source"] == "independent" and source["adapter"] != source["clean_adapter"]
+    assert source["sets"]["deepwordbug"]["successful"] == 5
+    assert all(list(r["transfer"]) == ["deepwordbug"] for r in rows)  # every row, phi_0 included, is scored
+    calls.clear()
+    again = am.main(quick_args(tmp_path, *flags))  # the same flags: the independent adapter and its sets from cache
+    assert again["extra"]["training"]["independent"]["cached"].endswith(".pt")
+    assert [c[0] for c in calls if c[0].startswith("transfer_")] == [transfer[0]]
+    assert again["extra"]["transfer_source"]["adapter"] == source["adapter"]

@@ -195,3 +195,19 @@ def test_a_robust_ticket_is_paired_with_fine_tune_and_its_controls_at_the_same_s
     assert ("robust_ticket", "random s=0.7") in bases and ("robust_ticket", "w/o l0 s=0.7") in bases
     assert report.baselines_of("robust_ticket", "random s=0.7") == [("robust_ticket", "fine-tune"),
                                                                      ("finetune", "fine-tune")]
+
+
+def test_adapter_mixup_beta_plot_is_drawn_from_results_json_alone(tmp_path):
+    points = [{"beta": b, "dev_clean": 80 + 3 * b, "adv_val": 20 * (1 - b), "objective": 50.0} for b in (0, 0.5, 1)]
+    for seed, curve in ((1, points), (2, [])):  # a run without known attacks has an empty curve: skipped
+        os.makedirs(tmp_path / f"run{seed}")
+        with open(tmp_path / f"run{seed}" / "results.json", "w") as f:
+            json.dump({"method": "adapter_mixup", "setting": "AdpMixup v2", "task": "sst2", "model": "m", "seed": seed,
+                       "attacks": {}, "extra": {"beta_curve": {"points": curve, "csv": "beta_curve.csv"}}}, f)
+    made = report.plot_curves(report.load_rows(str(tmp_path)), str(tmp_path))
+    assert made == [str(tmp_path / "adapter_mixup_beta.png")] and os.path.getsize(made[0]) > 0
+    (tmp_path / "adapter_mixup.log").write_text(
+        "  projected training at equal epochs (3 for every stage; n=100, m=1, 10 adversarial each): AdpMixup 12s vs "
+        "full AT 30s\n  projected training as flagged (...): AdpMixup 40s, full AT 30s\n")
+    row = next(line for line in report.bench_table(str(tmp_path)).splitlines() if "equal epochs" in line)
+    assert "| 12s vs 30s |" in row
