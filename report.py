@@ -31,8 +31,9 @@ def baselines_of(method: str, setting: str) -> list:
         return {"early-bird ticket": [("early_bird_adv", "freelb"), ("freelb", "freelb")],
                 "freelb": [("early_bird_adv", "fine-tune"), ("finetune", "fine-tune")]}.get(s, [])
     if method == "rosearch":
-        return {"rosearch student": [("rosearch", "accuracy-only search"), ("rosearch", "teacher")],
-                "accuracy-only search": [("rosearch", "teacher")],
+        return {"rosearch student": [("rosearch", "accuracy-only search"), ("rosearch", "random search"),
+                                     ("rosearch", "teacher")],
+                "accuracy-only search": [("rosearch", "teacher")], "random search": [("rosearch", "teacher")],
                 "hand-made student": [("rosearch", "teacher")]}.get(s, [])
     if method == "adapter_mixup" and s != "clean adapter":
         return [("adapter_mixup", "clean adapter")]

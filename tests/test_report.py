@@ -197,6 +197,12 @@ def test_a_robust_ticket_is_paired_with_fine_tune_and_its_controls_at_the_same_s
                                                                      ("finetune", "fine-tune")]
 
 
+def test_the_rosearch_student_is_paired_with_the_accuracy_only_and_the_random_search():
+    assert report.baselines_of("rosearch", "RoSearch student") == [
+        ("rosearch", "accuracy-only search"), ("rosearch", "random search"), ("rosearch", "teacher")]
+    assert report.baselines_of("rosearch", "random search") == [("rosearch", "teacher")]
+
+
 def test_adapter_mixup_beta_plot_is_drawn_from_results_json_alone(tmp_path):
     points = [{"beta": b, "dev_clean": 80 + 3 * b, "adv_val": 20 * (1 - b), "objective": 50.0} for b in (0, 0.5, 1)]
     for seed, curve in ((1, points), (2, [])):  # a run without known attacks has an empty curve: skipped
