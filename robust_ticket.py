@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -71,8 +70,7 @@ def parse_args(argv=None):
     for s in args.sparsities:
         check_range("sparsity", s, 0, 1, high_open=True)
     if not args.sparsities or len(set(args.sparsities)) != len(args.sparsities):
-        raise UsageError(f"--sparsity '{args.sparsity}' must list distinct values, e.g. 0.3 or 0.3,0.5,0.7 (each "
-                         f"draw writes its own ticket_s<S> folder)")
+        raise UsageError(f"--sparsity '{args.sparsity}' must list distinct values, e.g. 0.3 or 0.3,0.5,0.7")
     check_range("mask-init", args.mask_init, 0, 1, low_open=True, high_open=True)
     for name in ("mask_lr", "search_epochs", "retrain_epochs"):
         check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
@@ -82,13 +80,11 @@ def parse_args(argv=None):
                             ("diag_points", 1, None), ("bench_seq_length", 8, 512)):
         check_range(name.replace("_", "-"), getattr(args, name), low, high)
     if args.finetuned is not None and not os.path.isfile(os.path.join(args.finetuned, "config.json")):
-        raise UsageError(f"--finetuned {args.finetuned} is not a checkpoint folder (no config.json); give the "
-                         f"'finetuned' folder of an earlier run, or drop the flag to fine-tune")
+        raise UsageError(f"--finetuned {args.finetuned} has no config.json: give an earlier run's 'finetuned' folder")
     if args.mask_scores is not None and not os.path.isfile(args.mask_scores):
         raise UsageError(f"--mask-scores {args.mask_scores} does not exist; give the mask_scores.pt of a search run")
     if args.mask_scores is not None and args.finetuned is None:
-        raise UsageError("--mask-scores needs --finetuned (the fine-tuned model they were searched on); without it "
-                         "stage 1 would fine-tune again for nothing")
+        raise UsageError("--mask-scores needs --finetuned (the fine-tuned model they were searched on)")
     adversary_from_args(args)
     return args
 
@@ -101,8 +97,7 @@ class HardConcreteGate(nn.Module):
 
     def __init__(self, shape, init: float, device=None):
         super().__init__()
-        # eval gate (Eq. 5) equal to `init` everywhere: sigmoid(log_alpha) = (init - GAMMA) / (ZETA - GAMMA)
-        p = (init - GAMMA) / (ZETA - GAMMA)
+        p = (init - GAMMA) / (ZETA - GAMMA)  # the eval gate (Eq. 5) equals `init` everywhere: sigmoid(log_alpha) = p
         self.log_alpha = nn.Parameter(torch.full(shape, math.log(p / (1 - p)), device=device))
 
     def forward(self):
@@ -308,6 +303,11 @@ def draw_masks(scores: dict, sparsities: list) -> list:
     return masks
 
 
+def fully_pruned(masks: dict) -> list:
+    """Matrices a global draw prunes entirely (e.g. a small-weight pooler under --draw magnitude)."""
+    return [n for n, keep in masks.items() if not keep.any()]
+
+
 def draw_scores(model, args) -> dict:
     """Scores of the ablation draws: |fine-tuned weight| (one-shot magnitude, "w/o mask learning") or random (Rand)."""
     layers = masked_linears(model)
@@ -352,7 +352,7 @@ def sparsity_of(model, masks: dict) -> dict:
     params = count_params(model)
     return {"pruned": pruned, "masked_weights": masked, "over_masked": pruned / masked,
             "over_all": pruned / params["total"], "over_non_embedding": pruned / params["non_embedding"],
-            "params": {**params, "nonzero": params["total"] - pruned}}
+            "params": {**params, "nonzero": params["total"] - pruned}, "fully_pruned": fully_pruned(masks)}
 
 
 def row_of(results: dict) -> dict:
@@ -388,7 +388,7 @@ def learned_zero_share(scores: dict) -> float:
     return torch.cat([v.flatten() for v in scores.values()]).le(EVAL_ZERO_LOG_ALPHA).float().mean().item()
 
 
-def export(model, tokenizer, out: str, masks: Optional[dict] = None):
+def export(model, tokenizer, out: str, masks=None):
     """A standard checkpoint (a ticket's mask is folded into its weights), plus a ticket's bit-packed mask."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -471,6 +471,8 @@ def main(args):
         if zero_share is not None and s > zero_share + 0.01:
             print(f"[draw s={s:g}] warning: the search drove only {100 * zero_share:.1f}% of gates to 0; the other "
                   f"{100 * (s - zero_share):.1f}% of this draw are ranked by log alpha the search did not decide")
+        if cut := fully_pruned(masks):  # the network is disconnected there, whatever the retraining does
+            print(f"[draw s={s:g}] warning: prunes all of {', '.join(cut)}: the network is cut there", flush=True)
         reseed(args.seed, train_loader)
         ticket = rewound_ticket(args, data.num_labels, cache, finetuned_state).to(run.device)  # 2. rewind
         hooks = fold_mask(ticket, masks)

@@ -208,11 +208,21 @@ def test_magnitude_draw_prunes_the_smallest_fine_tuned_weights():
     assert pruned.max() <= kept.min()
 
 
+def test_a_draw_that_prunes_a_whole_matrix_is_named():
+    model, _ = tiny()  # a pooler of tiny weights (as the untrained pooler of a sentence-transformers MiniLM)
+    model.bert.pooler.dense.weight.data.mul_(1e-3)
+    args = rt.parse_args(QUICK + ["--draw", "magnitude"])
+    scores = rt.draw_scores(model, args)
+    half_of_pooler = 0.5 * scores["bert.pooler.dense"].numel() / sum(v.numel() for v in scores.values())
+    masks = rt.draw_masks(scores, [half_of_pooler, 0.5])
+    assert rt.fully_pruned(masks[0]) == [] and rt.fully_pruned(masks[1]) == ["bert.pooler.dense"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1), got 1.0"),
     (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "0.3,abc"], "--sparsity must be numbers"),
-    (["--finetuned", "/nonexistent/ckpt"], "--finetuned /nonexistent/ckpt is not a checkpoint folder"),
+    (["--finetuned", "/nonexistent/ckpt"], "--finetuned /nonexistent/ckpt has no config.json"),
     (["--sparsity", "0.3,0.7,0.3"], "must list distinct values"),
     (["--sparsity", ","], "must list distinct values"),
     (["--mask-scores", __file__], "--mask-scores needs --finetuned"),
