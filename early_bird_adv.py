@@ -407,7 +407,6 @@ def search_result(rule, checkpoints, draw, step, lr_at_stop, seconds, gated, arg
 # Timing helpers (speed report and --bench)
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-@torch.no_grad()
 def inference_throughput(model, loader, run):
     """Sentences per second of forward passes over `loader` (after one warm-up batch)."""
     model.eval().to(run.device)

@@ -521,6 +521,35 @@ def setting_of_flags(flags: dict) -> str:
     return "w/o L0" if flags.get("l0_lambda") == 0 else "ticket"
 
 
+def early_bird_searches(results_dir: str) -> list:
+    """The early-bird `--bench` searches below results_dir (bench.json): where each drew and stopped, at which lr, and
+    the projected time-to-ticket. Markdown lines, empty when there is none."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "bench.json"), recursive=True)):
+        with open(path) as f:
+            bench = json.load(f)
+        search = bench.get("search") or {}
+        if "draw_epoch" not in search:
+            continue
+        if not lines:
+            lines = ["## Early-bird searches (`early_bird_adv.py --bench`)", "",
+                     "Per search: the lr schedule's length, where the ticket was drawn and the search stopped (epoch,"
+                     " step, lr as a share of its peak), whether the masks converged or the cap stopped it, and the "
+                     "speed-up projected from the measured step costs (search incl. look-ahead + the pruned ticket's "
+                     "CE steps, vs FreeLB steps, over the same budget).", "",
+                     "| run | seed | schedule steps | draw epoch (step) | lr at draw | stop epoch | converged | at cap | "
+                     "search in FreeLB steps | projected speed-up | FLOPs ratio | inference speed-up |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {os.path.basename(os.path.dirname(path))} | {bench.get('seed')} | "
+                     f"{search.get('schedule_steps')} | {search['draw_epoch']:.3f} ({search.get('draw_step')}) | "
+                     f"{search.get('lr_share_at_draw', float('nan')):.2f} | {search.get('stop_epoch', float('nan')):.3f}"
+                     f" | {'yes' if search.get('converged') else 'no'} | {'yes' if search.get('stopped_at_cap') else 'no'}"
+                     f" | {bench.get('search_in_freelb_steps', float('nan')):.1f} | "
+                     f"{bench.get('projected_speedup', float('nan')):.2f}x | {bench.get('flops_ratio', float('nan')):.3f}"
+                     f" | {bench.get('inference_speedup', float('nan')):.2f}x |")
+    return lines
+
+
 def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
     """Robust-ticket searches in one folder (issue 13): per search the state of the mask (gates exactly 0 / binary at
     the drawn checkpoint, E[L0], how hard L0 pushed against the adversarial gradient), and per pair of searches the
@@ -728,16 +757,20 @@ def main():
         return
     rows = load_rows(args.results_dir)
     failures = read_failures(args.results_dir)
-    if not rows and not failures:
+    searches = early_bird_searches(args.results_dir)
+    if not rows and not failures and not searches:
         raise SystemExit(f"error: no results.json under {args.results_dir}; run `bash run_all.sh` first")
     plots = plot_clean_vs_aua(rows, args.results_dir) + plot_curves(rows, args.results_dir)
     scale = sorted({f"{r['task']} / {model_key(r['model'])}" for r in rows})
-    text = [f"# {args.title or 'Comparison'}", "", f"Task / model: {', '.join(scale)}. Clean %: test accuracy, mean "
-            f"± sample std over seeds. Aua %: accuracy under attack on the seeded attacked sample, with a 95% "
-            f"bootstrap interval over its sentences (each averaged over seeds). Δ: paired against the method's own "
-            f"baseline on the same sentences (* = significant, see the paired table). Training wall-clock in "
-            f"seconds.", "", summary_table(rows, failures), ""]
+    text = [f"# {args.title or 'Comparison'}", ""]
+    if rows or failures:
+        text += [f"Task / model: {', '.join(scale)}. Clean %: test accuracy, mean ± sample std over seeds. Aua %: "
+                 f"accuracy under attack on the seeded attacked sample, with a 95% bootstrap interval over its "
+                 f"sentences (each averaged over seeds). Δ: paired against the method's own baseline on the same "
+                 f"sentences (* = significant, see the paired table). Training wall-clock in seconds.", "",
+                 summary_table(rows, failures), ""]
     text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    text += ([""] + searches if searches else [])
     mask_lines, mask_plots = mask_diagnostics(args.results_dir, args.results_dir)
     for history in sorted(glob.glob(os.path.join(args.results_dir, "**", "history_*.jsonl"), recursive=True)):
         with open(history) as f:

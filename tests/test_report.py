@@ -217,3 +217,20 @@ def test_adapter_mixup_beta_plot_is_drawn_from_results_json_alone(tmp_path):
         "full AT 30s\n  projected training as flagged (...): AdpMixup 40s, full AT 30s\n")
     row = next(line for line in report.bench_table(str(tmp_path)).splitlines() if "equal epochs" in line)
     assert "| 12s vs 30s |" in row
+
+
+def test_a_folder_of_early_bird_bench_searches_is_reported_with_draw_lr_and_plot(tmp_path, monkeypatch):
+    import sys
+    run = tmp_path / "runs" / "sst2__schedule1__1__0"
+    os.makedirs(run)
+    search = {"draw_epoch": 0.25, "draw_step": 522, "lr_share_at_draw": 0.81, "stop_epoch": 0.5, "converged": True,
+              "stopped_at_cap": False, "schedule_steps": 2090,
+              "window_distances": [{"epoch": 0.05 * i, "d_head": [0.2, 0.1], "d_ffn": [0.3, 0.05]} for i in range(5)]}
+    with open(run / "bench.json", "w") as f:
+        json.dump({"seed": 1, "search": search, "search_in_freelb_steps": 600.0, "projected_speedup": 2.5,
+                   "flops_ratio": 0.6, "inference_speedup": 1.4}, f)
+    monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path)])
+    report.main()  # no results.json at all: the searches alone are the report
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| sst2__schedule1__1__0 | 1 | 2090 | 0.250 (522) | 0.81 | 0.500 | yes | no | 600.0 | 2.50x |" in summary
+    assert (tmp_path / "early_bird_distance.png").exists() and "early_bird_distance.png" in summary
