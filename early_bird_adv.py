@@ -19,7 +19,7 @@ from attacks import evaluate_model, print_summary
 from common import (UsageError, add_adversary_args, add_common_args, adversarial_backward, adversary_from_args,
                     check_range, count_params, cross_entropy, finetune, finish_run, linear_schedule, load_model,
                     load_task, make_loader, results_template, set_seed, start_run, state_copy, tokenize, usage_errors,
-                    validate_common_args)
+                    validate_common_args, write_json_atomic)
 
 METHOD = "early_bird_adv"
 SETTINGS = {"ticket": "early-bird ticket", "freelb": "FreeLB", "finetune": "fine-tune"}
@@ -350,6 +350,9 @@ def search_ticket(gated, train_loader, run, args, adversary):
                 draw = rule.add(head_mask_from_gates(gates[0], args.prune_heads, args.head_scope),
                                 ffn_mask_from_gates(gates[1], args.prune_ffn), gates, [c["epoch"] for c in checkpoints])
                 log_checkpoint(run, rule, gates, step)
+                write_json_atomic(os.path.join(run.dir, "search_progress.json"),  # a killed search keeps its curve
+                                  {"schedule_steps": schedule_steps, "steps_per_epoch": steps_per_epoch,
+                                   "checkpoints": checkpoints, "window_distances": rule.distances})
                 if args.draw_at is not None:  # a fixed draw epoch instead of the rule
                     draw = len(checkpoints) - 1 if step >= args.draw_at * steps_per_epoch else None
             if draw is not None or step >= max_steps:

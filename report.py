@@ -430,6 +430,9 @@ def plot_curves(rows, out_dir):
         if (bench.get("search") or {}).get("window_distances"):
             tickets.append({"seed": bench.get("seed"), "extra": bench["search"],
                             "label": os.path.basename(os.path.dirname(path))})
+    for path in unfinished_searches(out_dir):  # a search killed before its end: its curve so far
+        with open(path) as f:
+            tickets.append({"extra": json.load(f), "label": os.path.basename(os.path.dirname(path)) + " (cut)"})
     if tickets:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for i, r in enumerate(tickets):
@@ -521,6 +524,12 @@ def setting_of_flags(flags: dict) -> str:
     return "w/o L0" if flags.get("l0_lambda") == 0 else "ticket"
 
 
+def unfinished_searches(results_dir: str) -> list:
+    """search_progress.json of early-bird runs that wrote neither results.json nor bench.json (killed mid-search)."""
+    return [p for p in sorted(glob.glob(os.path.join(results_dir, "**", "search_progress.json"), recursive=True))
+            if not any(os.path.exists(os.path.join(os.path.dirname(p), n)) for n in ("results.json", "bench.json"))]
+
+
 def early_bird_searches(results_dir: str) -> list:
     """The early-bird `--bench` searches below results_dir (bench.json): where each drew and stopped, at which lr, and
     the projected time-to-ticket. Markdown lines, empty when there is none."""
@@ -533,20 +542,30 @@ def early_bird_searches(results_dir: str) -> list:
             continue
         if not lines:
             lines = ["## Early-bird searches (`early_bird_adv.py --bench`)", "",
-                     "Per search: the lr schedule's length, where the ticket was drawn and the search stopped (epoch,"
-                     " step, lr as a share of its peak), whether the masks converged or the cap stopped it, and the "
-                     "speed-up projected from the measured step costs (search incl. look-ahead + the pruned ticket's "
-                     "CE steps, vs FreeLB steps, over the same budget).", "",
-                     "| run | seed | schedule steps | draw epoch (step) | lr at draw | stop epoch | converged | at cap | "
-                     "search in FreeLB steps | projected speed-up | FLOPs ratio | inference speed-up |",
+                     "Per search: the lr schedule's length, where the ticket was drawn and the search stopped "
+                     "(epoch, step, lr as a share of its peak), whether the masks converged or the cap stopped it, and"
+                     " the speed-up projected from the measured step costs (search incl. look-ahead + the pruned "
+                     "ticket's CE steps, vs FreeLB steps, over the same budget).", "",
+                     "| run | seed | schedule steps | draw epoch (step) | lr at draw | stop epoch | converged | "
+                     "at cap | search in FreeLB steps | projected speed-up | FLOPs ratio | inference speed-up |",
                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines.append(f"| {os.path.basename(os.path.dirname(path))} | {bench.get('seed')} | "
-                     f"{search.get('schedule_steps')} | {search['draw_epoch']:.3f} ({search.get('draw_step')}) | "
-                     f"{search.get('lr_share_at_draw', float('nan')):.2f} | {search.get('stop_epoch', float('nan')):.3f}"
-                     f" | {'yes' if search.get('converged') else 'no'} | {'yes' if search.get('stopped_at_cap') else 'no'}"
-                     f" | {bench.get('search_in_freelb_steps', float('nan')):.1f} | "
-                     f"{bench.get('projected_speedup', float('nan')):.2f}x | {bench.get('flops_ratio', float('nan')):.3f}"
-                     f" | {bench.get('inference_speedup', float('nan')):.2f}x |")
+        yes = {True: "yes", False: "no"}
+        cells = [os.path.basename(os.path.dirname(path)), bench.get("seed"), search.get("schedule_steps"),
+                 f"{search['draw_epoch']:.3f} ({search.get('draw_step')})", f"{search.get('lr_share_at_draw'):.2f}",
+                 f"{search.get('stop_epoch'):.3f}", yes[bool(search.get("converged"))],
+                 yes[bool(search.get("stopped_at_cap"))], f"{bench.get('search_in_freelb_steps', float('nan')):.1f}",
+                 f"{bench.get('projected_speedup', float('nan')):.2f}x",
+                 f"{bench.get('flops_ratio', float('nan')):.3f}",
+                 f"{bench.get('inference_speedup', float('nan')):.2f}x"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    for path in unfinished_searches(results_dir):
+        with open(path) as f:
+            progress = json.load(f)
+        last = progress["checkpoints"][-1]
+        lines = lines or ["## Early-bird searches (`early_bird_adv.py`)", ""]
+        lines.append(f"cut: {os.path.basename(os.path.dirname(path))} was stopped at epoch {last['epoch']:.3f} "
+                     f"(step {last['step']} of a {progress['schedule_steps']}-step schedule, lr {last['lr_share']:.2f} "
+                     f"of peak) before any draw; its distance curve so far is plotted.")
     return lines
 
 

@@ -155,6 +155,8 @@ def test_tiny_run_stops_early_and_writes_results(tmp_path):
     d = extra["distance_matrix"]
     offline = next(g for g in range(len(d["head"]) - 2) if all(d[u][g][g + k] < 0.5 for u in d for k in (1, 2)))
     assert extra["draw_checkpoint"] == offline and len(extra["checkpoints"]) == offline + 3
+    progress = json.loads((run_dir / "search_progress.json").read_text())  # written at every checkpoint
+    assert progress["checkpoints"] == extra["checkpoints"] and progress["window_distances"] == extra["window_distances"]
     assert set(results["wall_clock"]) >= {"search", "draw", "finetune", "train", "total"}
     assert [r["setting"] for r in extra["rows"]] == ["early-bird ticket", "FreeLB", "fine-tune"]
     assert extra["speedup_vs_freelb"] > 0 and extra["flops_ratio"] < 1

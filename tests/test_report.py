@@ -229,8 +229,14 @@ def test_a_folder_of_early_bird_bench_searches_is_reported_with_draw_lr_and_plot
     with open(run / "bench.json", "w") as f:
         json.dump({"seed": 1, "search": search, "search_in_freelb_steps": 600.0, "projected_speedup": 2.5,
                    "flops_ratio": 0.6, "inference_speedup": 1.4}, f)
+    cut = tmp_path / "runs" / "sst2__schedule2__1__0"  # killed mid-search: only its progress file
+    os.makedirs(cut)
+    with open(cut / "search_progress.json", "w") as f:
+        json.dump({"schedule_steps": 4180, "steps_per_epoch": 2090, "window_distances": search["window_distances"],
+                   "checkpoints": [{"step": 104, "epoch": 0.05, "lr_share": 0.5}]}, f)
     monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path)])
     report.main()  # no results.json at all: the searches alone are the report
     summary = (tmp_path / "summary.md").read_text()
     assert "| sst2__schedule1__1__0 | 1 | 2090 | 0.250 (522) | 0.81 | 0.500 | yes | no | 600.0 | 2.50x |" in summary
     assert (tmp_path / "early_bird_distance.png").exists() and "early_bird_distance.png" in summary
+    assert "cut: sst2__schedule2__1__0 was stopped at epoch 0.050 (step 104 of a 4180-step schedule" in summary
