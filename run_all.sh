@@ -169,6 +169,12 @@ if [ "$mode" = full ]; then
        "${attack_examples} examples x ${n_seeds} seed(s)) + training ~$(( n_seeds * n_methods / 3 )) h." \
        "Scale down with --attack-examples or --only."
 fi
+if [ "$mode" = cpu-real ]; then  # measured (results/sst2-minilm-cpu-ticket), not assumed
+  echo "estimate per seed, measured on a 2-core CPU with one single-threaded process per core and PWWS + DeepWordBug"
+  echo "  on 500 sentences per row (attacks ~1.5 s per sentence per row): finetune ~14 min, robust_ticket ~70 min"
+  echo "  (2 sparsities), ticket_wo_adv / ticket_wo_l0 ~50 min, ticket_magnitude / ticket_random ~14 min; freelb,"
+  echo "  early_bird_adv, rosearch and adapter_mixup are not yet timed in their current regimes."
+fi
 echo "run_all: mode=$mode task=$task model=$model attacks=$attacks seeds=[$seeds] -> $out"
 for seed in $seeds; do
   for m in $only; do
