@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
                     load_model, load_task, make_loader, predict_labels, results_template, set_seed, start_run,
-                    texts_of, tokenize, usage_errors, validate_common_args, write_json_atomic)
+                    save_atomic, texts_of, tokenize, usage_errors, validate_common_args, write_json_atomic)
 from offline import offline_attack_resources
 
 METHOD = "rosearch"
@@ -537,8 +537,7 @@ def prepare_teacher(args, data, run):
         logits = {s: logits_of(teacher, make_loader(e, tokenizer, args.eval_batch_size, False), run.device)
                   for s, e in encoded.items()}
         os.makedirs(folder, exist_ok=True)
-        torch.save(logits, f"{cache}.tmp{os.getpid()}")
-        os.replace(f"{cache}.tmp{os.getpid()}", cache)
+        save_atomic(logits, cache)
         write_json_atomic(os.path.join(folder, "done.json"), {"teacher": teacher_dir, "flags": list(TEACHER_FLAGS)})
     for s in encoded:
         encoded[s] = encoded[s].add_column("teacher_logits", logits[s].tolist())
