@@ -1,7 +1,6 @@
 # RoSearch: Search for Robust Student Architectures When Distilling Pre-trained Language Models (preprint 2021,
-# arXiv 2106.03613). The paper's body was not available: this is the reconstruction of ../shared/specs/rosearch.md
-# (§ numbers below refer to it). Every choice the abstract does not confirm is a flag, listed as a deviation in
-# docs/rosearch.md (usage, what is logged, deviations, results).
+# arXiv 2106.03613). Only the abstract was available: this reconstructs ../shared/specs/rosearch.md (§ numbers refer
+# to it); every choice the abstract does not confirm is a flag and a deviation in docs/rosearch.md.
 import argparse
 import copy
 import hashlib
@@ -21,26 +20,24 @@ import torch.nn.functional as F
 
 from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
-                    load_model, load_task, make_loader, predict_labels, results_template, set_seed, start_run,
-                    save_atomic, texts_of, tokenize, usage_errors, validate_common_args, write_json_atomic)
+                    load_model, load_task, make_loader, predict_labels, results_template, save_atomic, set_seed,
+                    start_run, texts_of, tokenize, usage_errors, validate_common_args, write_json_atomic)
 from offline import offline_attack_resources
 
 METHOD = "rosearch"
-INPUTS = 2  # a cell reads the outputs of the previous two cells (§2.3, AdaBERT / DARTS)
-NODES = 3  # B intermediate nodes per cell, each with two incoming edges
-EDGES_PER_NODE = 2
+INPUTS, NODES, EDGES_PER_NODE = 2, 3, 2  # a cell reads the previous two cells; B = 3 nodes of two edges (§2.3)
 # operation name -> (kind, kernel, dilation): AdaBERT's 10-op set, plus optional self-attention (§2.3)
 OPS = {"conv3": ("conv", 3, 1), "conv5": ("conv", 5, 1), "conv7": ("conv", 7, 1), "dil_conv3": ("conv", 3, 2),
        "dil_conv5": ("conv", 5, 2), "dil_conv7": ("conv", 7, 2), "max_pool3": ("max", 3, 1),
        "avg_pool3": ("avg", 3, 1), "identity": ("identity", 0, 0), "zero": ("zero", 0, 0),
        "attention": ("attention", 0, 0)}
-DEFAULT_OPS = ",".join(op for op in OPS if op != "attention")
 MUTATIONS = {"op": 0.5, "input": 0.3, "depth": 0.1, "width": 0.1}  # §3.3
 MAX_REDRAWS = 500  # proposals tried before the space is declared exhausted
 BENCH_TRAIN, BENCH_EVAL, BENCH_PROBE = 1000, 200, 100  # --bench defaults
-# a row of the results -> its setting; the first three are searches (run_search), the first one is the method
+# a row -> its setting; the first three are searches (the first is the method), every row is evaluated alike
 ROWS = {"rosearch": "RoSearch student", "accuracy-only": "accuracy-only search", "random-search": "random search",
         "handmade": "hand-made student", "teacher": "teacher"}
+RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a resumed run may change
 
 
 def parse_args(argv=None):
@@ -53,26 +50,25 @@ def parse_args(argv=None):
     g.add_argument("--cache-dir", help="teacher and its cached logits (default OUTPUT_DIR/.rosearch_cache)")
     g.add_argument("--kd-alpha", type=float, default=0.8, help="alpha: weight of the soft-target KL term (§4.3)")
     g.add_argument("--kd-temperature", type=float, default=2.0, help="T: distillation temperature (§4.3)")
-    g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT default, §4.3)")
+    g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT, §4.3)")
     g.add_argument("--student-weight-decay", type=float, default=3e-4, help="student weight decay (§4.3)")
     g.add_argument("--student-batch-size", type=int, default=64, help="student batch size (§4.3)")
     g.add_argument("--proxy-epochs", type=float, default=1.0, help="KD epochs of a candidate during search (§4.3)")
-    g.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3 / §4.3)")
+    g.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3, §4.3)")
     s = p.add_argument_group("RoSearch: search space (§2)")
-    s.add_argument("--ops", default=DEFAULT_OPS, help=f"operations of an edge, from: {', '.join(OPS)}")
+    s.add_argument("--ops", default=",".join(op for op in OPS if op != "attention"),
+                   help=f"operations of an edge, from: {', '.join(OPS)}")
     s.add_argument("--min-cells", type=int, default=1, help="smallest number of cells K")
     s.add_argument("--max-cells", type=int, default=8, help="largest number of cells K (AdaBERT K_max = 8)")
-    s.add_argument("--hidden", default="128,256,512", help="student width H; a comma list makes H part of the genotype "
-                   "(AdaBERT: 128; wider choices let the budget bind)")
+    s.add_argument("--hidden", default="128,256,512", help="student width H; a comma list makes H part of the genotype")
     s.add_argument("--heads", type=int, default=4, help="heads of the optional 'attention' op")
     s.add_argument("--cell-combine", default="weighted-sum", choices=["weighted-sum", "concat"],
                    help="cell output: softmax-weighted sum of its nodes (AdaBERT) or concat + linear")
     s.add_argument("--cell-residual", **on, help="add the previous cell's output before a cell's LayerNorm")
     s.add_argument("--freeze-embeddings", **on, help="keep the teacher's embedding tables frozen in the student")
     s.add_argument("--student-embeddings", default="folded", choices=["folded", "teacher"],
-                   help="folded: LayerNorm_H(P (word + position + type)) on the teacher's tables, P folded into "
-                   "H-wide tables after training and counted so (AdaBERT's export); teacher: the teacher's whole "
-                   "embedding block (its LayerNorm too) before P, counted d-wide")
+                   help="folded: LayerNorm_H(P (word + position + type)), P folded into H-wide tables after training "
+                   "(AdaBERT's export); teacher: the teacher's whole embedding block before P, counted d-wide")
     s.add_argument("--dropout", type=float, default=0.1, help="dropout of the student's classifier")
     s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
     e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
@@ -82,8 +78,8 @@ def parse_args(argv=None):
                    "PGD at --probe-pgd-radius); default textfooler (deepwordbug under --bench)")
     e.add_argument("--probe-examples", type=int, help="N_r: seeded dev sentences attacked per candidate, stratified "
                    f"by label; default 200 ({BENCH_PROBE} under --bench)")
-    e.add_argument("--accuracy-floor", type=float, default=0.9, help="no robustness credit (R counts 0 in F) below "
-                   "this share of the teacher's dev accuracy, so a one-class student cannot win on R; 0: off")
+    e.add_argument("--accuracy-floor", type=float, default=0.9, help="R counts 0 in F below this share of the "
+                   "teacher's dev accuracy, so a one-class student cannot win on R; 0: off")
     e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
     e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
     e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this "
@@ -97,11 +93,8 @@ def parse_args(argv=None):
                    "the two best contenders before mutation (0 = pure regularized evolution)")
     e.add_argument("--top-k", type=int, default=3, help="finalists re-trained with --final-epochs (§3.3)")
     r = p.add_argument_group("RoSearch: rows, resume, benchmark")
-    others = list(ROWS)[1:]
-    r.add_argument("--baseline", default="none", choices=["none", *others], help="run this row as the main row instead "
-                   "of RoSearch's")
-    r.add_argument("--extra-rows", default="teacher,handmade", help=f"rows also evaluated (extra.rows), any of "
-                   f"{', '.join(others)}; 'none' for none")
+    r.add_argument("--extra-rows", default="teacher,handmade", help="rows evaluated beside RoSearch's "
+                   f"(extra.rows), any of {', '.join(list(ROWS)[1:])}; 'none' for none")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags)")
     r.add_argument("--bench", action="store_true", help="print seconds per candidate and student/teacher speed, exit "
                    f"(the raw --model as teacher; --max-train/eval-examples default {BENCH_TRAIN}/{BENCH_EVAL})")
@@ -118,11 +111,10 @@ def validate(args):
     args.probe_examples = args.probe_examples or (BENCH_PROBE if args.bench else 200)
     validate_common_args(args)
     args.ops_list = [o.strip() for o in args.ops.split(",") if o.strip()]
-    if not args.ops_list:
-        raise UsageError("--ops is empty: the search space has no operation; give e.g. --ops conv3,identity")
-    for op in args.ops_list:
+    for op in args.ops_list or [None]:
         if op not in OPS:
-            raise UsageError(f"unknown op '{op}' in --ops; choose from: {', '.join(OPS)}")
+            raise UsageError(f"unknown op '{op}' in --ops; choose from: {', '.join(OPS)}" if op else
+                             "--ops is empty: the search space has no operation; give e.g. --ops conv3,identity")
     try:
         args.hidden_list = sorted({int(h) for h in args.hidden.split(",")})
         args.weights = [float(w) for w in args.fitness_weights.split(",")]
@@ -280,15 +272,18 @@ class Space:
     dropout: float = 0.1
     _params: dict = field(default_factory=dict, repr=False)
 
+    def student_config(self) -> dict:
+        return {"embed_dim": self.embed_dim, "num_labels": self.num_labels, "heads": self.heads,
+                "combine": self.combine, "residual": self.residual, "dropout": self.dropout, "folded": self.folded}
+
 
 def student_params(genotype, space: Space) -> dict:
     """count_params of the student, from a meta-device build (no memory, no init)."""
     key = genotype_hash(genotype)
     if key not in space._params:
         with torch.device("meta"):
-            body = Student(genotype, space.embed_dim, space.num_labels, space.heads, space.combine, space.residual,
-                           folded=space.folded)
-        n, h = sum(p.numel() for p in body.parameters()), genotype["hidden"]
+            n = sum(p.numel() for p in Student(genotype, **space.student_config()).parameters())
+        h = genotype["hidden"]
         if space.folded:  # P (d x H + H) folded into the tables: rows x H
             n, tables = n - (space.embed_dim * h + h) + space.table_rows * h, space.table_rows * h
         else:
@@ -393,7 +388,7 @@ def check_space(space: Space):
                          f"--min-cells or use --compression-basis non_embedding")
 
 
-# ---- Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher params
+# ---- Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher
 def fitness(record, weights) -> float:
     """R_credit is R, or 0 below the accuracy floor (records without it: R)."""
     w_r, w_a, w_e = weights
@@ -464,44 +459,33 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None, r
 
 def read_history(path: str) -> dict:
     """index -> record; a corrupt line is reported and skipped (that candidate is re-evaluated), never the others."""
-    records, bad = {}, 0
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if genotype_hash(record["genotype"]) != record["hash"]:
-                    raise ValueError("hash mismatch")
-                for k in ("R", "A", "E", "E_max"):
-                    float(record[k])
-                records[int(record["index"])] = record
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                bad += 1
-                print(f"warning: {path} line {n} is corrupt ({type(e).__name__}); skipped, that candidate will be "
-                      f"re-evaluated", file=sys.stderr, flush=True)
-    if bad and not records:
+    records, lines = {}, open(path).read().splitlines()
+    for n, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
+        try:
+            record = json.loads(line)
+            for k in ("R", "A", "E", "E_max"):
+                float(record[k])  # a number, or ValueError / TypeError / KeyError
+            if genotype_hash(record["genotype"]) != record["hash"]:
+                raise ValueError("hash mismatch")
+            records[int(record["index"])] = record
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"warning: {path} line {n} is corrupt ({type(e).__name__}); skipped, that candidate will be "
+                  f"re-evaluated", file=sys.stderr, flush=True)
+    if not records and any(line.strip() for line in lines):
         raise UsageError(f"--resume: no valid line in {path}; is it a RoSearch history.jsonl?")
     return records
 
 
 # ---- Teacher (fine-tuned once, cached) and knowledge distillation from its cached logits (§4.3) ------------------
-@torch.no_grad()
-def logits_of(model, loader, device):
-    model.eval().to(device)
-    return torch.cat([model(**{k: v.to(device) for k, v in b.items() if k != "labels"}).logits.float().cpu()
-                      for b in loader])
-
-
 TEACHER_FLAGS = ("model", "task", "seed", "lr", "epochs", "batch_size", "eval_batch_size", "max_seq_length", "warmup",
                  "weight_decay", "bf16", "cuda")
 
 
 def teacher_cache(args, data) -> str:
     """The cache folder of the teacher and its logits: a key of every flag its fine-tuning reads, and the data."""
-    raw_teacher = args.bench and args.teacher is None
-    key = [raw_teacher, args.teacher and os.path.abspath(args.teacher), [getattr(args, k) for k in TEACHER_FLAGS],
-           list(texts_of(data, data.train)), list(data.train["label"]), list(texts_of(data, data.dev))]
+    key = [args.bench and args.teacher is None, args.teacher and os.path.abspath(args.teacher),
+           [getattr(args, k) for k in TEACHER_FLAGS], list(texts_of(data, data.train)), list(data.train["label"]),
+           list(texts_of(data, data.dev))]
     digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
     return os.path.join(args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache"), f"{args.task}_{digest}")
 
@@ -510,18 +494,16 @@ def prepare_teacher(args, data, run):
     """The fine-tuned teacher and its train/dev logits, cached (teacher_cache). Written to temporary names and
     renamed, and done.json last: a kill leaves no cache that a later run would trust."""
     raw_teacher = args.bench and args.teacher is None  # --bench: timings do not depend on the teacher being trained
-    folder = teacher_cache(args, data)
+    folder, start = teacher_cache(args, data), time.time()
     done = os.path.isfile(os.path.join(folder, "done.json"))
     teacher_dir = args.teacher or (args.model if raw_teacher else os.path.join(folder, "teacher"))
-    start = time.time()
+    encode = lambda split, tok: tokenize(data, getattr(data, split), tok, args.max_seq_length)  # noqa: E731
     if args.teacher is None and not raw_teacher and not done:
         print(f"[teacher] fine-tuning {args.model} (cached in {teacher_dir})", flush=True)
         model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
-        train = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer, args.batch_size,
-                            True, args.seed)
-        dev = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer, args.eval_batch_size,
-                          False)
-        finetune(model, train, dev, run, args.epochs, args.lr, args.weight_decay, args.warmup, tag="teacher")
+        finetune(model, make_loader(encode("train", tokenizer), tokenizer, args.batch_size, True, args.seed),
+                 make_loader(encode("dev", tokenizer), tokenizer, args.eval_batch_size, False), run, args.epochs,
+                 args.lr, args.weight_decay, args.warmup, tag="teacher")
         tmp = f"{teacher_dir}.tmp{os.getpid()}"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -530,12 +512,14 @@ def prepare_teacher(args, data, run):
     teacher, tokenizer = load_model(teacher_dir, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
     teacher.to(run.device).eval()
     cache = os.path.join(folder, "teacher_logits.pt")
-    encoded = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev")}
+    encoded = {s: encode(s, tokenizer) for s in ("train", "dev")}
     if done:
         logits = torch.load(cache)
     else:  # the only teacher forward passes over train/dev: the search never runs the teacher
-        logits = {s: logits_of(teacher, make_loader(e, tokenizer, args.eval_batch_size, False), run.device)
-                  for s, e in encoded.items()}
+        with torch.no_grad():
+            logits = {s: torch.cat([teacher(**{k: v.to(run.device) for k, v in b.items() if k != "labels"}).logits
+                                    .float().cpu() for b in make_loader(e, tokenizer, args.eval_batch_size, False)])
+                      for s, e in encoded.items()}
         os.makedirs(folder, exist_ok=True)
         save_atomic(logits, cache)
         write_json_atomic(os.path.join(folder, "done.json"), {"teacher": teacher_dir, "flags": list(TEACHER_FLAGS)})
@@ -559,11 +543,15 @@ def kd_loss(alpha: float, temperature: float):
 
 
 def build_student(genotype, ctx):
-    student = Student(genotype, ctx.space.embed_dim, ctx.space.num_labels, ctx.space.heads, ctx.space.combine,
-                      ctx.space.residual, ctx.space.dropout, ctx.space.folded)
+    student = Student(genotype, **ctx.space.student_config())
     student.embeddings = copy.deepcopy(ctx.teacher.base_model.embeddings).cpu()
     student.embeddings.requires_grad_(not ctx.args.freeze_embeddings)
     return student.to(ctx.run.device)
+
+
+def save_student(student, space, path, record=None):
+    save_atomic({"genotype": student.genotype, "state_dict": student.state_dict(), "record": record,
+                 "config": space.student_config()}, path)
 
 
 def load_student(path: str, teacher):
@@ -596,15 +584,13 @@ def train_and_score(genotype, ctx, epochs, tag):
     """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
     seed = int(hashlib.sha1(f"{ctx.args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
     set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by all searches and resumes
-    student = build_student(genotype, ctx)
+    student, start = build_student(genotype, ctx), time.time()
     loader = make_loader(ctx.encoded["train"], ctx.tokenizer, ctx.args.student_batch_size, True, seed)
-    start = time.time()
     fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, ctx.args.student_lr,
                    ctx.args.student_weight_decay, ctx.args.warmup, loss_fn=ctx.loss_fn, tag=tag)
     kd_seconds, start = time.time() - start, time.time()
     predicted, _ = predict_labels(student, ctx.dev_loader, ctx.run.device, ctx.run.autocast)
-    score = robustness(student, ctx)
-    params = student_params(genotype, ctx.space)  # equal to count_params(student) (tests/test_rosearch.py)
+    score, params = robustness(student, ctx), student_params(genotype, ctx.space)  # = count_params(student) (tested)
     ratio = compression(params, ctx.space)
     record = {"A": 100.0 * fit["dev_accuracy"], **score, "E": 1.0 / ratio[ctx.space.basis],
               "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
@@ -629,19 +615,16 @@ def examples_per_second(model, ctx, repeats: int = 3) -> float:
     return len(texts) / max(min(seconds), 1e-9)
 
 
-def evaluate_row(model, setting, ctx, prefix, dev_accuracy, extra=None) -> dict:
-    """A test row (attacks included), saved to rows/{prefix}.json: a resumed run reads it instead of attacking."""
-    path = os.path.join(ctx.run.dir, "rows", f"{prefix}.json")
+def evaluate_row(name, model, ctx, dev_accuracy, extra=None) -> dict:
+    """A test row (attacks included), saved to rows/{name}_.json: a resumed run reads it instead of attacking."""
+    path, prefix = os.path.join(ctx.run.dir, "rows", f"{name}_.json"), f"{name}_"
     if os.path.isfile(path):
-        with open(path) as f:
-            print(f"[{prefix}] evaluated before the resume: {path}", flush=True)
-            return json.load(f)
+        print(f"[{prefix}] evaluated before the resume: {path}", flush=True)
+        return json.load(open(path))
     start = time.time()
-    row = results_template(ctx.args, METHOD, setting, model)
-    row["dev_accuracy"] = dev_accuracy
+    row = results_template(ctx.args, METHOD, ROWS[name], model)
     ratio = compression(row["params"], ctx.space)
-    row["compression"] = ratio["total"]
-    row["extra"] = {"compression": ratio, **(extra or {})}
+    row.update(dev_accuracy=dev_accuracy, compression=ratio["total"], extra={"compression": ratio, **(extra or {})})
     evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, prefix=prefix, resources=ctx.resources)
     speed = examples_per_second(model, ctx)  # the teacher timed right after, under the same machine load
     teacher_speed = speed if model is ctx.teacher else examples_per_second(ctx.teacher, ctx)
@@ -658,25 +641,17 @@ def trained(genotype, ctx, tag):
     search picking the same finalist) loads it instead of training it again."""
     path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
     if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu")
-        return load_student(path, ctx.teacher).to(ctx.run.device), saved["record"]
+        return load_student(path, ctx.teacher).to(ctx.run.device), torch.load(path, map_location="cpu")["record"]
     student, record = train_and_score(genotype, ctx, ctx.args.final_epochs, tag)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_student(student, ctx.space, f"{path}.tmp{os.getpid()}", record)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    save_student(student, ctx.space, path, record)
     return student, record
-
-
-def save_student(student, space, path, record=None):
-    torch.save({"genotype": student.genotype, "state_dict": student.state_dict(), "record": record,
-                "config": {"embed_dim": space.embed_dim, "num_labels": space.num_labels, "heads": space.heads,
-                           "combine": space.combine, "residual": space.residual, "dropout": space.dropout,
-                           "folded": space.folded}}, path)
 
 
 def run_search(label, weights, ctx, evaluated):
     """One search (history_{label}.jsonl, appended as each candidate finishes, resumed in place: stored candidates
-    are replayed, not trained), then its top-k finalists trained with --final-epochs, the best fitness picked."""
+    are replayed, not trained), then its top-k finalists trained with --final-epochs, the best fitness picked.
+    Returns (student, its final record, the history, KD + probe seconds as if the search had run alone)."""
     args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
     stored = read_history(path) if os.path.isfile(path) else {}
     evaluated.update({r["hash"]: r for r in stored.values()})
@@ -693,23 +668,22 @@ def run_search(label, weights, ctx, evaluated):
             ctx.trained_candidates += 1
         return evaluated[key]  # evolve() sets index, fitness, genotype and hash on its own copy
 
-    def on_record(record):
-        if record["index"] not in stored:
+    def on_record(r):
+        if r["index"] not in stored:
             with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        best[0] = max(best[0], record["fitness"])
-        ctx.run.log({f"charts/{label}_fitness": record["fitness"], f"charts/{label}_best_fitness": best[0],
-                     f"robust/{label}_R": record["R"], f"eval/{label}_A": record["A"],
-                     f"charts/{label}_majority_share": record.get("majority_share", 0),
-                     f"charts/{label}_non_embedding_params": record["params"]["non_embedding"]}, record["index"])
-        print(f"[{label} {record['index'] + 1}/{args.population + args.cycles}] {record['hash']} "
-              f"K={len(record['genotype']['cells'])} H={record['genotype']['hidden']} A {record['A']:.1f} "
-              f"R {record['R']:.1f}{'' if record.get('R_credit', record['R']) == record['R'] else ' (below floor)'} "
-              f"x{record['compression'][ctx.space.basis]:.1f} F {record['fitness']:.2f}", flush=True)
+                f.write(json.dumps(r) + "\n")
+        best[0] = max(best[0], r["fitness"])
+        ctx.run.log({f"charts/{label}_fitness": r["fitness"], f"charts/{label}_best_fitness": best[0],
+                     f"robust/{label}_R": r["R"], f"eval/{label}_A": r["A"],
+                     f"charts/{label}_majority_share": r.get("majority_share", 0),
+                     f"charts/{label}_non_embedding_params": r["params"]["non_embedding"]}, r["index"])
+        print(f"[{label} {r['index'] + 1}/{args.population + args.cycles}] {r['hash']} K={len(r['genotype']['cells'])}"
+              f" H={r['genotype']['hidden']} A {r['A']:.1f} R {r['R']:.1f}"
+              f"{'' if r.get('R_credit', r['R']) == r['R'] else ' (below floor)'} "
+              f"x{r['compression'][ctx.space.basis]:.1f} F {r['fitness']:.2f}", flush=True)
 
     history = evolve(ctx.space, args, weights, evaluate, stored, on_record, random_search=label == "random-search")
-    best_student, best_record = None, None
-    cost = sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # as if alone: shared candidates count too
+    picked, cost = (None, None), sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # shared ones count too
     for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
         student, final = trained(record["genotype"], ctx, f"final/{record['hash']}")
         cost += final["kd_seconds"] + final["probe_seconds"]
@@ -717,9 +691,9 @@ def run_search(label, weights, ctx, evaluated):
         final["fitness"] = fitness(final, weights)
         print(f"[{label} final] {record['hash']} A {final['A']:.1f} R {final['R']:.1f} F {final['fitness']:.2f}",
               flush=True)
-        if best_record is None or final["fitness"] > best_record["fitness"]:
-            best_student, best_record = student, final
-    return best_student, best_record, history, cost
+        if picked[1] is None or final["fitness"] > picked[1]["fitness"]:
+            picked = (student, final)
+    return (*picked, history, cost)
 
 
 @dataclass
@@ -743,9 +717,6 @@ class Context:
     trained_candidates: int = 0  # candidates KD-trained in this process (a resume replays the stored ones)
 
 
-RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a resumed run may change
-
-
 def setup(args):
     """The run folder (or the resumed one), data, teacher, search space and probe: (ctx, teacher dev acc, seconds)."""
     args = validate(args)
@@ -753,15 +724,14 @@ def setup(args):
                     resume=args.resume, free=RESUME_FREE)
     data = load_task(args)
     teacher, tokenizer, encoded, teacher_dev, seconds = prepare_teacher(args, data, run)
-    word, block = teacher.get_input_embeddings(), teacher.base_model.embeddings
+    block = teacher.base_model.embeddings
     emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
     rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
                                                           "token_type_embeddings"))
-    space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, word.embedding_dim,
+    space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, block.word_embeddings.embedding_dim,
                   data.num_labels, emb["total"], emb["total"] - emb["non_embedding"], count_params(teacher),
-                  args.compression_basis, args.min_compression, folded=args.student_embeddings == "folded",
-                  table_rows=rows, heads=args.heads, combine=args.cell_combine, residual=args.cell_residual,
-                  dropout=args.dropout)
+                  args.compression_basis, args.min_compression, args.student_embeddings == "folded", rows, args.heads,
+                  args.cell_combine, args.cell_residual, args.dropout)
     check_space(space)
     probe_idx = stratified_probe(data.dev["label"], args.probe_examples, args.probe_seed)
     probe = data.dev.select(probe_idx)
@@ -777,25 +747,23 @@ def setup(args):
 def main(args):
     ctx, teacher_dev, teacher_seconds = setup(args)
     args, run = ctx.args, ctx.run
-    wanted = list(dict.fromkeys(["rosearch" if args.baseline == "none" else args.baseline] + args.rows))  # main first
+    wanted = ["rosearch"] + [r for r in args.rows if r != "rosearch"]
     # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done).
     # accuracy-only: w_r's weight moved to A; random-search: RoSearch's fitness over P + C uniform random genotypes
     searches = {"rosearch": args.weights, "accuracy-only": [0.0, args.weights[0] + args.weights[1], args.weights[2]],
                 "random-search": args.weights}
     picked, evaluated = {}, {}
-    for name, weights in searches.items():
-        if name in wanted:
-            picked[name] = run_search(name, weights, ctx, evaluated)
+    for name in (n for n in searches if n in wanted):
+        picked[name] = run_search(name, searches[name], ctx, evaluated)
     if "handmade" in wanted:  # a residual conv3 stack: node j = conv3(previous state) + identity(previous state)
         cells = [[[[j + 1, "conv3"], [j + 1, "identity"]] for j in range(NODES)] for _ in range(args.handmade_cells)]
-        genotype = {"hidden": args.hidden_list[0], "cells": cells}
-        student, record = trained(genotype, ctx, "handmade")
+        student, record = trained({"hidden": args.hidden_list[0], "cells": cells}, ctx, "handmade")
         picked["handmade"] = (student, record, None, record["kd_seconds"] + record["probe_seconds"])
     # Stage 3: every row on test with the full attack set (each row saved as it finishes)
     rows = []
     for name in wanted:
         if name == "teacher":
-            rows.append(evaluate_row(ctx.teacher, ROWS[name], ctx, "teacher_", teacher_dev))
+            rows.append(evaluate_row(name, ctx.teacher, ctx, teacher_dev))
             continue
         student, best, history, cost = picked[name]
         student = fold_embeddings(student)  # the exported student is what is counted, attacked and timed
@@ -803,7 +771,7 @@ def main(args):
         if history is not None:
             extra.update(candidates=len(history), history=f"history_{name}.jsonl")
             save_student(student, ctx.space, os.path.join(run.dir, f"student_{name}.pt"), best)
-        rows.append(evaluate_row(student, ROWS[name], ctx, f"{name}_", best["A"], extra))
+        rows.append(evaluate_row(name, student, ctx, best["A"], extra))
         rows[-1]["wall_clock"]["search_and_final"] = cost  # KD + probe seconds of its candidates and finalists
     results = rows[0]
     results["wall_clock"]["teacher"] = teacher_seconds
