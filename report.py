@@ -491,6 +491,56 @@ def rosearch_features(history, path):
     return table
 
 
+def rosearch_students(rows: list, results_dir: str) -> list:
+    """RoSearch: every student row (searches and hand-made, all seeds) with its probe R on dev next to its test Aua,
+    the Spearman rho between the two per attack, and each search's collapse diagnostics. Markdown lines."""
+    from scipy.stats import spearmanr
+
+    students = sorted((r for r in rows if r["method"] == "rosearch" and (r.get("extra") or {}).get("best")),
+                      key=lambda r: (r.get("seed"), r.get("setting")))
+    if not students:
+        return []
+    attacks = sorted({a for r in students for a, m in (r.get("attacks") or {}).items() if "aua" in m})
+    lines = ["## RoSearch: the students", "", "Probe R and dev A: the retrained finalist's (or hand-made student's) "
+             "record on dev; Aua: test, the seeded attacked sample. Compression vs the teacher; FLOPs per token past "
+             "the embeddings; speed: measured examples/s vs the teacher's, timed back to back.", "",
+             "| seed | row | probe R | dev A | " + " | ".join(f"{a} Aua" for a in attacks)
+             + " | compression total / non-emb. | MFLOPs/token | speed vs teacher | genotype |",
+             "|---" * (8 + len(attacks)) + "|"]
+    for r in students:
+        best, extra = r["extra"]["best"], r["extra"]
+        comp, genotype = extra.get("compression") or {}, best.get("genotype") or extra.get("genotype") or {}
+        shape = f"K={len(genotype.get('cells', []))} H={genotype.get('hidden')} {best.get('hash', '')}"
+        lines.append(f"| {r.get('seed')} | {r['setting']} | {best['R']:.1f} | {best['A']:.1f} | "
+                     + " | ".join(f"{r['attacks'][a]['aua']:.1f}" if a in r.get("attacks", {}) else "–"
+                                  for a in attacks)
+                     + f" | {comp.get('total', float('nan')):.2f}x / {comp.get('non_embedding', float('nan')):.1f}x | "
+                     f"{best.get('flops_per_token', float('nan')) / 1e6:.2f} | "
+                     f"{(extra.get('inference') or {}).get('speedup_vs_teacher', float('nan')):.1f}x | {shape} |")
+    distinct = list({(r.get("seed"), r["extra"]["best"].get("hash")): r for r in students}.values())  # picked twice
+    probe_r = [r["extra"]["best"]["R"] for r in distinct]
+    rhos = [f"{a} {spearmanr(probe_r, [r['attacks'][a]['aua'] for r in distinct]).statistic:+.2f}" for a in attacks
+            if all(a in r.get("attacks", {}) for r in distinct)]
+    lines += ["", f"Spearman rho(probe R, test Aua) over the {len(distinct)} distinct students (a student two searches "
+              f"picked counts once): {'; '.join(rhos)}.", ""]
+    lines += ["Search diagnostics (candidates above the accuracy floor, near one-class ones, and how many of a "
+              "search's genotypes RoSearch's search also proposed):", "",
+              "| seed | search | candidates | above floor | majority share > 0.8 | shared with RoSearch |",
+              "|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "history_*.jsonl"), recursive=True)):
+        with open(path) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        mine = os.path.join(os.path.dirname(path), "history_rosearch.jsonl")
+        with open(mine) as f:
+            ours = {json.loads(line)["hash"] for line in f if line.strip()}
+        seed = os.path.basename(os.path.dirname(path)).split("__")[2] if "__" in path else "?"
+        label = os.path.basename(path)[len("history_"):-len(".jsonl")]
+        lines.append(f"| {seed} | {label} | {len(history)} | {sum(r['A'] >= r.get('A_floor', 0) for r in history)} | "
+                     f"{sum(r.get('majority_share', 0) > 0.8 for r in history)} | "
+                     f"{'–' if label == 'rosearch' else sum(r['hash'] in ours for r in history)} |")
+    return lines
+
+
 BENCH_PATTERNS = [  # (log file, label, regex whose groups are the figure, unit appended, target from the issues)
     ("wrapper.log", "attack wrapper: TextAttack stock / ours (time, same outcomes)",
      r"^\S+\s+[\d.]+\s+[\d.]+\s+([\d.]+x\s+\d+/\d+)", "", ">= 3x, identical outcomes"),
@@ -798,6 +848,8 @@ def main():
             rosearch_features(records, history.replace(".jsonl", "_features.md"))
     text += ([""] + mask_lines + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in mask_plots]
              if mask_lines else [])
+    ros = rosearch_students(rows, args.results_dir)
+    text += ([""] + ros) if ros else []
     path = os.path.join(args.results_dir, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(text) + "\n")

@@ -240,3 +240,23 @@ def test_a_folder_of_early_bird_bench_searches_is_reported_with_draw_lr_and_plot
     assert "| sst2__schedule1__1__0 | 1 | 2090 | 0.250 (522) | 0.81 | 0.500 | yes | no | 600.0 | 2.50x |" in summary
     assert (tmp_path / "early_bird_distance.png").exists() and "early_bird_distance.png" in summary
     assert "cut: sst2__schedule2__1__0 was stopped at epoch 0.050 (step 104 of a 4180-step schedule" in summary
+
+
+def test_rosearch_students_correlate_probe_r_with_test_aua_and_count_collapsed_candidates(tmp_path):
+    def student(setting, h, r, aua):
+        return {"method": "rosearch", "setting": setting, "attacks": {"pwws": {"aua": aua}},
+                "extra": {"best": {"R": r, "A": 80.0, "hash": h, "flops_per_token": 2e6},
+                          "compression": {"total": 5.0, "non_embedding": 40.0}}}
+    run = tmp_path / "runs" / "sst2__rosearch__3__1"
+    os.makedirs(run)
+    rows = [{**student("RoSearch student", "a", 30.0, 9.0), "seed": 3},
+            {**student("accuracy-only search", "a", 30.0, 9.0), "seed": 3},  # the same student: counted once
+            {**student("random search", "b", 20.0, 7.0), "seed": 3},
+            {**student("hand-made student", "c", 10.0, 8.0), "seed": 3}]
+    ours = [{"hash": "a", "A": 70.0, "A_floor": 66.0, "majority_share": 0.6},
+            {"hash": "b", "A": 50.0, "A_floor": 66.0, "majority_share": 1.0}]
+    (run / "history_rosearch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours))
+    (run / "history_random-search.jsonl").write_text(json.dumps({**ours[1], "hash": "d"}) + "\n")
+    text = "\n".join(report.rosearch_students(rows, str(tmp_path)))
+    assert "over the 3 distinct students" in text and "pwws +0.50" in text  # R 30/20/10 vs Aua 9/7/8
+    assert "| 3 | rosearch | 2 | 1 | 1 | – |" in text and "| 3 | random-search | 1 | 0 | 1 | 0 |" in text
