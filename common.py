@@ -739,8 +739,8 @@ def fingerprint_tensors(state: dict) -> str:
 
 def save_atomic(obj, path: str):
     """torch.save under a temporary name, then rename: a kill never leaves a cut file under `path`."""
-    torch.save(obj, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    torch.save(obj, f"{path}.tmp{os.getpid()}")  # per process: two runs sharing a cache never write one temp file
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def load_checkpoint(path: str):

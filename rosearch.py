@@ -584,8 +584,9 @@ def train_and_score(genotype, ctx, epochs, tag):
     """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
     seed = int(hashlib.sha1(f"{ctx.args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
     set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by all searches and resumes
-    student, start = build_student(genotype, ctx), time.time()
+    student = build_student(genotype, ctx)
     loader = make_loader(ctx.encoded["train"], ctx.tokenizer, ctx.args.student_batch_size, True, seed)
+    start = time.time()
     fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, ctx.args.student_lr,
                    ctx.args.student_weight_decay, ctx.args.warmup, loss_fn=ctx.loss_fn, tag=tag)
     kd_seconds, start = time.time() - start, time.time()
@@ -747,7 +748,7 @@ def setup(args):
 def main(args):
     ctx, teacher_dev, teacher_seconds = setup(args)
     args, run = ctx.args, ctx.run
-    wanted = ["rosearch"] + [r for r in args.rows if r != "rosearch"]
+    wanted = list(dict.fromkeys(["rosearch"] + args.rows))  # RoSearch first; a row named twice runs once
     # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done).
     # accuracy-only: w_r's weight moved to A; random-search: RoSearch's fitness over P + C uniform random genotypes
     searches = {"rosearch": args.weights, "accuracy-only": [0.0, args.weights[0] + args.weights[1], args.weights[2]],
