@@ -140,7 +140,7 @@ method_args() {
     # issue 15's regime: at 1 proxy epoch (32 KD steps) no candidate of either seed reached the default floor (0.9 x
     # teacher dev = 77-79 %; candidates 52-73 %) and half predicted > 80 % one class, so R never entered F and the
     # RoSearch and accuracy-only searches proposed the same 30 genotypes: 2 proxy epochs and a 0.75 floor (docs/rosearch.md).
-    # A candidate then costs ~1 min (KD 13 s + the 100-sentence probe), so 20 per search; the teacher row (+13 min of
+    # A candidate then costs ~40 s (KD ~15-30 s + the 100-sentence probe), so 20 per search; the teacher row (+13 min of
     # attacks per seed) is left out: add it with --extra-rows teacher,handmade,accuracy-only,random-search
     rosearch:cpu-real) echo --max-cells 4 --population 6 --tournament 3 --cycles 14 --proxy-epochs 2 --final-epochs 3 \
                             --accuracy-floor 0.75 --top-k 2 --fitness-attack deepwordbug --probe-examples 100 \
