@@ -138,7 +138,7 @@ def bench_early_bird(args):
     the pruned ticket on the same batches; the speed-up projected over the fine-tuning budget (early_bird_adv.speedup,
     the cost model of the README), and ticket vs dense inference."""
     from early_bird_adv import (GatedBert, flops_per_token, fresh_model, inference_throughput, prune_model,
-                                search_ticket, setup, speedup)
+                                search_ticket, setup, speedup, ticket_masks)
 
     run, data, _, loaders, adversary = setup(args)
     train, test = loaders["train"], loaders["test"]
@@ -168,7 +168,8 @@ def bench_early_bird(args):
     record = {k: v for k, v in search.items() if k not in ("head_keep", "ffn_keep", "head_gates", "ffn_gates",
                                                            "final_gates")}
     with open(os.path.join(run.dir, "bench.json"), "w") as f:  # report.py plots its search like a run's
-        json.dump({**out, "seed": args.seed, "search": record}, f, indent=2)
+        json.dump({**out, "seed": args.seed, "search": record,
+                   "ticket": ticket_masks(search["head_keep"], search["ffn_keep"])}, f, indent=2)
     run.writer.close()
 
 

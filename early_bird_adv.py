@@ -250,9 +250,14 @@ def save_ticket(model, tokenizer, folder, head_keep, ffn_keep):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "ticket.json"), "w") as f:
-        json.dump({"ffn_widths": [int(k.sum()) for k in ffn_keep], "heads_kept": [int(k.sum()) for k in head_keep],
-                   "head_mask": head_keep.astype(int).tolist(),
-                   "ffn_kept_indices": [np.flatnonzero(k).tolist() for k in ffn_keep]}, f)
+        json.dump(ticket_masks(head_keep, ffn_keep), f)
+
+
+def ticket_masks(head_keep, ffn_keep) -> dict:
+    """The drawn structure as JSON: per-layer widths, the 0/1 head mask and the kept FFN neurons of each layer."""
+    return {"ffn_widths": [int(k.sum()) for k in ffn_keep], "heads_kept": [int(k.sum()) for k in head_keep],
+            "head_mask": head_keep.astype(int).tolist(),
+            "ffn_kept_indices": [np.flatnonzero(k).tolist() for k in ffn_keep]}
 
 
 def load_ticket(folder):

@@ -178,6 +178,10 @@ def test_bench_prints_ratios(tmp_path, capsys):
     out = capsys.readouterr().out
     for key in ("projected_speedup", "inference_speedup", "flops_ratio", "search_in_freelb_steps"):
         assert f"[bench] {key}" in out
+    (path,) = tmp_path.glob("*/bench.json")  # the drawn structure is kept, so a later run can fine-tune that ticket
+    ticket = json.loads(path.read_text())["ticket"]
+    assert sum(ticket["heads_kept"]) == sum(map(sum, ticket["head_mask"])) > 0
+    assert ticket["ffn_widths"] == [len(k) for k in ticket["ffn_kept_indices"]]
 
 
 def test_online_search_reports_never_converged_and_draws_final_gates(tmp_path, capsys):
