@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    "epsilon of (official 5)")
     m.add_argument("--draw-at", type=float, default=None, help="draw at this epoch instead of the convergence rule "
                    "(the released IMDB run: 0.2)")
+    m.add_argument("--ticket-from", metavar="JSON", default=None, help="skip the search: the ticket drawn by an "
+                   "earlier search (its bench.json, or a ticket/ticket.json), rewound, pruned and fine-tuned here")
     m.add_argument("--rewind", action=argparse.BooleanOptionalAction, default=True,
                    help="prune the pre-trained weights (paper); --no-rewind keeps the searched weights and gates")
     m.add_argument("--finetune-adv", action="store_true", help="fine-tune the ticket with FreeLB instead of plain CE")
@@ -90,6 +92,11 @@ def validate_args(args):
         check_range("draw-at", args.draw_at, 0, args.max_search_epochs, low_open=True)
     if args.baseline_results:
         check_baseline(args)
+    if args.ticket_from is not None and not args.rewind:
+        raise UsageError("--ticket-from keeps only the drawn structure: it needs --rewind (the searched weights "
+                         "are not in the file)")
+    if args.ticket_from is not None and not os.path.isfile(args.ticket_from):
+        raise UsageError(f"--ticket-from {args.ticket_from}: no such file (a bench.json or ticket.json)")
 
 
 BASELINE_MUST_MATCH = ("task", "model", "data_dir", "max_train_examples", "dev_size", "max_seq_length", "batch_size",
@@ -251,6 +258,27 @@ def save_ticket(model, tokenizer, folder, head_keep, ffn_keep):
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "ticket.json"), "w") as f:
         json.dump(ticket_masks(head_keep, ffn_keep), f)
+
+
+def drawn_ticket(path, config) -> dict:
+    """--ticket-from: the masks (and, from a bench.json, the search's record) of an earlier search, checked
+    against this model's shape."""
+    try:
+        raw = json.load(open(path))
+        masks, record = raw.get("ticket", raw), raw.get("search", {})
+        head = np.array(masks["head_mask"], dtype=bool)
+        kept = [np.asarray(k, dtype=int) for k in masks["ffn_kept_indices"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--ticket-from {path}: not a bench.json or ticket.json ({type(e).__name__}: {e})")
+    n_layers, n_heads, width = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+    if head.shape != (n_layers, n_heads) or len(kept) != n_layers or any(k.size and k.max() >= width for k in kept):
+        raise UsageError(f"--ticket-from {path}: a head mask of shape {head.shape} and {len(kept)} FFN layers do not "
+                         f"fit this {config.model_type} ({n_layers} layers x {n_heads} heads, FFN {width})")
+    ffn = np.zeros((n_layers, width), dtype=bool)
+    for i, k in enumerate(kept):
+        ffn[i, k] = True
+    return {**{k: v for k, v in record.items() if k != "seconds"}, "head_keep": head, "ffn_keep": ffn,
+            "ticket_from": os.path.abspath(path), "source_search_seconds": record.get("seconds"), "seconds": 0.0}
 
 
 def ticket_masks(head_keep, ffn_keep) -> dict:
@@ -475,6 +503,8 @@ def setup(args):
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
                                   os.path.join(args.output_dir, ".tiny-bert"))
     check_ratios_fit(model.config, args)
+    if args.ticket_from is not None:
+        drawn_ticket(args.ticket_from, model.config)  # checked before anything trains
     enc = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev", "test")}
     loaders = {"train": make_loader(enc["train"], tokenizer, args.batch_size, shuffle=True, seed=args.seed),
                "dev": make_loader(enc["dev"], tokenizer, args.eval_batch_size, shuffle=False),
@@ -498,7 +528,12 @@ def main(args):
     dense_throughput = inference_throughput(model, loaders["test"], run)  # the same weights-independent cost
     rewind_state = state_copy(model)  # checkpoint-0: pre-trained weights + seeded classifier
     gated = GatedBert(model)
-    search = search_ticket(gated, loaders["train"], run, args, adversary)
+    if args.ticket_from is None:
+        search = search_ticket(gated, loaders["train"], run, args, adversary)
+    else:  # the search ran elsewhere (its time is in extra.source_search_seconds, not in this run's train time)
+        search = drawn_ticket(args.ticket_from, model.config)
+        print(f"[search] skipped: the ticket of {args.ticket_from} (drawn at epoch {search.get('draw_epoch')})",
+              flush=True)
 
     # ---- Stage 2: draw the ticket, rewind to the pre-trained weights, prune physically ----
     print("=== Stage 2: draw, rewind and prune ===", flush=True)
@@ -549,7 +584,7 @@ def main(args):
         freelb_seconds = None
     results["extra"]["dense_throughput"] = dense_throughput
     results["extra"]["throughput_ratio"] = results["extra"]["throughput"] / dense_throughput
-    if freelb_seconds:
+    if freelb_seconds and args.ticket_from is None:
         ratio = speedup(freelb_seconds, search["seconds"], draw_seconds, ft["seconds"])
         results["extra"].update(freelb_train_seconds=freelb_seconds, speedup_vs_freelb=ratio)
     results["extra"]["rows"] = [row_of(r) for _, r in rows]

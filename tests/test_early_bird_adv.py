@@ -182,6 +182,26 @@ def test_bench_prints_ratios(tmp_path, capsys):
     ticket = json.loads(path.read_text())["ticket"]
     assert sum(ticket["heads_kept"]) == sum(map(sum, ticket["head_mask"])) > 0
     assert ticket["ffn_widths"] == [len(k) for k in ticket["ffn_kept_indices"]]
+    # --ticket-from: that structure rewound, pruned and fine-tuned without a search of its own
+    eb.main(eb.parse_args(TINY + ["--output-dir", str(tmp_path / "from"), "--epochs", "1", "--ticket-from",
+                                  str(path)]))
+    (res,) = (tmp_path / "from").glob("*/results.json")
+    results = json.loads(res.read_text())
+    assert results["extra"]["heads_kept"] == ticket["heads_kept"]
+    assert results["extra"]["ffn_widths"] == ticket["ffn_widths"]
+    assert results["extra"]["ticket_from"] == str(path) and results["wall_clock"]["search"] == 0.0
+    assert results["extra"]["source_search_seconds"] == json.loads(path.read_text())["search"]["seconds"]
+
+
+def test_ticket_from_refuses_a_mask_of_another_shape_or_no_rewind(tmp_path):
+    bad = tmp_path / "ticket.json"
+    bad.write_text(json.dumps({"head_mask": [[1, 1]], "ffn_kept_indices": [[0]]}))
+    with pytest.raises(common.UsageError, match="do not fit"):
+        eb.main(eb.parse_args(TINY + ["--output-dir", str(tmp_path), "--ticket-from", str(bad)]))
+    with pytest.raises(common.UsageError, match="needs --rewind"):
+        eb.validate_args(eb.parse_args(TINY + ["--ticket-from", str(bad), "--no-rewind"]))
+    with pytest.raises(common.UsageError, match="no such file"):
+        eb.validate_args(eb.parse_args(TINY + ["--ticket-from", str(tmp_path / "none.json")]))
 
 
 def test_online_search_reports_never_converged_and_draws_final_gates(tmp_path, capsys):
