@@ -278,7 +278,8 @@ def drawn_ticket(path, config) -> dict:
     for i, k in enumerate(kept):
         ffn[i, k] = True
     return {**{k: v for k, v in record.items() if k != "seconds"}, "head_keep": head, "ffn_keep": ffn,
-            "ticket_from": os.path.abspath(path), "source_search_seconds": record.get("seconds"), "seconds": 0.0}
+            "ticket_from": os.path.abspath(path),
+            "seconds": float(record.get("seconds") or 0.0)}  # counted in train time; 0 when the file has none
 
 
 def ticket_masks(head_keep, ffn_keep) -> dict:
@@ -530,7 +531,7 @@ def main(args):
     gated = GatedBert(model)
     if args.ticket_from is None:
         search = search_ticket(gated, loaders["train"], run, args, adversary)
-    else:  # the search ran elsewhere (its time is in extra.source_search_seconds, not in this run's train time)
+    else:  # the search ran in another process: its measured seconds count in wall_clock.search / train
         search = drawn_ticket(args.ticket_from, model.config)
         print(f"[search] skipped: the ticket of {args.ticket_from} (drawn at epoch {search.get('draw_epoch')})",
               flush=True)
@@ -588,9 +589,9 @@ def main(args):
         ratio = speedup(freelb_seconds, search["seconds"], draw_seconds, ft["seconds"])
         results["extra"].update(freelb_train_seconds=freelb_seconds, speedup_vs_freelb=ratio)
     results["extra"]["rows"] = [row_of(r) for _, r in rows]
+    ratio = results["extra"].get("speedup_vs_freelb")
     print(f"[speed] search {search['seconds']:.1f}s + draw {draw_seconds:.2f}s + fine-tune {ft['seconds']:.1f}s = "
-          f"{train_seconds:.1f}s" + (f"; FreeLB {freelb_seconds:.1f}s -> speed-up "
-                                     f"{results['extra']['speedup_vs_freelb']:.2f}x" if freelb_seconds else "")
+          f"{train_seconds:.1f}s" + (f"; FreeLB {freelb_seconds:.1f}s -> speed-up {ratio:.2f}x" if ratio else "")
           + f"; inference {results['extra']['throughput_ratio']:.2f}x dense; FLOPs {flops / dense_flops:.3f} of dense",
           flush=True)
     print_summary(rows)

