@@ -277,7 +277,8 @@ def drawn_ticket(path, config) -> dict:
     ffn = np.zeros((n_layers, width), dtype=bool)
     for i, k in enumerate(kept):
         ffn[i, k] = True
-    return {**{k: v for k, v in record.items() if k != "seconds"}, "head_keep": head, "ffn_keep": ffn,
+    curves = ("seconds", "checkpoints", "window_distances", "distance_matrix")  # stay in the source (one plot each)
+    return {**{k: v for k, v in record.items() if k not in curves}, "head_keep": head, "ffn_keep": ffn,
             "ticket_from": os.path.abspath(path),
             "seconds": float(record.get("seconds") or 0.0)}  # counted in train time; 0 when the file has none
 
