@@ -92,6 +92,8 @@ def validate_args(args):
         check_range("draw-at", args.draw_at, 0, args.max_search_epochs, low_open=True)
     if args.baseline_results:
         check_baseline(args)
+    if args.ticket_from is not None and args.bench:
+        raise UsageError("--bench runs its own search: drop --ticket-from")
     if args.ticket_from is not None and not args.rewind:
         raise UsageError("--ticket-from keeps only the drawn structure: it needs --rewind (the searched weights "
                          "are not in the file)")
@@ -114,15 +116,19 @@ def check_baseline(args):
         theirs = json.load(f)
     if theirs.get("adv_steps", 0) <= 0:
         raise UsageError(f"--baseline-results {args.baseline_results} is not a FreeLB run (adv_steps 0)")
+    differ = differing(args, theirs, BASELINE_MUST_MATCH)
+    if differ:
+        raise UsageError(f"--baseline-results {args.baseline_results} differs from this run: {'; '.join(differ)}")
+
+
+def differing(args, theirs: dict, keys) -> list:
+    """'flag theirs vs mine' for each key whose value differs (local paths compared by their real path)."""
     def same(k):
         mine, other = getattr(args, k), theirs.get(k)
         if k in ("model", "data_dir") and isinstance(other, str) and isinstance(mine, str) and os.path.exists(mine):
             return os.path.realpath(mine) == os.path.realpath(other)
         return mine == other
-
-    differ = [f"{k} {theirs.get(k)} vs {getattr(args, k)}" for k in BASELINE_MUST_MATCH if not same(k)]
-    if differ:
-        raise UsageError(f"--baseline-results {args.baseline_results} differs from this run: {'; '.join(differ)}")
+    return [f"{k} {theirs.get(k)} vs {getattr(args, k)}" for k in keys if not same(k)]
 
 
 def check_ratios_fit(config, args):
@@ -260,18 +266,34 @@ def save_ticket(model, tokenizer, folder, head_keep, ffn_keep):
         json.dump(ticket_masks(head_keep, ffn_keep), f)
 
 
-def drawn_ticket(path, config) -> dict:
+SEARCH_MUST_MATCH = ("task", "model", "data_dir", "dev_size", "max_seq_length", "batch_size", "adv_steps", "adv_lr",
+                     "adv_init_mag", "adv_max_norm", "search_lr", "search_epochs", "max_search_epochs", "prune_heads",
+                     "prune_ffn", "head_scope", "check_every", "epsilon", "window", "draw_at", "l1_head", "l1_ffn")
+
+
+def drawn_ticket(path, config, args) -> dict:
     """--ticket-from: the masks (and, from a bench.json, the search's record) of an earlier search, checked
-    against this model's shape."""
+    against this model's shape and, where the source's args.json is found, against this run's search flags."""
     try:
         raw = json.load(open(path))
+        if "search" in raw and "ticket" not in raw:
+            raise KeyError("no 'ticket': a bench.json written before it stored the ticket; run that search again")
         masks, record = raw.get("ticket", raw), raw.get("search", {})
         head = np.array(masks["head_mask"], dtype=bool)
         kept = [np.asarray(k, dtype=int) for k in masks["ffn_kept_indices"]]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--ticket-from {path}: not a bench.json or ticket.json ({type(e).__name__}: {e})")
+    folder = os.path.dirname(os.path.abspath(path))  # a bench.json's run folder, or <run>/ticket
+    source = next((p for p in (os.path.join(folder, "args.json"), os.path.join(os.path.dirname(folder), "args.json"))
+                   if os.path.isfile(p)), None)
+    if source is not None:
+        theirs = json.load(open(source))
+        differ = differing(args, theirs, [k for k in SEARCH_MUST_MATCH if k in theirs])
+        if differ:
+            raise UsageError(f"--ticket-from {path}: its search ran with other flags: {'; '.join(differ)}")
     n_layers, n_heads, width = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
-    if head.shape != (n_layers, n_heads) or len(kept) != n_layers or any(k.size and k.max() >= width for k in kept):
+    if head.shape != (n_layers, n_heads) or len(kept) != n_layers or any(
+            k.size and (k.min() < 0 or k.max() >= width) for k in kept):
         raise UsageError(f"--ticket-from {path}: a head mask of shape {head.shape} and {len(kept)} FFN layers do not "
                          f"fit this {config.model_type} ({n_layers} layers x {n_heads} heads, FFN {width})")
     ffn = np.zeros((n_layers, width), dtype=bool)
@@ -279,7 +301,7 @@ def drawn_ticket(path, config) -> dict:
         ffn[i, k] = True
     curves = ("seconds", "checkpoints", "window_distances", "distance_matrix")  # stay in the source (one plot each)
     return {**{k: v for k, v in record.items() if k not in curves}, "head_keep": head, "ffn_keep": ffn,
-            "ticket_from": os.path.abspath(path),
+            "ticket_from": args.ticket_from,
             "seconds": float(record.get("seconds") or 0.0)}  # counted in train time; 0 when the file has none
 
 
@@ -506,7 +528,7 @@ def setup(args):
                                   os.path.join(args.output_dir, ".tiny-bert"))
     check_ratios_fit(model.config, args)
     if args.ticket_from is not None:
-        drawn_ticket(args.ticket_from, model.config)  # checked before anything trains
+        drawn_ticket(args.ticket_from, model.config, args)  # checked before anything trains
     enc = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev", "test")}
     loaders = {"train": make_loader(enc["train"], tokenizer, args.batch_size, shuffle=True, seed=args.seed),
                "dev": make_loader(enc["dev"], tokenizer, args.eval_batch_size, shuffle=False),
@@ -523,7 +545,8 @@ def main(args):
         return finish_run(run, results)
 
     # ---- Stage 1: search (FreeLB + L1 on gates) until the ticket masks converge ----
-    print(f"=== Stage 1: FreeLB search with slimming gates (K={adversary.steps}) ===", flush=True)
+    print(f"=== Stage 1: FreeLB search with slimming gates (K={adversary.steps})"
+          f"{' skipped: --ticket-from' if args.ticket_from else ''} ===", flush=True)
     model = fresh_model(args, data.num_labels, loaders["train"])
     dense = count_params(model)
     dense_flops = flops_per_token(model, args.max_seq_length)
@@ -533,7 +556,7 @@ def main(args):
     if args.ticket_from is None:
         search = search_ticket(gated, loaders["train"], run, args, adversary)
     else:  # the search ran in another process: its measured seconds count in wall_clock.search / train
-        search = drawn_ticket(args.ticket_from, model.config)
+        search = drawn_ticket(args.ticket_from, model.config, args)
         print(f"[search] skipped: the ticket of {args.ticket_from} (drawn at epoch {search.get('draw_epoch')})",
               flush=True)
 

@@ -234,8 +234,11 @@ def find_baselines(groups: dict, gk) -> list:
 
 
 def train_seconds(row: dict) -> float:
-    """Training cost: every wall-clock phase except evaluation and the total."""
+    """Training cost: wall_clock.train where a script writes that sum of its phases (early-bird, finetune), else
+    every wall-clock phase except evaluation and the total."""
     phases = row.get("wall_clock") or {}
+    if isinstance(phases.get("train"), (int, float)):
+        return phases["train"]
     skip = ("total", "evaluate", "eval", "attack", "attacks")
     return sum(v for k, v in phases.items() if not any(k.startswith(s) for s in skip) and isinstance(v, (int, float)))
 

@@ -203,7 +203,11 @@ for seed in $seeds; do
       [ -n "$(found)" ] || $PY early_bird_adv.py "${common[@]}" "${extra[@]}" --max-train-examples 100000000 \
         --bench --bench-steps 10 --seed "$seed" --exp-name early_bird_search --output-dir "$out/runs" \
         > "$out/logs/early_bird_search__${seed}.log" 2>&1
-      extra+=(--ticket-from "$(found)")  # empty if the search failed: the run below stops with a one-line error
+      if [ -z "$(found)" ]; then
+        reason="its search failed, see $out/logs/early_bird_search__${seed}.log"
+        echo "FAILED: $reason"; echo "$reason" > "$out/failed/${m}__${seed}.txt"; continue
+      fi
+      extra+=(--ticket-from "$(found)")  # checked against this run's search flags before anything trains
     fi
     case $m in  # the ablations: robust ticket's flags with one change, at one sparsity, same stage-1 model
       ticket_*) extra=($(method_args robust_ticket) --sparsity "$ablation_s"

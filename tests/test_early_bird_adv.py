@@ -172,9 +172,9 @@ def test_tiny_run_stops_early_and_writes_results(tmp_path):
 def test_bench_prints_ratios(tmp_path, capsys):
     import bench
 
-    bench.bench_early_bird(eb.parse_args(TINY + ["--output-dir", str(tmp_path), "--bench", "--bench-steps", "2",
-                                                 "--adv-steps", "2",
-                                   "--check-every", "0.2", "--window", "1", "--max-search-epochs", "0.5"]))
+    search = ["--adv-steps", "2", "--check-every", "0.2", "--window", "1", "--max-search-epochs", "0.5"]
+    bench.bench_early_bird(eb.parse_args(TINY + search + ["--output-dir", str(tmp_path), "--bench",
+                                                          "--bench-steps", "2"]))
     out = capsys.readouterr().out
     for key in ("projected_speedup", "inference_speedup", "flops_ratio", "search_in_freelb_steps"):
         assert f"[bench] {key}" in out
@@ -183,8 +183,10 @@ def test_bench_prints_ratios(tmp_path, capsys):
     assert sum(ticket["heads_kept"]) == sum(map(sum, ticket["head_mask"])) > 0
     assert ticket["ffn_widths"] == [len(k) for k in ticket["ffn_kept_indices"]]
     # --ticket-from: that structure rewound, pruned and fine-tuned without a search of its own
-    eb.main(eb.parse_args(TINY + ["--output-dir", str(tmp_path / "from"), "--epochs", "1", "--ticket-from",
-                                  str(path), "--with-baselines"]))
+    with pytest.raises(common.UsageError, match="other flags: adv_steps 2 vs 5"):  # a search unlike this run's
+        eb.main(eb.parse_args(TINY + ["--output-dir", str(tmp_path / "other"), "--ticket-from", str(path)]))
+    eb.main(eb.parse_args(TINY + search + ["--output-dir", str(tmp_path / "from"), "--epochs", "1", "--ticket-from",
+                                           str(path), "--with-baselines"]))
     (res,) = (tmp_path / "from").glob("*/results.json")
     results = json.loads(res.read_text())
     assert results["extra"]["heads_kept"] == ticket["heads_kept"]
@@ -204,6 +206,17 @@ def test_ticket_from_refuses_a_mask_of_another_shape_or_no_rewind(tmp_path):
         eb.validate_args(eb.parse_args(TINY + ["--ticket-from", str(bad), "--no-rewind"]))
     with pytest.raises(common.UsageError, match="no such file"):
         eb.validate_args(eb.parse_args(TINY + ["--ticket-from", str(tmp_path / "none.json")]))
+    with pytest.raises(common.UsageError, match="--bench runs its own search"):
+        eb.validate_args(eb.parse_args(TINY + ["--ticket-from", str(bad), "--bench"]))
+    model, _ = tiny_model(tmp_path)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    negative = {"head_mask": [[1] * n_heads] * n_layers, "ffn_kept_indices": [[-1]] * n_layers}
+    bad.write_text(json.dumps(negative))
+    with pytest.raises(common.UsageError, match="do not fit"):
+        eb.drawn_ticket(str(bad), model.config, eb.parse_args(TINY))
+    bad.write_text(json.dumps({"search": {"seconds": 1.0}}))  # a bench.json from before it stored the ticket
+    with pytest.raises(common.UsageError, match="run that search again"):
+        eb.drawn_ticket(str(bad), model.config, eb.parse_args(TINY))
 
 
 def test_online_search_reports_never_converged_and_draws_final_gates(tmp_path, capsys):

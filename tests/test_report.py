@@ -260,3 +260,9 @@ def test_rosearch_students_correlate_probe_r_with_test_aua_and_count_collapsed_c
     text = "\n".join(report.rosearch_students(rows, str(tmp_path)))
     assert "over the 3 distinct students" in text and "pwws +0.50" in text  # R 30/20/10 vs Aua 9/7/8
     assert "| 3 | rosearch | 2 | 1 | 1 | – |" in text and "| 3 | random-search | 1 | 0 | 1 | 0 |" in text
+
+
+def test_train_seconds_is_the_written_sum_or_the_training_phases():
+    ticket = {"wall_clock": {"search": 10.0, "draw": 1.0, "finetune": 4.0, "train": 15.0, "total": 90.0}}
+    assert report.train_seconds(ticket) == 15.0  # not 30: train is the sum of the phases beside it
+    assert report.train_seconds({"wall_clock": {"search": 10.0, "retrain": 5.0, "evaluate": 99.0}}) == 15.0
