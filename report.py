@@ -530,12 +530,13 @@ def rosearch_students(rows: list, results_dir: str) -> list:
               "search's genotypes RoSearch's search also proposed):", "",
               "| seed | search | candidates | above floor | majority share > 0.8 | shared with RoSearch |",
               "|---|---|---|---|---|---|"]
+    histories = {}
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "history_*.jsonl"), recursive=True)):
         with open(path) as f:
-            history = [json.loads(line) for line in f if line.strip()]
-        mine = os.path.join(os.path.dirname(path), "history_rosearch.jsonl")
-        with open(mine) as f:
-            ours = {json.loads(line)["hash"] for line in f if line.strip()}
+            histories[path] = [json.loads(line) for line in f if line.strip()]
+    for path, history in histories.items():
+        mine = histories.get(os.path.join(os.path.dirname(path), "history_rosearch.jsonl"), [])
+        ours = {r["hash"] for r in mine}
         seed = os.path.basename(os.path.dirname(path)).split("__")[2] if "__" in path else "?"
         label = os.path.basename(path)[len("history_"):-len(".jsonl")]
         lines.append(f"| {seed} | {label} | {len(history)} | {sum(r['A'] >= r.get('A_floor', 0) for r in history)} | "

@@ -554,13 +554,13 @@ def save_student(student, space, path, record=None):
                  "config": space.student_config()}, path)
 
 
-def load_student(path: str, teacher):
-    """A saved student.pt back as a model (the teacher provides the embedding module's shape)."""
+def load_student(path: str, teacher, with_record=False):
+    """A saved student.pt back as a model (the teacher provides the embedding module's shape); + its record."""
     saved = torch.load(path, map_location="cpu")
     student = Student(saved["genotype"], **saved["config"])
     student.embeddings = copy.deepcopy(teacher.base_model.embeddings).cpu()
     student.load_state_dict(saved["state_dict"])
-    return student
+    return (student, saved["record"]) if with_record else student
 
 
 def robustness(student, ctx) -> dict:
@@ -642,7 +642,8 @@ def trained(genotype, ctx, tag):
     search picking the same finalist) loads it instead of training it again."""
     path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
     if os.path.isfile(path):
-        return load_student(path, ctx.teacher).to(ctx.run.device), torch.load(path, map_location="cpu")["record"]
+        student, record = load_student(path, ctx.teacher, with_record=True)
+        return student.to(ctx.run.device), record
     student, record = train_and_score(genotype, ctx, ctx.args.final_epochs, tag)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_student(student, ctx.space, path, record)
