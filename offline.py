@@ -69,6 +69,17 @@ def mlm_cached() -> bool:
     return False
 
 
+def nltk_found(nltk, path: str) -> bool:
+    """NLTK data installed as a folder or left zipped (`corpora/wordnet.zip`): NLTK's corpus readers read both."""
+    for candidate in (path, path + ".zip"):
+        try:
+            nltk.data.find(candidate)
+            return True
+        except LookupError:
+            pass
+    return False
+
+
 def preflight_problems(attacks: list, substitutes: Optional[str] = None) -> list:
     """One line per missing piece of the requested recipes, each naming its fix; [] when all can run."""
     if not attacks:
@@ -97,9 +108,7 @@ def preflight_problems(attacks: list, substitutes: Optional[str] = None) -> list
             problems.append(f"--attacks {name} needs {' and '.join(missing)} for the Universal Sentence Encoder: "
                             f"pip install -r requirements.txt (or pass --attack-substitutes DIR offline)")
         for path in nltk_paths:
-            try:
-                nltk.data.find(path)
-            except LookupError:
+            if not nltk_found(nltk, path):
                 problems.append(f"--attacks {name} needs the NLTK data '{path}', found in no NLTK_DATA folder: "
                                 f"python -m nltk.downloader {os.path.basename(path)} (offline: set NLTK_DATA, "
                                 f"docs/protocol.md 'Offline use')")

@@ -65,6 +65,24 @@ def test_preflight_names_missing_nltk_data(monkeypatch):
     assert "NLTK data 'corpora/wordnet'" in problem and "nltk.downloader wordnet" in problem
 
 
+@needs_nltk
+def test_preflight_accepts_a_zipped_corpus_as_nltk_reads_it(tmp_path, monkeypatch):
+    import shutil
+    import nltk
+    from nltk.corpus.reader import WordListCorpusReader
+
+    source = nltk.data.find("corpora/stopwords")
+    shutil.make_archive(str(tmp_path / "corpora" / "stopwords"), "zip", os.path.dirname(str(source)), "stopwords")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    with pytest.raises(LookupError):
+        nltk.data.find("corpora/stopwords")  # only the zip is there ...
+    reader = WordListCorpusReader(nltk.data.find("corpora/stopwords.zip/stopwords/"), ["english"])
+    assert "the" in reader.words("english")  # ... and NLTK reads it
+    assert offline.preflight_problems(["deepwordbug"]) == []
+    (problem,) = offline.preflight_problems(["pwws"])  # WordNet is not in tmp_path at all
+    assert "corpora/wordnet" in problem
+
+
 def test_unrunnable_recipe_exits_2_in_one_line_before_any_run_folder(tmp_path):
     """In this offline sandbox TextFooler's USE and embeddings cannot be had: the script stops before training."""
     if not offline.preflight_problems(["textfooler"]):
