@@ -210,9 +210,18 @@ def _attack_share(attack, samples, column_names, indices, attack_seed, conn) -> 
     return code
 
 
+def attacked_device(attack):
+    """The device of the model an attack queries (a Predictor's, a stock wrapper's model's), else the CPU."""
+    model = getattr(getattr(attack.goal_function, "model", None), "model", None)
+    return getattr(model, "device", None) or "cpu"
+
+
 def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, conn):
     """A forked CPU worker: its own copy of the attack and predictor, `threads` torch threads."""
+    import textattack
+
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's rayon pool does not survive fork (TextAttack sets it)
+    textattack.shared.utils.device = torch.device("cpu")  # a forked child must not touch the parent's CUDA context
     torch.set_num_threads(threads)
     os._exit(_attack_share(attack, samples, column_names, indices, attack_seed, conn))  # no inherited exit handlers
 
@@ -251,9 +260,12 @@ def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    if spawn is None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        raise UsageError("--attack-workers: a process that used CUDA cannot fork workers (spawned ones need the "
-                         "predictor and recipe: evaluate_robustness passes them)")
+    # A forked child cannot use its parent's CUDA context, but forking a process that used CUDA is fine as long as
+    # the children stay on the CPU (TextAttack or a CPU run on a GPU machine may have touched CUDA): refuse only a
+    # CUDA predictor, whose workers must be spawned.
+    if spawn is None and torch.cuda.is_initialized() and torch.device(attacked_device(attack)).type == "cuda":
+        raise UsageError("--attack-workers: a CUDA predictor cannot be attacked in forked workers (spawned ones "
+                         "need the predictor and recipe: evaluate_robustness passes them)")
     ctx = mp.get_context("fork" if spawn is None else "spawn")
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
     procs, readers = [], []

@@ -240,8 +240,9 @@ def test_dev_requirements_include_the_runtime_pins():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_run_end_to_end(tmp_path):
-    proc = cli("finetune.py", "--task", "toy", "--model", "tiny", "--bf16", "--epochs", "1", "--attacks", "none",
-               "--max-train-examples", "256", "--max-eval-examples", "64", "--output-dir", str(tmp_path))
+    proc = cli("finetune.py", "--task", "toy", "--model", "tiny", "--bf16", "--epochs", "3", "--lr", "3e-3",
+               "--attacks", "none", "--max-train-examples", "1500", "--max-eval-examples", "64",  # 100 % on an H200
+               "--output-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "device: cuda" in proc.stdout and "--bf16 needs CUDA" not in proc.stderr
     results = json.load(open(next(tmp_path.glob("*/results.json"))))
@@ -259,6 +260,23 @@ def test_two_workers_give_the_outcomes_of_one(trained_tiny, tmp_path):
                                           workers=2)
     assert two == one and two_summary == one_summary
     assert [int(r["index"]) for r in csv.DictReader(open(tmp_path / "w.csv"))] != []
+
+
+@needs_nltk
+def test_a_process_that_used_cuda_forks_cpu_workers_but_refuses_a_cuda_predictor(trained_tiny, monkeypatch, capsys):
+    """On a GPU machine TextAttack (or anything) may have initialised CUDA in a CPU run: forked CPU workers are still
+    fine (seen failing on an H200 before this rule); only a predictor on CUDA needs spawned workers."""
+    _, data, _, model, tokenizer = trained_tiny
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    attack = tiny_attack("deepwordbug", model, tokenizer)
+    samples = attacks.attack_sample(data, 6, 0)
+    _, one = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
+    _, two = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0, workers=2)
+    assert two == one and "died" not in capsys.readouterr().out
+    on_cuda = attacks.build_attack("deepwordbug", attacks.callable_wrapper(
+        attacks.Predictor(model, tokenizer, 64, 32, torch.device("cuda"))))
+    with pytest.raises(common.UsageError, match="CUDA predictor"):
+        attacks.run_attack(on_cuda, samples, data.text_columns, attack_seed=0, workers=2)
 
 
 @needs_nltk
