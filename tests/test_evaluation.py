@@ -267,7 +267,8 @@ def test_a_process_that_used_cuda_forks_cpu_workers_but_refuses_a_cuda_predictor
     """On a GPU machine TextAttack (or anything) may have initialised CUDA in a CPU run: forked CPU workers are still
     fine (seen failing on an H200 before this rule); only a predictor on CUDA needs spawned workers."""
     _, data, _, model, tokenizer = trained_tiny
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    parent = os.getpid()  # the forked children must not believe it too: on a GPU machine they would then use CUDA
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: os.getpid() == parent)
     attack = tiny_attack("deepwordbug", model, tokenizer)
     samples = attacks.attack_sample(data, 6, 0)
     _, one = attacks.run_attack(attack, samples, data.text_columns, attack_seed=0)
