@@ -2,7 +2,8 @@
 # attacks.Predictor (dynamic padding, batched, eval mode) and through TextAttack's stock HuggingFaceModelWrapper (pads
 # every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
 # With --compare-workers N: the same seeded sample attacked by 1 and by N attack workers (outcomes and time ratio).
-# Also the methods' step benchmarks that their scripts' --bench flags call (bench_robust_ticket, bench_early_bird).
+# Also the methods' benchmarks that their scripts' --bench flags call (bench_robust_ticket, bench_early_bird,
+# bench_rosearch), and the inference throughput of a model through attacks.Predictor (examples_per_second).
 import argparse
 import copy
 import json
@@ -13,8 +14,8 @@ import torch
 
 from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack, spawn_spec
 from common import (add_common_args, adversarial_backward, adversary_from_args, count_params, cross_entropy, finetune,
-                    load_model, load_task, make_loader, pick_device, start_run, sync, tokenize, usage_errors,
-                    validate_common_args)
+                    load_model, load_task, make_loader, pick_device, start_run, sync, texts_of, tokenize,
+                    usage_errors, validate_common_args)
 from offline import minilm_path
 
 
@@ -173,23 +174,52 @@ def bench_early_bird(args):
     run.writer.close()
 
 
+def examples_per_second(model, tokenizer, texts, args, run, repeats: int = 3) -> float:
+    """Inference throughput of `model` through attacks.Predictor (the attacks' query path) on `texts`: best of
+    `repeats` passes after a warm-up batch, so load spikes do not count."""
+    predict = Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
+    predict(texts[: args.eval_batch_size])  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.time()
+        predict(texts)
+        seconds.append(time.time() - start)
+    return len(texts) / max(min(seconds), 1e-9)
+
+
+def speed_vs_teacher(model, teacher, tokenizer, texts, args, run) -> dict:
+    """examples_per_second of `model`, then of `teacher` right after (under the same machine load), and the ratio."""
+    speed = examples_per_second(model, tokenizer, texts, args, run)
+    teacher_speed = speed if model is teacher else examples_per_second(teacher, tokenizer, texts, args, run)
+    return {"examples_per_s": speed, "teacher_examples_per_s": teacher_speed,
+            "speedup_vs_teacher": speed / teacher_speed}
+
+
 # ---- rosearch.py --bench: seconds per evaluated candidate (KD + probe attack), student vs teacher inference ---------
 def bench_rosearch(args):
+    """The raw --model as teacher (the timings do not depend on its training) and, unless given, 1000 train / 200 dev
+    examples and a DeepWordBug probe on 100 dev sentences: CPU-friendly."""
     import random
 
     import numpy as np
 
-    from rosearch import examples_per_second, random_genotype, setup, train_and_score
+    from rosearch import random_genotype, setup, train_and_score
 
+    args.max_train_examples = args.max_train_examples or 1000
+    args.max_eval_examples = args.max_eval_examples or 200
+    args.fitness_attack = args.fitness_attack or "deepwordbug"
+    args.probe_examples = args.probe_examples or 100
     ctx, _, _ = setup(args)
     rng = random.Random(args.seed)
     records = [train_and_score(random_genotype(ctx.space, rng), ctx, args.proxy_epochs, "bench")
                for _ in range(args.bench_candidates)]
     kd, pr = np.mean([r["kd_seconds"] for _, r in records]), np.mean([r["probe_seconds"] for _, r in records])
-    speed, teacher_speed = examples_per_second(records[0][0], ctx), examples_per_second(ctx.teacher, ctx)
+    texts = texts_of(ctx.data, ctx.data.dev)[: args.speed_examples]
+    inference = speed_vs_teacher(records[0][0], ctx.teacher, ctx.tokenizer, texts, args, ctx.run)
     print(f"bench: {kd + pr:.2f} s per evaluated candidate (KD {kd:.2f} s + probe {args.fitness_attack} {pr:.2f} s, "
           f"{len(ctx.encoded['train'])} train / {len(ctx.probe_samples)} probe examples); inference student "
-          f"{speed:.0f} ex/s vs teacher {teacher_speed:.0f} ex/s = {speed / teacher_speed:.2f}x "
+          f"{inference['examples_per_s']:.0f} ex/s vs teacher {inference['teacher_examples_per_s']:.0f} ex/s = "
+          f"{inference['speedup_vs_teacher']:.2f}x "
           f"(params x{records[0][1]['compression']['total']:.1f} total, "
           f"x{records[0][1]['compression']['non_embedding']:.1f} non-embedding)", flush=True)
     ctx.run.writer.close()

@@ -1,11 +1,24 @@
 # Dense baselines of the comparison: plain fine-tuning, and FreeLB adversarial training (Zhu et al., ICLR 2020,
-# arXiv 1909.11764) with --adv-steps > 0 — README.md section "Baselines".
+# arXiv 1909.11764) with --adv-steps > 0 — README.md section "Baselines". Also the cached fine-tuned teacher that a
+# distillation method (rosearch.py) starts from.
 import argparse
+import hashlib
+import json
+import os
+import shutil
 import time
+from typing import Optional
+
+import torch
 
 from attacks import evaluate_model
 from common import (add_adversary_args, add_common_args, adversary_from_args, finetune, finish_run, load_model,
-                    load_task, make_loader, results_template, start_run, tokenize, usage_errors, validate_common_args)
+                    load_task, make_loader, results_template, save_atomic, start_run, texts_of, tokenize,
+                    usage_errors, validate_common_args, write_json_atomic)
+
+# every flag the fine-tuning of a cached teacher reads: its cache key (with the data)
+TEACHER_FLAGS = ("model", "task", "seed", "lr", "epochs", "batch_size", "eval_batch_size", "max_seq_length", "warmup",
+                 "weight_decay", "bf16", "cuda")
 
 
 def parse_args(argv=None):
@@ -18,6 +31,63 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def train_on_task(model, tokenizer, data, args, run, adversary=None, tag="finetune") -> dict:
+    """Fine-tune on train with the common flags (--batch-size --epochs --lr --weight-decay --warmup), best on dev."""
+    def loader(split, batch_size, shuffle):
+        return make_loader(tokenize(data, split, tokenizer, args.max_seq_length), tokenizer, batch_size,
+                           shuffle=shuffle, seed=args.seed)
+    return finetune(model, loader(data.train, args.batch_size, True), loader(data.dev, args.eval_batch_size, False),
+                    run, args.epochs, args.lr, args.weight_decay, args.warmup, adversary=adversary, tag=tag)
+
+
+def teacher_cache(args, data, root: str, ready: Optional[str] = None, raw: bool = False) -> str:
+    """The cache folder of a teacher and its logits: a key of every flag its fine-tuning reads, and the data."""
+    key = [raw, ready and os.path.abspath(ready), [getattr(args, k) for k in TEACHER_FLAGS],
+           list(texts_of(data, data.train)), list(data.train["label"]), list(texts_of(data, data.dev))]
+    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
+    return os.path.join(root, f"{args.task}_{digest}")
+
+
+def cached_teacher(args, data, run, root: str, ready: Optional[str] = None, raw: bool = False):
+    """A teacher and its train/dev logits, computed once per teacher_cache key under `root`: the fine-tuned folder
+    `ready`, the raw --model when `raw`, else --model fine-tuned (train_on_task). The teacher and the logits are
+    written under temporary names and renamed, and done.json last: a kill leaves no cache that a later run would
+    trust. Returns the teacher, its tokenizer, {train, dev} tokenized with a teacher_logits column (for distillation),
+    its dev accuracy (%) and the seconds it took."""
+    folder, start = teacher_cache(args, data, root, ready, raw), time.time()
+    done = os.path.isfile(os.path.join(folder, "done.json"))
+    teacher_dir = ready or (args.model if raw else os.path.join(folder, "teacher"))
+    if ready is None and not raw and not done:
+        print(f"[teacher] fine-tuning {args.model} (cached in {teacher_dir})", flush=True)
+        model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
+        train_on_task(model, tokenizer, data, args, run, tag="teacher")
+        tmp = f"{teacher_dir}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(teacher_dir, ignore_errors=True)  # a cut folder of a killed run
+        os.replace(tmp, teacher_dir)
+    teacher, tokenizer = load_model(teacher_dir, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
+    teacher.to(run.device).eval()
+    cache = os.path.join(folder, "teacher_logits.pt")
+    encoded = {s: tokenize(data, getattr(data, s), tokenizer, args.max_seq_length) for s in ("train", "dev")}
+    if done:
+        logits = torch.load(cache)
+    else:  # the only teacher forward passes over train/dev: a distilled student never runs the teacher
+        with torch.no_grad():
+            logits = {s: torch.cat([teacher(**{k: v.to(run.device) for k, v in b.items() if k != "labels"}).logits
+                                    .float().cpu() for b in make_loader(e, tokenizer, args.eval_batch_size, False)])
+                      for s, e in encoded.items()}
+        os.makedirs(folder, exist_ok=True)
+        save_atomic(logits, cache)
+        write_json_atomic(os.path.join(folder, "done.json"), {"teacher": teacher_dir, "flags": list(TEACHER_FLAGS)})
+    for s in encoded:
+        encoded[s] = encoded[s].add_column("teacher_logits", logits[s].tolist())
+    dev_acc = 100.0 * (logits["dev"].argmax(-1) == torch.tensor(data.dev["label"])).float().mean().item()
+    print(f"[teacher] dev accuracy {dev_acc:.2f}%{' (--bench: raw --model, not fine-tuned)' if raw else ''} "
+          f"(logits cached in {cache})", flush=True)
+    return teacher, tokenizer, encoded, dev_acc, time.time() - start
+
+
 def main(args):
     validate_common_args(args)
     adversary = adversary_from_args(args)
@@ -25,13 +95,8 @@ def main(args):
     run = start_run(args, method)
     data = load_task(args)
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, run.dir + "/tiny")
-    train_loader = make_loader(tokenize(data, data.train, tokenizer, args.max_seq_length), tokenizer,
-                               args.batch_size, shuffle=True, seed=args.seed)
-    dev_loader = make_loader(tokenize(data, data.dev, tokenizer, args.max_seq_length), tokenizer,
-                             args.eval_batch_size, shuffle=False)
     print(f"[{method}] train {len(data.train)}  dev {len(data.dev)}  test {len(data.test)}", flush=True)
-    fit = finetune(model, train_loader, dev_loader, run, args.epochs, args.lr, args.weight_decay, args.warmup,
-                   adversary=adversary, tag=method)
+    fit = train_on_task(model, tokenizer, data, args, run, adversary, method)
     results = results_template(args, method, "FreeLB" if adversary.steps > 0 else "fine-tune", model)
     results["wall_clock"]["train"] = fit["seconds"]
     results["dev_accuracy"] = 100.0 * fit["dev_accuracy"]

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from collections import deque
@@ -19,9 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack
+from bench import bench_rosearch, speed_vs_teacher
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
-                    load_model, load_task, make_loader, predict_labels, results_template, save_atomic, set_seed,
-                    start_run, texts_of, tokenize, usage_errors, validate_common_args, write_json_atomic)
+                    load_task, make_loader, predict_labels, results_template, save_atomic, set_seed, start_run,
+                    texts_of, usage_errors, validate_common_args, write_json_atomic)
+from finetune import cached_teacher
 from offline import offline_attack_resources
 
 METHOD = "rosearch"
@@ -33,7 +34,6 @@ OPS = {"conv3": ("conv", 3, 1), "conv5": ("conv", 5, 1), "conv7": ("conv", 7, 1)
        "attention": ("attention", 0, 0)}
 MUTATIONS = {"op": 0.5, "input": 0.3, "depth": 0.1, "width": 0.1}  # §3.3
 MAX_REDRAWS = 500  # proposals tried before the space is declared exhausted
-BENCH_TRAIN, BENCH_EVAL, BENCH_PROBE = 1000, 200, 100  # --bench defaults
 # a row -> its setting; the first three are searches (the first is the method), every row is evaluated alike
 ROWS = {"rosearch": "RoSearch student", "accuracy-only": "accuracy-only search", "random-search": "random search",
         "handmade": "hand-made student", "teacher": "teacher"}
@@ -41,8 +41,7 @@ RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="RoSearch: evolutionary search for robust students under knowledge "
-                                "distillation (arXiv 2106.03613), reconstructed; docs/rosearch.md")
+    p = argparse.ArgumentParser(description="RoSearch (arXiv 2106.03613), reconstructed: docs/rosearch.md")
     add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,pwws,bert-attack")
     on = dict(action=argparse.BooleanOptionalAction, default=True)
     g = p.add_argument_group("RoSearch: teacher and knowledge distillation (§4)")
@@ -56,8 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--proxy-epochs", type=float, default=1.0, help="KD epochs of a candidate during search (§4.3)")
     g.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3, §4.3)")
     s = p.add_argument_group("RoSearch: search space (§2)")
-    s.add_argument("--ops", default=",".join(op for op in OPS if op != "attention"),
-                   help=f"operations of an edge, from: {', '.join(OPS)}")
+    s.add_argument("--ops", default=",".join(op for op in OPS if op != "attention"), help=f"edge ops: {', '.join(OPS)}")
     s.add_argument("--min-cells", type=int, default=1, help="smallest number of cells K")
     s.add_argument("--max-cells", type=int, default=8, help="largest number of cells K (AdaBERT K_max = 8)")
     s.add_argument("--hidden", default="128,256,512", help="student width H; a comma list makes H part of the genotype")
@@ -66,49 +64,41 @@ def parse_args(argv=None):
                    help="cell output: softmax-weighted sum of its nodes (AdaBERT) or concat + linear")
     s.add_argument("--cell-residual", **on, help="add the previous cell's output before a cell's LayerNorm")
     s.add_argument("--freeze-embeddings", **on, help="keep the teacher's embedding tables frozen in the student")
-    s.add_argument("--student-embeddings", default="folded", choices=["folded", "teacher"],
-                   help="folded: LayerNorm_H(P (word + position + type)), P folded into H-wide tables after training "
-                   "(AdaBERT's export); teacher: the teacher's whole embedding block before P, counted d-wide")
+    s.add_argument("--student-embeddings", default="folded", choices=["folded", "teacher"], help="folded: P folded "
+                   "into H-wide tables after training (AdaBERT); teacher: the teacher's embedding block, d-wide")
     s.add_argument("--dropout", type=float, default=0.1, help="dropout of the student's classifier")
     s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
     e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
-    e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e of F = w_r R + w_a A + "
-                   "w_e 100 (1 - E/E_max) (§5.4, reconstructed)")
-    e.add_argument("--fitness-attack", help=f"R's attack: one of {', '.join(ATTACK_RECIPES)} or 'pgd' (embedding "
-                   "PGD at --probe-pgd-radius); default textfooler (deepwordbug under --bench)")
+    e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e: weights of R, A, E in F (§5.4)")
+    e.add_argument("--fitness-attack", help=f"R's attack: {', '.join(ATTACK_RECIPES)} or pgd (embedding PGD); "
+                   "default textfooler (deepwordbug under --bench)")
     e.add_argument("--probe-examples", type=int, help="N_r: seeded dev sentences attacked per candidate, stratified "
-                   f"by label; default 200 ({BENCH_PROBE} under --bench)")
+                   "by label; default 200 (100 under --bench)")
     e.add_argument("--accuracy-floor", type=float, default=0.9, help="R counts 0 in F below this share of the "
-                   "teacher's dev accuracy, so a one-class student cannot win on R; 0: off")
+                   "teacher's dev accuracy (the collapse guard); 0: off")
     e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
     e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
-    e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this "
-                   "(abstract: 4.6x - 6.5x)")
-    e.add_argument("--compression-basis", default="total", choices=["non_embedding", "total"], help="parameters "
-                   "the budget and E count: all (the folded H-wide tables included), or without the embedding tables")
+    e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this")
+    e.add_argument("--compression-basis", default="total", choices=["non_embedding", "total"],
+                   help="parameters the budget and E count: all, or without the embedding tables")
     e.add_argument("--population", type=int, default=20, help="P: population of regularized evolution (§3.3)")
     e.add_argument("--tournament", type=int, default=5, help="S: tournament size (§3.3)")
     e.add_argument("--cycles", type=int, default=80, help="C: evolution cycles; P + C candidates in all (§3.3)")
-    e.add_argument("--crossover-prob", type=float, default=0.0, help="chance a child is a node-wise crossover of "
-                   "the two best contenders before mutation (0 = pure regularized evolution)")
+    e.add_argument("--crossover-prob", type=float, default=0.0, help="chance of a node-wise crossover before mutation")
     e.add_argument("--top-k", type=int, default=3, help="finalists re-trained with --final-epochs (§3.3)")
     r = p.add_argument_group("RoSearch: rows, resume, benchmark")
-    r.add_argument("--extra-rows", default="teacher,handmade", help="rows evaluated beside RoSearch's "
-                   f"(extra.rows), any of {', '.join(list(ROWS)[1:])}; 'none' for none")
+    r.add_argument("--extra-rows", default="teacher,handmade", help=f"more rows, of {', '.join(list(ROWS)[1:])}; none")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags)")
-    r.add_argument("--bench", action="store_true", help="print seconds per candidate and student/teacher speed, exit "
-                   f"(the raw --model as teacher; --max-train/eval-examples default {BENCH_TRAIN}/{BENCH_EVAL})")
+    r.add_argument("--bench", action="store_true", help="print seconds per candidate and inference speed, exit "
+                   "(bench.bench_rosearch: the raw --model as teacher, small defaults)")
     r.add_argument("--bench-candidates", type=int, default=2, help="candidates timed by --bench")
     r.add_argument("--speed-examples", type=int, default=256, help="dev sentences timed for inference speed")
     return p.parse_args(argv)
 
 
 def validate(args):
-    if args.bench:  # small, CPU-friendly defaults unless given
-        args.max_train_examples = args.max_train_examples or BENCH_TRAIN
-        args.max_eval_examples = args.max_eval_examples or BENCH_EVAL
-    args.fitness_attack = args.fitness_attack or ("deepwordbug" if args.bench else "textfooler")
-    args.probe_examples = args.probe_examples or (BENCH_PROBE if args.bench else 200)
+    args.fitness_attack = args.fitness_attack or "textfooler"  # (bench.bench_rosearch sets its own defaults first)
+    args.probe_examples = args.probe_examples or 200
     validate_common_args(args)
     args.ops_list = [o.strip() for o in args.ops.split(",") if o.strip()]
     for op in args.ops_list or [None]:
@@ -417,8 +407,7 @@ def stratified_probe(labels, n: int, seed: int) -> np.ndarray:
 # ---- Regularized (aging) evolution (Real et al. 2019; §3.2-3.3). Candidate i's proposal depends only on (seed, i)
 # and the history before it, so a resumed search replays the stored records and continues identically. ------------
 def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None, random_search=False) -> list:
-    """P random genotypes, then C tournament children; random_search: all P + C random (the equal-budget control:
-    same draws, same dedup and budget, no selection)."""
+    """P random genotypes, then C tournament children; random_search: all P + C random (the equal-budget control)."""
     stored, population, history, seen = stored or {}, deque(maxlen=args.population), [], set()
     for index in range(args.population + args.cycles):
         rng = random.Random(args.seed * 1_000_003 + index)
@@ -476,61 +465,7 @@ def read_history(path: str) -> dict:
     return records
 
 
-# ---- Teacher (fine-tuned once, cached) and knowledge distillation from its cached logits (§4.3) ------------------
-TEACHER_FLAGS = ("model", "task", "seed", "lr", "epochs", "batch_size", "eval_batch_size", "max_seq_length", "warmup",
-                 "weight_decay", "bf16", "cuda")
-
-
-def teacher_cache(args, data) -> str:
-    """The cache folder of the teacher and its logits: a key of every flag its fine-tuning reads, and the data."""
-    key = [args.bench and args.teacher is None, args.teacher and os.path.abspath(args.teacher),
-           [getattr(args, k) for k in TEACHER_FLAGS], list(texts_of(data, data.train)), list(data.train["label"]),
-           list(texts_of(data, data.dev))]
-    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
-    return os.path.join(args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache"), f"{args.task}_{digest}")
-
-
-def prepare_teacher(args, data, run):
-    """The fine-tuned teacher and its train/dev logits, cached (teacher_cache). Written to temporary names and
-    renamed, and done.json last: a kill leaves no cache that a later run would trust."""
-    raw_teacher = args.bench and args.teacher is None  # --bench: timings do not depend on the teacher being trained
-    folder, start = teacher_cache(args, data), time.time()
-    done = os.path.isfile(os.path.join(folder, "done.json"))
-    teacher_dir = args.teacher or (args.model if raw_teacher else os.path.join(folder, "teacher"))
-    encode = lambda split, tok: tokenize(data, getattr(data, split), tok, args.max_seq_length)  # noqa: E731
-    if args.teacher is None and not raw_teacher and not done:
-        print(f"[teacher] fine-tuning {args.model} (cached in {teacher_dir})", flush=True)
-        model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
-        finetune(model, make_loader(encode("train", tokenizer), tokenizer, args.batch_size, True, args.seed),
-                 make_loader(encode("dev", tokenizer), tokenizer, args.eval_batch_size, False), run, args.epochs,
-                 args.lr, args.weight_decay, args.warmup, tag="teacher")
-        tmp = f"{teacher_dir}.tmp{os.getpid()}"
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(teacher_dir, ignore_errors=True)  # a cut folder of a killed run
-        os.replace(tmp, teacher_dir)
-    teacher, tokenizer = load_model(teacher_dir, data.num_labels, args.max_seq_length, os.path.join(folder, "tiny"))
-    teacher.to(run.device).eval()
-    cache = os.path.join(folder, "teacher_logits.pt")
-    encoded = {s: encode(s, tokenizer) for s in ("train", "dev")}
-    if done:
-        logits = torch.load(cache)
-    else:  # the only teacher forward passes over train/dev: the search never runs the teacher
-        with torch.no_grad():
-            logits = {s: torch.cat([teacher(**{k: v.to(run.device) for k, v in b.items() if k != "labels"}).logits
-                                    .float().cpu() for b in make_loader(e, tokenizer, args.eval_batch_size, False)])
-                      for s, e in encoded.items()}
-        os.makedirs(folder, exist_ok=True)
-        save_atomic(logits, cache)
-        write_json_atomic(os.path.join(folder, "done.json"), {"teacher": teacher_dir, "flags": list(TEACHER_FLAGS)})
-    for s in encoded:
-        encoded[s] = encoded[s].add_column("teacher_logits", logits[s].tolist())
-    dev_acc = 100.0 * (logits["dev"].argmax(-1) == torch.tensor(data.dev["label"])).float().mean().item()
-    print(f"[teacher] dev accuracy {dev_acc:.2f}%{' (--bench: raw --model, not fine-tuned)' if raw_teacher else ''} "
-          f"(logits cached in {cache})", flush=True)
-    return teacher, tokenizer, encoded, dev_acc, time.time() - start
-
-
+# ---- Knowledge distillation from the teacher's cached logits (§4.3); the teacher: finetune.cached_teacher --------
 def kd_loss(alpha: float, temperature: float):
     """L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(softmax(z_t / T) || softmax(z_s / T))   (§4.3)."""
     def loss_fn(logits, batch):
@@ -588,7 +523,8 @@ def train_and_score(genotype, ctx, epochs, tag):
     loader = make_loader(ctx.encoded["train"], ctx.tokenizer, ctx.args.student_batch_size, True, seed)
     start = time.time()
     fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, ctx.args.student_lr,
-                   ctx.args.student_weight_decay, ctx.args.warmup, loss_fn=ctx.loss_fn, tag=tag)
+                   ctx.args.student_weight_decay, ctx.args.warmup,
+                   loss_fn=kd_loss(ctx.args.kd_alpha, ctx.args.kd_temperature), tag=tag)
     kd_seconds, start = time.time() - start, time.time()
     predicted, _ = predict_labels(student, ctx.dev_loader, ctx.run.device, ctx.run.autocast)
     score, params = robustness(student, ctx), student_params(genotype, ctx.space)  # = count_params(student) (tested)
@@ -601,21 +537,7 @@ def train_and_score(genotype, ctx, epochs, tag):
     return student, credit(record, ctx.floor)
 
 
-# ---- Final stage (§6-7): finalists, inference speed, rows ------------------------------------------------------
-def examples_per_second(model, ctx, repeats: int = 3) -> float:
-    """Inference throughput on --speed-examples dev sentences (best of `repeats`, so load spikes do not count)."""
-    texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
-    predict = Predictor(model, ctx.tokenizer, ctx.args.max_seq_length, ctx.args.eval_batch_size, ctx.run.device,
-                        ctx.run.autocast)
-    predict(texts[: ctx.args.eval_batch_size])  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.time()
-        predict(texts)
-        seconds.append(time.time() - start)
-    return len(texts) / max(min(seconds), 1e-9)
-
-
+# ---- Final stage (§6-7): finalists, rows -----------------------------------------------------------------------
 def evaluate_row(name, model, ctx, dev_accuracy, extra=None) -> dict:
     """A test row (attacks included), saved to rows/{name}_.json: a resumed run reads it instead of attacking."""
     path, prefix = os.path.join(ctx.run.dir, "rows", f"{name}_.json"), f"{name}_"
@@ -627,10 +549,8 @@ def evaluate_row(name, model, ctx, dev_accuracy, extra=None) -> dict:
     ratio = compression(row["params"], ctx.space)
     row.update(dev_accuracy=dev_accuracy, compression=ratio["total"], extra={"compression": ratio, **(extra or {})})
     evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, prefix=prefix, resources=ctx.resources)
-    speed = examples_per_second(model, ctx)  # the teacher timed right after, under the same machine load
-    teacher_speed = speed if model is ctx.teacher else examples_per_second(ctx.teacher, ctx)
-    row["extra"]["inference"] = {"examples_per_s": speed, "teacher_examples_per_s": teacher_speed,
-                                 "speedup_vs_teacher": speed / teacher_speed}
+    texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
+    row["extra"]["inference"] = speed_vs_teacher(model, ctx.teacher, ctx.tokenizer, texts, ctx.args, ctx.run)
     row["wall_clock"]["evaluation"] = time.time() - start
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json_atomic(path, row)
@@ -638,8 +558,7 @@ def evaluate_row(name, model, ctx, dev_accuracy, extra=None) -> dict:
 
 
 def trained(genotype, ctx, tag):
-    """A student trained with --final-epochs, saved to students/{hash}.pt with its record; a resumed run (or another
-    search picking the same finalist) loads it instead of training it again."""
+    """A finalist trained with --final-epochs, saved to students/{hash}.pt: loaded, not retrained, when seen again."""
     path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
     if os.path.isfile(path):
         student, record = load_student(path, ctx.teacher, with_record=True)
@@ -651,9 +570,8 @@ def trained(genotype, ctx, tag):
 
 
 def run_search(label, weights, ctx, evaluated):
-    """One search (history_{label}.jsonl, appended as each candidate finishes, resumed in place: stored candidates
-    are replayed, not trained), then its top-k finalists trained with --final-epochs, the best fitness picked.
-    Returns (student, its final record, the history, KD + probe seconds as if the search had run alone)."""
+    """One search (history_{label}.jsonl, appended as candidates finish, resumed in place), then its top-k finalists,
+    the best fitness picked: (student, its final record, the history, KD + probe seconds as if it had run alone)."""
     args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
     stored = read_history(path) if os.path.isfile(path) else {}
     evaluated.update({r["hash"]: r for r in stored.values()})
@@ -709,7 +627,6 @@ class Context:
     encoded: dict
     space: Space
     floor: float  # the accuracy floor in %: --accuracy-floor x the teacher's dev accuracy
-    loss_fn: object
     resources: object
     probe_samples: list
     dev_loader: object
@@ -725,7 +642,9 @@ def setup(args):
     run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [],
                     resume=args.resume, free=RESUME_FREE)
     data = load_task(args)
-    teacher, tokenizer, encoded, teacher_dev, seconds = prepare_teacher(args, data, run)
+    cache = args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache")
+    teacher, tokenizer, encoded, teacher_dev, seconds = cached_teacher(args, data, run, cache, args.teacher,
+                                                                       raw=args.bench and args.teacher is None)
     block = teacher.base_model.embeddings
     emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
     rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
@@ -738,7 +657,6 @@ def setup(args):
     probe_idx = stratified_probe(data.dev["label"], args.probe_examples, args.probe_seed)
     probe = data.dev.select(probe_idx)
     ctx = Context(args, run, data, teacher, tokenizer, encoded, space, args.accuracy_floor * teacher_dev,
-                  kd_loss(args.kd_alpha, args.kd_temperature),
                   offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None,
                   list(zip(texts_of(data, probe), probe["label"])),
                   make_loader(encoded["dev"], tokenizer, args.eval_batch_size, False),
@@ -788,7 +706,6 @@ if __name__ == "__main__":
     with usage_errors():
         cli = parse_args()
         if cli.bench:
-            from bench import bench_rosearch
             bench_rosearch(cli)
         else:
             main(cli)

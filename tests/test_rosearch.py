@@ -363,11 +363,12 @@ def test_collapse_guard_gives_a_one_class_student_no_robustness_credit():
 
 def test_teacher_cache_key_covers_every_fine_tuning_flag(tmp_path):
     import common
+    import finetune
 
     def folder(*flags):
         args = rs.validate(rs.parse_args(["--task", "toy", "--model", "tiny", "--output-dir", str(tmp_path),
                                           "--max-train-examples", "40", "--max-eval-examples", "20", *flags]))
-        return rs.teacher_cache(args, common.load_task(args))
+        return finetune.teacher_cache(args, common.load_task(args), str(tmp_path))
 
     base = folder()
     assert folder() == base
