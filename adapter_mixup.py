@@ -13,6 +13,8 @@ import math
 import os
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,8 +27,9 @@ import common
 import offline
 from attacks import build_attack, callable_wrapper, evaluate_model, evaluate_robustness, print_summary
 from common import (ATTACK_RECIPES, UsageError, add_common_args, auroc, check_range, count_params, finetune,
-                    finish_run, fingerprint, fingerprint_tensors, load_model, load_task, make_loader,
-                    parse_attacks, results_template, set_seed, start_run, texts_of, tokenize, usage_errors)
+                    finish_run, fingerprint, fingerprint_tensors, load_model, load_task, make_loader, parse_attacks,
+                    results_template, rows_accuracy, rows_loader, set_seed, start_run, texts_of, tokenize,
+                    usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
@@ -34,54 +37,50 @@ ADAPTER_INIT_STD = 1e-2  # W_down ~ N(0, 0.01^2), W_up = 0: every adapter starts
 ADV_VAL_SHARE = 0.1  # share of each D_adv,k held out as adversarial validation (spec §3.3, step 4)
 INDEPENDENT_SEED_OFFSET = 1000  # --transfer-source independent: a clean adapter trained under --seed + this
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
+RANGES = {"reduction_factor": (1, None, False), "adv_train_examples": (1, None, False), "adv_epochs": (0, None, True),
+          "temperature": (0, None, True), "beta_grid_step": (0, 1, True), "curve_attack_examples": (0, None, False),
+          "bench_steps": (1, None, False), "gate_examples": (0, None, False), "beta_attack_examples": (0, None, False),
+          "adv_lr": (0, None, True), "full_lr": (0, None, True), "full_epochs": (0, None, True)}  # low, high, low open
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, METHOD, lr=3e-4, epochs=10, attacks="textfooler,pwws,bert-attack,textbugger,deepwordbug")
-    g = p.add_argument_group("AdpMixup")
+    g = p.add_argument_group("AdpMixup (each flag in detail: docs/adapter_mixup.md)")
     g.add_argument("--adapter-type", default="houlsby", choices=["houlsby", "pfeiffer"],
-                   help="houlsby: adapter after attention and after FFN; pfeiffer: after FFN only (spec §3.2)")
+                   help="houlsby: after attention and after FFN; pfeiffer: after FFN only (spec §3.2)")
     g.add_argument("--reduction-factor", type=int, default=16, help="bottleneck = hidden / r (spec §3.2: r = 16)")
     g.add_argument("--adapter-activation", default="relu", choices=list(ACTIVATIONS), help="adapter nonlinearity")
-    g.add_argument("--train-attacks", default="textfooler",
-                   help="known attacks a_1..a_m: one adversarial adapter phi_k each (spec §3.3); comma-separated")
-    g.add_argument("--adv-train-examples", type=int, default=5000,
-                   help="seeded train subset attacked per known attack (spec §3.3: min(|D_tr|, 5000))")
+    g.add_argument("--train-attacks", default="textfooler", help="known attacks a_1..a_m, comma-separated: one "
+                   "adversarial adapter phi_k each (spec §3.3)")
+    g.add_argument("--adv-train-examples", type=int, default=5000, help="seeded train subset attacked per known attack")
     g.add_argument("--adv-epochs", type=float, default=5, help="epochs of each adversarial adapter (spec §3.4: 5-10)")
     g.add_argument("--adv-lr", type=float, default=None, help="learning rate of adversarial adapters (default --lr)")
-    g.add_argument("--cache-dir", default=None, help="clean-adapter checkpoints and adversarial-example JSONL "
-                   "caches, reused across runs and resumed after interruption (default OUTPUT_DIR/adpmixup_cache)")
-    g.add_argument("--beta", default="dynamic", help="mixing coefficient of the clean adapter: a number in [0, 1] "
-                   "(v1, fixed), 'dev' (v1, chosen on the grid by (dev acc + adv-val acc) / 2), or 'dynamic' (v2, "
-                   "per input from prediction entropies); the main row of results.json")
+    g.add_argument("--cache-dir", default=None, help="clean-adapter checkpoints and adversarial JSONL caches, reused "
+                   "and resumed (default OUTPUT_DIR/adpmixup_cache)")
+    g.add_argument("--beta", default="dynamic", help="the clean adapter's weight: a number in [0, 1] (v1, fixed), "
+                   "'dev' (v1, the best grid point on dev) or 'dynamic' (v2, per input); the main row")
     g.add_argument("--dynamic-rule", default="inverse-entropy", choices=["inverse-entropy", "softmax", "min-entropy"],
-                   help="v2 beta(x) (spec §3.6): beta_k ∝ 1/(H_k+eps) (A), softmax(-H/tau), or the simplex-grid "
-                        "point minimising the mixed model's entropy (B)")
-    g.add_argument("--temperature", type=float, default=1.0, help="tau of --dynamic-rule softmax (fixed unless "
-                   "--v2-grid tunes it)")
-    g.add_argument("--head-start", type=float, default=0.0, help="the clean adapter's head start b in v2: softmax "
-                   "scores -H_k/tau + b [k = clean]; inverse-entropy scores x (1 + b) (fixed unless --v2-grid)")
-    g.add_argument("--v2-grid", default="", help="tau:b pairs tried for v2 on dev with the adaptive objective, e.g. "
-                   "'0.5:0,1:0,1:1,2:2' (needs --beta-attack-examples > 0); empty: --temperature/--head-start as given")
-    g.add_argument("--beta-attack-examples", type=int, default=0, help="if > 0, v1's beta (and v2's tau:b) are "
-                   "chosen on (dev clean acc + mean dev Aua) / 2, with every known attack run afresh on this many dev "
-                   "sentences against each candidate (phi_0 is not 0 by construction there, as it is on adv-val)")
+                   help="v2 beta(x) (spec §3.6): ∝ 1/(H_k+eps) (A), softmax(-H/tau), or min-entropy grid point (B)")
+    g.add_argument("--temperature", type=float, default=1.0, help="tau of the softmax rule (unless --v2-grid)")
+    g.add_argument("--head-start", type=float, default=0.0, help="the clean adapter's head start b in v2 (unless "
+                   "--v2-grid): softmax scores -H_k/tau + b, inverse-entropy scores x (1 + b)")
+    g.add_argument("--v2-grid", default="", help="tau:b pairs tried for v2 on the adaptive dev objective, e.g. "
+                   "0.5:0,1:1 (needs --beta-attack-examples)")
+    g.add_argument("--beta-attack-examples", type=int, default=0, help="if > 0, v1's beta and v2's tau:b are chosen on "
+                   "(dev acc + mean dev Aua) / 2, the known attacks run afresh on this many dev sentences")
     g.add_argument("--beta-grid-step", type=float, default=0.1, help="step of the v1 grid / beta curve / simplex grid")
-    g.add_argument("--curve-attack-examples", type=int, default=0, help="if > 0, run every --attacks recipe on this "
-                   "many test examples at each beta of the curve (else the curve uses transfer adversarial sets)")
-    g.add_argument("--gate-examples", type=int, default=100, help="dev sentences on which each adversarial adapter "
-                   "and phi_0 are attacked with its own attack (paired): the gate that says whether it is more robust "
-                   "(0: skip)")
-    g.add_argument("--transfer-source", default="clean", choices=["clean", "independent"], help="the model the "
-                   "transfer sets are attacked on: the clean adapter phi_0 (which then scores 0 on them by "
-                   "construction) or an independent clean adapter (--seed + 1000), so no row was attacked with them")
+    g.add_argument("--curve-attack-examples", type=int, default=0, help="if > 0, every --attacks recipe on this many "
+                   "test examples at each beta of the curve")
+    g.add_argument("--gate-examples", type=int, default=100, help="dev sentences of the gate: each phi_k and phi_0 "
+                   "attacked with a_k (0: no gate)")
+    g.add_argument("--transfer-source", default="clean", choices=["clean", "independent"], help="transfer sets "
+                   "attacked on phi_0 (it scores 0 on them) or on an independent clean adapter (--seed + 1000)")
     g.add_argument("--baseline", default="none", choices=["none", "full-at"],
                    help="full-at: also fully fine-tune the backbone on clean + the same adversarial data")
     g.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of the full-at baseline")
     g.add_argument("--full-epochs", type=float, default=3, help="epochs of the full-at baseline")
-    g.add_argument("--bench", action="store_true", help="print training cost of AdpMixup vs full adversarial "
-                   "fine-tuning (seconds per step, trainable parameters) and inference passes, then exit")
+    g.add_argument("--bench", action="store_true", help="print training cost vs full AT and inference passes; exit")
     g.add_argument("--bench-steps", type=int, default=5, help="timed optimiser steps per model in --bench")
     return p.parse_args(argv)
 
@@ -100,14 +99,9 @@ def validate(args):
         except ValueError:
             raise UsageError(f"--beta must be a number in [0, 1], 'dev' or 'dynamic', got '{args.beta}'")
         check_range("beta", args.beta, 0, 1)
-    for name, low, high, low_open in (("reduction-factor", 1, None, False), ("adv-train-examples", 1, None, False),
-                                      ("adv-epochs", 0, None, True), ("temperature", 0, None, True),
-                                      ("beta-grid-step", 0, 1, True), ("curve-attack-examples", 0, None, False),
-                                      ("bench-steps", 1, None, False), ("gate-examples", 0, None, False),
-                                      ("beta-attack-examples", 0, None, False), ("adv-lr", 0, None, True),
-                                      ("full-lr", 0, None, True), ("full-epochs", 0, None, True)):
-        if getattr(args, name.replace("-", "_")) is not None:
-            check_range(name, getattr(args, name.replace("-", "_")), low, high, low_open=low_open)
+    for name, (low, high, low_open) in RANGES.items():
+        if getattr(args, name) is not None:  # --adv-lr None: --lr
+            check_range(name.replace("_", "-"), getattr(args, name), low, high, low_open=low_open)
     if abs(round(1 / args.beta_grid_step) * args.beta_grid_step - 1) > 1e-6:
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     try:
@@ -128,9 +122,7 @@ def validate(args):
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "adpmixup_cache")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Adapters with several weight slots that mix per example (spec §3.2, §3.5, §3.7)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Adapters with several weight slots that mix per example (spec §3.2, §3.5, §3.7) ---------------------------------
 class Mixture:
     """Which adapter slots the next forward pass uses, with which convex weights beta; shared by every MixedLinear.
     beta None: the single slot slots[0]; beta (S,): one mix for the batch; beta (B, S): one mix per example."""
@@ -191,8 +183,7 @@ def head_layers(model):
 def add_adapters(model, n_slots, adapter_type, reduction_factor, activation) -> Mixture:
     """Freeze theta_0; insert n_slots adapter weight sets in every layer and n_slots heads; all slots start equal.
     Each adapter sits after a sub-layer's frozen output projection, before the residual + LayerNorm."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     mixture, hidden = Mixture(), model.config.hidden_size
     layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
     if layers is None:
@@ -236,11 +227,8 @@ def load_adapter_state(model, k, state):
             p.copy_(state[f"{i}.{n}"])
 
 
-@torch.no_grad()
 def copy_adapter(model, src, dst):
-    for m in mixed_linears(model):
-        for p_dst, p_src in zip(m.linears[dst].parameters(), m.linears[src].parameters()):
-            p_dst.copy_(p_src)
+    load_adapter_state(model, dst, adapter_state(model, src))
 
 
 @torch.no_grad()
@@ -255,17 +243,14 @@ def merge_adapters(model, slots, beta, dst):
 def reinit_adapter(model, k, seed):
     """Slot k drawn afresh under `seed`: every W_down ~ N(0, 0.01^2) and the classifier ~ N(0, initializer_range^2)
     (W_up = 0 and the pretrained pooler as in every slot), so it shares no random draw with phi_0."""
-    gen, linears = torch.Generator().manual_seed(seed), mixed_linears(model)
-    downs = [m.down.linears[k].weight for m in model.modules() if isinstance(m, BottleneckAdapter)]
-    for weight, std in [(w, ADAPTER_INIT_STD) for w in downs] + [(linears[-1].linears[k].weight,
-                                                                   model.config.initializer_range)]:
+    gen, classifier = torch.Generator().manual_seed(seed), mixed_linears(model)[-1].linears[k]
+    downs = [(m.down.linears[k].weight, ADAPTER_INIT_STD) for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    for weight, std in downs + [(classifier.weight, model.config.initializer_range)]:
         weight.copy_(torch.randn(weight.shape, generator=gen) * std)
-    linears[-1].linears[k].bias.zero_()
+    classifier.bias.zero_()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The predictor: list[str] -> logits, beta computation included, so attacks query the whole defence (spec §3.7)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- The predictor: list[str] -> logits, beta included, so attacks query the whole defence (spec §3.7) ---------------
 def entropy(logits):
     return -(F.softmax(logits.float(), -1) * F.log_softmax(logits.float(), -1)).sum(-1)
 
@@ -353,16 +338,7 @@ class MixupPredictor:
         return self.run(texts)[0]
 
 
-def accuracy(predict, rows):
-    """Accuracy % of `predict` on (text, label) rows (nan when there are none)."""
-    if not rows:
-        return float("nan")
-    return 100.0 * float(np.mean(predict([t for t, _ in rows]).argmax(-1) == np.asarray([y for _, y in rows])))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Adversarial data: attack a source model, keep successes, cache as JSONL (spec §3.3); training one adapter slot
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Adversarial data: attack a source adapter, keep successes, cached as JSONL (spec §3.3); training one slot -------
 CACHE_VERSION = 3  # bumped when what a cache holds changes (2: generation seeded per example, complete keys;
 # 3: the clean adapter's key holds its initial weights)
 CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eval_examples", "dev_size",
@@ -370,18 +346,8 @@ CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eva
              "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
 
 
-def adversarial_cache(kind, name, source_id, samples, args, resources):
-    """JSONL path of attack `name` on `samples` against the model whose weights hash to source_id."""
-    key = fingerprint([name, source_id, samples, args.attack_query_budget, args.attack_max_modify_rate,
-                       args.max_seq_length, args.attack_seed, getattr(resources, "label", None) or "real",
-                       args.attack_substitutes and os.path.abspath(args.attack_substitutes), CACHE_VERSION])
-    return os.path.join(args.cache_dir, f"{kind}_{name}_{key}.jsonl")
-
-
 def generate_adversarial(name, predict, samples, columns, path, args, resources=None):
     """Attack every (text, label) in samples; one JSONL line per finished example, so a rerun resumes."""
-    from textattack.attack_results import SkippedAttackResult, SuccessfulAttackResult
-
     records = common.read_jsonl(path)
     todo = [i for i in range(len(samples)) if i not in records]
     if records:
@@ -395,22 +361,14 @@ def generate_adversarial(name, predict, samples, columns, path, args, resources=
                 set_seed(attacks.example_seed(args.attack_seed, i))  # an example's output depends on nothing else
                 attack.clear_cache()
                 result = attack.attack(OrderedDict(zip(columns, text)) if len(columns) > 1 else text, int(label))
-                status = ("successful" if isinstance(result, SuccessfulAttackResult) else
-                          "skipped" if isinstance(result, SkippedAttackResult) else "failed")
-                perturbed = result.perturbed_result.attacked_text.tokenizer_input
-                records[i] = {"index": i, "label": int(label), "status": status, "original": json_text(text),
-                              "perturbed": json_text(perturbed), "seconds": time.time() - start}
+                perturbed = result.perturbed_result.attacked_text.tokenizer_input  # a pair is a tuple
+                records[i] = {"index": i, "label": int(label),
+                              "status": type(result).__name__.replace("AttackResult", "").lower(),
+                              "original": text if isinstance(text, str) else list(text),  # pairs as lists
+                              "perturbed": perturbed if isinstance(perturbed, str) else list(perturbed),
+                              "seconds": time.time() - start}
                 common.append_jsonl(f, records[i])
     return [records[i] for i in range(len(samples))]
-
-
-def json_text(text):
-    return text if isinstance(text, str) else list(text)  # pairs as lists, in memory as in the JSONL file
-
-
-def successful_rows(records, columns):
-    return [(r["perturbed"] if len(columns) == 1 else tuple(r["perturbed"]), r["label"]) for r in records
-            if r["status"] == "successful"]
 
 
 def split_rows(rows, share, seed):
@@ -420,25 +378,16 @@ def split_rows(rows, share, seed):
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
-def rows_loader(data, rows, tokenizer, args, batch_size, shuffle, seed=None):
-    import datasets
-
-    columns = data.text_columns
-    ds = datasets.Dataset.from_list([{**dict(zip(columns, t if len(columns) > 1 else (t,))), "label": int(y)}
-                                     for t, y in rows])
-    return make_loader(tokenize(data, ds, tokenizer, args.max_seq_length), tokenizer, batch_size, shuffle,
-                       args.seed if seed is None else seed)
-
-
 def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run, args, epochs, lr, tag, seed=None):
     """Train adapter slot k (backbone frozen) on (text, label) rows; keep its best state on dev_rows."""
     seed = args.seed if seed is None else seed
     set_seed(seed)  # each slot trains the same whether or not earlier stages came from the cache
     mixture.use([k])
     train_only(model, k)
-    stats = finetune(model, rows_loader(data, train_rows, tokenizer, args, args.batch_size, True, seed),
-                     rows_loader(data, dev_rows, tokenizer, args, args.eval_batch_size, False), run, epochs, lr,
-                     args.weight_decay, args.warmup, tag=tag, params=adapter_params(model, k))
+    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, seed)
+    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
+    stats = finetune(model, train_loader, dev_loader, run, epochs, lr, args.weight_decay, args.warmup, tag=tag,
+                     params=adapter_params(model, k))
     train_only(model, -1)
     return stats
 
@@ -456,53 +405,49 @@ def trainable_share(model, backbone_total) -> dict:
 
 def bench(args):
     """Seconds per training step and trainable parameters: one adapter slot vs full fine-tuning, plus passes."""
+    from bench import seconds_per_step
+
     set_seed(args.seed)
     device = common.pick_device(args.cuda)
     data = load_task(args)
     full, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
                                  os.path.join(args.output_dir, ".tiny-bert"))
     adapted = copy.deepcopy(full)
-    mixture = add_adapters(adapted, 1 + len(args.known), args.adapter_type, args.reduction_factor,
-                           args.adapter_activation)
-    mixture.use([0])
-    train_only(adapted, 0)
+    add_adapters(adapted, 1 + len(args.known), args.adapter_type, args.reduction_factor, args.adapter_activation)
+    train_only(adapted, 0)  # the mixture uses slot 0 alone
     rows = data.train.select(range(min(len(data.train), args.batch_size)))
-    batch = next(iter(make_loader(tokenize(data, rows, tokenizer, args.max_seq_length), tokenizer, args.batch_size,
-                                  False)))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    timing = {}
-    for name, model, params in (("full fine-tuning", full, list(full.parameters())),
-                                ("adapter set", adapted, adapter_params(adapted, 0))):
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        for step in range(args.bench_steps + 1):  # step 0 is warm-up, not timed
-            if step == 1:
-                common.sync(device)
-                start = time.time()
-            F.cross_entropy(common._logits(model(**batch)), batch["labels"]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        common.sync(device)
-        timing[name] = ((time.time() - start) / args.bench_steps, sum(p.numel() for p in params))
+    batches = [next(iter(make_loader(tokenize(data, rows, tokenizer, args.max_seq_length), tokenizer,
+                                     args.batch_size, False)))] * (args.bench_steps + 1)  # the first warms up
+    timer = SimpleNamespace(device=device, autocast=nullcontext)  # what seconds_per_step reads of a Run
+    timing = {name: (seconds_per_step(model, batches, timer, common.Adversary(steps=0)), n) for name, model, n in
+              (("full fine-tuning", full, count_params(full)["total"]),
+               ("adapter set", adapted, sum(p.numel() for p in adapter_params(adapted, 0))))}
     backbone, m = count_params(full)["total"], len(args.known)
     share = trainable_share(adapted, backbone)
+    ratio = timing["adapter set"][0] / timing["full fine-tuning"][0]
     print(f"bench ({args.model}, batch {args.batch_size}, {device}, {args.bench_steps} steps):")
     for name, (seconds, n) in timing.items():
         print(f"  {name:<18} {seconds:8.4f} s/step   trainable {n:>12,} ({100 * n / backbone:.2f}% of backbone)")
-    ratio = timing["adapter set"][0] / timing["full fine-tuning"][0]
     print(f"  adapter / full step time: {ratio:.2f}x; AdpMixup trains 1 + m = {1 + m} adapter sets "
           f"({(1 + m) * share['per_adapter']:,} params, {(1 + m) * share['pct_of_backbone']:.2f}% of backbone incl. "
           f"the pooler dense, {(1 + m) * share['pct_without_pooler']:.2f}% without)")
     # projected training if every attacked example gave one adversarial text (an upper bound); the adversarial
     # generation is the same for both and is left out. Like with like first: every stage at --full-epochs
     n, adv = len(data.train), min(args.adv_train_examples, len(data.train))
-    steps = lambda examples, epochs: np.ceil(examples / args.batch_size) * epochs  # noqa: E731
-    new_attack = lambda epochs: timing["adapter set"][0] * steps(2 * adv, epochs)  # noqa: E731  adv + equal clean
-    project = lambda clean, adv_epochs: {  # noqa: E731
-        "adpmixup": timing["adapter set"][0] * steps(n, clean) + m * new_attack(adv_epochs),
-        "full_at": timing["full fine-tuning"][0] * steps(n + m * adv, args.full_epochs)}
-    projected = {"equal_epochs": project(args.full_epochs, args.full_epochs), "flagged": project(args.epochs,
-                                                                                                  args.adv_epochs)}
+    adapter_step, full_step = timing["adapter set"][0], timing["full fine-tuning"][0]
+
+    def steps(examples, epochs):
+        return np.ceil(examples / args.batch_size) * epochs
+
+    def new_attack(epochs):  # one more adversarial adapter: on its adversarial data + an equal clean sample
+        return adapter_step * steps(2 * adv, epochs)
+
+    def project(clean_epochs, adv_epochs):
+        return {"adpmixup": adapter_step * steps(n, clean_epochs) + m * new_attack(adv_epochs),
+                "full_at": full_step * steps(n + m * adv, args.full_epochs)}
+
+    projected = {"equal_epochs": project(args.full_epochs, args.full_epochs),
+                 "flagged": project(args.epochs, args.adv_epochs)}
     print(f"  projected training at equal epochs ({args.full_epochs:g} for every stage; n={n}, m={m}, {adv} "
           f"adversarial each): AdpMixup {projected['equal_epochs']['adpmixup']:.0f}s vs full AT "
           f"{projected['equal_epochs']['full_at']:.0f}s")
@@ -514,9 +459,7 @@ def bench(args):
     return {"timing": timing, "ratio": ratio, "trainable_share": share, "projected_seconds": projected}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The stages of the algorithm (spec §3.8); main() at the end calls them in order
-# ---------------------------------------------------------------------------------------------------------------
+# ---- The stages of the algorithm (spec §3.8); main() at the end calls them in order ----------------------------------
 class Experiment:
     """What every stage shares: the run, the data as (text, label) rows, the frozen model with one adapter slot per
     predictor (adapter_slots: name -> index), and the results being filled in."""
@@ -539,9 +482,8 @@ class Experiment:
         self.init_state = adapter_state(self.model, 0)
         self.results = results_template(args, METHOD, "adpmixup", None)
         self.wall, self.extra, self.warnings = self.results["wall_clock"], self.results["extra"], []
-        data = self.data
-        self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(data, ds), ds["label"])) for ds in
-                                                          (data.train, data.dev, data.test)]
+        self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(self.data, ds), ds["label"])) for ds in
+                                                          (self.data.train, self.data.dev, self.data.test)]
         os.makedirs(args.cache_dir, exist_ok=True)
 
     def predictor(self, names, beta=None):
@@ -576,10 +518,14 @@ def clean_adapter(ex, name, seed):
 
 
 def attack_source(ex, kind, name, source, samples):
-    """Stage 2 (and the transfer sets): attack `name` on samples against adapter `source`; counts, kept rows."""
-    start = time.time()
-    path = adversarial_cache(kind, name, ex.weights_id(source), samples, ex.args, ex.resources)
-    records = generate_adversarial(name, ex.predictor([source]), samples, ex.data.text_columns, path, ex.args,
+    """Stage 2 (and the transfer sets): attack `name` on samples against adapter `source`, cached under a key of all
+    the records depend on (weights, sample, budget, seed, resources); returns (counts, successful rows)."""
+    args, start = ex.args, time.time()
+    key = fingerprint([name, ex.weights_id(source), samples, args.attack_query_budget, args.attack_max_modify_rate,
+                       args.max_seq_length, args.attack_seed, getattr(ex.resources, "label", None) or "real",
+                       args.attack_substitutes and os.path.abspath(args.attack_substitutes), CACHE_VERSION])
+    path = os.path.join(args.cache_dir, f"{kind}_{name}_{key}.jsonl")
+    records = generate_adversarial(name, ex.predictor([source]), samples, ex.data.text_columns, path, args,
                                    ex.resources)
     counts = {s: sum(r["status"] == s for r in records) for s in ("successful", "failed", "skipped")}
     seconds = sum(r.get("seconds", 0.0) for r in records)  # the generation cost, also when read from cache
@@ -588,7 +534,9 @@ def attack_source(ex, kind, name, source, samples):
                "success_rate": 100.0 * counts["successful"] / max(1, counts["successful"] + counts["failed"])}
     print(f"[{kind} {name}] against the {source} adapter: {counts['successful']} successful / {counts['failed']} "
           f"failed / {counts['skipped']} skipped of {len(records)} ({seconds:.0f}s)", flush=True)
-    return summary, successful_rows(records, ex.data.text_columns)
+    pair = len(ex.data.text_columns) > 1
+    return summary, [(tuple(r["perturbed"]) if pair else r["perturbed"], r["label"]) for r in records
+                     if r["status"] == "successful"]
 
 
 def adversarial_data(ex, rng):
@@ -616,8 +564,8 @@ def independent_transfer_sets(ex):
     no evaluated row, phi_0 included, was attacked with (issue 16, Deliver 3)."""
     samples = attacks.attack_sample(ex.data, ex.args.attack_examples, ex.args.attack_seed)
     info = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
-            "adapter": ex.weights_id("independent"), "clean_adapter": ex.weights_id("clean"), "sets": {}}
-    info["dev_accuracy"] = accuracy(ex.predictor(["independent"]), ex.dev_rows)
+            "adapter": ex.weights_id("independent"), "clean_adapter": ex.weights_id("clean"), "sets": {},
+            "dev_accuracy": rows_accuracy(ex.predictor(["independent"]), ex.dev_rows)}
     transfer_rows = {}
     for name in parse_attacks(ex.args.attacks):
         info["sets"][name], transfer_rows[name] = attack_source(ex, "transfer", name, "independent", samples)
@@ -703,8 +651,8 @@ def choose_v1(ex, known, adv_val):
     for beta in np.round(np.arange(0, 1 + 1e-9, args.beta_grid_step), 6).tolist() if known else []:
         merge_adapters(ex.model, slots, spread(beta), ex.adapter_slots["curve"])
         predict = ex.predictor(["curve"])
-        point = {"beta": beta, "dev_clean": accuracy(predict, ex.dev_rows), "adv_val": accuracy(predict, adv_val_rows),
-                 "test_clean": accuracy(predict, ex.test_rows)}
+        point = {"beta": beta, "dev_clean": rows_accuracy(predict, ex.dev_rows),
+                 "adv_val": rows_accuracy(predict, adv_val_rows), "test_clean": rows_accuracy(predict, ex.test_rows)}
         point["objective"] = point["dev_clean"] if not adv_val_rows else (point["dev_clean"] + point["adv_val"]) / 2
         if args.beta_attack_examples:  # the adaptive objective: the known attacks afresh on dev, at this beta
             point.update(adaptive_objective(ex, predict, point["dev_clean"], known))
@@ -739,7 +687,8 @@ def tune_v2(ex, known):
     for tau, head in ex.args.v2_pairs:
         ex.args.temperature, ex.args.head_start = tau, head
         v2 = ex.predictor(mix, "dynamic")
-        tried.append({"tau": tau, "head_start": head, **adaptive_objective(ex, v2, accuracy(v2, ex.dev_rows), known)})
+        tried.append({"tau": tau, "head_start": head, **adaptive_objective(ex, v2, rows_accuracy(v2, ex.dev_rows),
+                                                                           known)})
         print(f"[stage 5] v2 tau {tau:g} head start {head:g}: objective {tried[-1]['adaptive_objective']:.1f}",
               flush=True)
     pick = max(tried, key=lambda t: (t["adaptive_objective"], t["head_start"]))  # ties: more clean
@@ -768,7 +717,8 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
                "params": {"trainable": stored * share["per_adapter"], "total": ex.backbone["total"] + stored *
                           share["per_adapter"], "trainable_pct_of_backbone": stored * share["pct_of_backbone"],
                           "trainable_pct_without_pooler": stored * share["pct_without_pooler"]},
-               "dev_accuracy": accuracy(predict, ex.dev_rows), "clean_accuracy": accuracy(predict, ex.test_rows)}
+               "dev_accuracy": rows_accuracy(predict, ex.dev_rows),
+               "clean_accuracy": rows_accuracy(predict, ex.test_rows)}
         print(f"[eval {key}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
         weights = ex.weights_id(key) if key in ex.adapter_slots else None  # None: v2 and ensemble mix per input
         if weights in attacked:  # bit-identical weights and seeded attacks: the same results
@@ -781,7 +731,7 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
         mark_known(row, known)
         if key == "clean" and transfer_rows is None:
             transfer_rows = read_transfer_sets(ex.run.dir, row["attacks"], ex.data)
-        row["transfer"] = {a: accuracy(predict, s) for a, s in transfer_rows.items() if s}
+        row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
     if known:
@@ -838,9 +788,10 @@ def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
     args, data, run = ex.args, ex.data, ex.run
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
                                   os.path.join(args.output_dir, ".tiny-bert"))
-    stats = finetune(model, rows_loader(data, train_rows, tokenizer, args, args.batch_size, True),
-                     rows_loader(data, dev_rows, tokenizer, args, args.eval_batch_size, False), run, args.full_epochs,
-                     args.full_lr, args.weight_decay, args.warmup, tag="full_at")
+    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, args.seed)
+    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
+    stats = finetune(model, train_loader, dev_loader, run, args.full_epochs, args.full_lr, args.weight_decay,
+                     args.warmup, tag="full_at")
     ex.wall["full_at"] = stats["seconds"]
     start, n = time.time(), count_params(model)["total"]
     row = {"key": "full-at", "setting": "full AT (clean+adv)", "passes_per_example": 1,
@@ -848,16 +799,14 @@ def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
     evaluate_model(model, tokenizer, data, args, run, row, "full-at_", resources=ex.resources)
     mark_known(row, known)
     predict = attacks.Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
-    row["dev_accuracy"] = accuracy(predict, ex.dev_rows)
-    row["transfer"] = {a: accuracy(predict, s) for a, s in transfer_rows.items() if s}
+    row["dev_accuracy"] = rows_accuracy(predict, ex.dev_rows)
+    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
     row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": stats["seconds"],
                          "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": time.time() - start}
     return row
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Main: the algorithm (spec §3.8) in six stages
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Main: the algorithm (spec §3.8) in six stages -------------------------------------------------------------------
 def main(args, resources=None):
     validate(args)
     if args.bench:

@@ -474,6 +474,23 @@ def make_loader(encoded, tokenizer, batch_size: int, shuffle: bool, seed: int = 
                                        collate_fn=DataCollatorWithPadding(tokenizer))
 
 
+def rows_loader(data: TaskData, rows: list, tokenizer, max_length: int, batch_size: int, shuffle: bool, seed: int = 0):
+    """A loader over (input, label) rows that are not a split of `data` (e.g. adversarial examples)."""
+    import datasets
+
+    columns = data.text_columns
+    ds = datasets.Dataset.from_list([{**dict(zip(columns, t if len(columns) > 1 else (t,))), "label": int(y)}
+                                     for t, y in rows])
+    return make_loader(tokenize(data, ds, tokenizer, max_length), tokenizer, batch_size, shuffle, seed)
+
+
+def rows_accuracy(predict: Callable, rows: list) -> float:
+    """Accuracy % of a `list[input] -> logits` predictor on (input, label) rows (nan when there are none)."""
+    if not rows:
+        return float("nan")
+    return 100.0 * float(np.mean(predict([t for t, _ in rows]).argmax(-1) == np.asarray([y for _, y in rows])))
+
+
 # ---- Models ----------------------------------------------------------------------------------------------------------
 def load_model(name_or_path: str, num_labels: int, max_seq_length: int, cache_dir: Optional[str] = None,
                attn_implementation: Optional[str] = None):

@@ -91,6 +91,18 @@ def test_pair_task_keeps_token_type_ids(tmp_path):
     assert isinstance(common.texts_of(data, data.test)[0], tuple)
 
 
+def test_rows_loader_and_rows_accuracy_take_rows_that_are_not_a_split(toy_args):
+    data = common.load_task(toy_args)
+    _, tokenizer = common.load_model("tiny", 2, 64, str(toy_args.output_dir))
+    rows = list(zip(common.texts_of(data, data.dev), data.dev["label"]))[:12]
+    batch = next(iter(common.rows_loader(data, rows, tokenizer, 64, 12, shuffle=False)))
+    assert batch["labels"].tolist() == [y for _, y in rows]
+    assert batch["input_ids"][0, : batch["attention_mask"][0].sum()].tolist() == tokenizer(rows[0][0])["input_ids"]
+    always_one = lambda texts: np.tile([0.0, 1.0], (len(texts), 1))  # noqa: E731
+    assert common.rows_accuracy(always_one, rows) == pytest.approx(100 * np.mean([y == 1 for _, y in rows]))
+    assert np.isnan(common.rows_accuracy(always_one, []))
+
+
 # ------------------------------------------------------------------------------------------------ adversary
 @pytest.fixture
 def tiny_batch(tmp_path):
