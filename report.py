@@ -28,7 +28,9 @@ def baselines_of(method: str, setting: str) -> list:
                      if s.startswith("ticket s=")]
         return [("robust_ticket", "fine-tune"), ("finetune", "fine-tune")] + ablations
     if method == "early_bird_adv":
-        return {"early-bird ticket": [("early_bird_adv", "freelb"), ("freelb", "freelb")],
+        # the ticket against FreeLB (what it replaces) and fine-tune (what it is trained like: plain CE, same epochs)
+        return {"early-bird ticket": [("early_bird_adv", "freelb"), ("freelb", "freelb"),
+                                      ("early_bird_adv", "fine-tune"), ("finetune", "fine-tune")],
                 "freelb": [("early_bird_adv", "fine-tune"), ("finetune", "fine-tune")]}.get(s, [])
     if method == "rosearch":
         return {"rosearch student": [("rosearch", "accuracy-only search"), ("rosearch", "random search"),

@@ -197,6 +197,11 @@ def test_a_robust_ticket_is_paired_with_fine_tune_and_its_controls_at_the_same_s
                                                                      ("finetune", "fine-tune")]
 
 
+def test_the_early_bird_ticket_is_paired_with_freelb_first_and_with_fine_tune():
+    bases = report.baselines_of("early_bird_adv", "early-bird ticket")
+    assert bases[0] == ("early_bird_adv", "freelb") and ("early_bird_adv", "fine-tune") in bases
+
+
 def test_the_rosearch_student_is_paired_with_the_accuracy_only_and_the_random_search():
     assert report.baselines_of("rosearch", "RoSearch student") == [
         ("rosearch", "accuracy-only search"), ("rosearch", "random search"), ("rosearch", "teacher")]
