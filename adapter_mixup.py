@@ -12,7 +12,6 @@ import itertools
 import math
 import os
 import time
-from collections import OrderedDict
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import attacks
 import common
@@ -347,7 +345,8 @@ CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eva
 
 
 def generate_adversarial(name, predict, samples, columns, path, args, resources=None):
-    """Attack every (text, label) in samples; one JSONL line per finished example, so a rerun resumes."""
+    """Attack every (text, label) in samples, each under its own seed (attacks.attack_one), in --attack-workers
+    processes; one JSONL line per finished example, so a rerun resumes."""
     records = common.read_jsonl(path)
     todo = [i for i in range(len(samples)) if i not in records]
     if records:
@@ -355,18 +354,17 @@ def generate_adversarial(name, predict, samples, columns, path, args, resources=
     if todo:
         attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
                               args.attack_max_modify_rate, args.eval_batch_size)
+        spawn = attacks.spawn_spec(predict, name, resources, args, predict.device, args.attack_workers)
+        finished = attacks.attack_each(attack, samples, columns, todo, args.attack_seed, args.attack_workers,
+                                       f"adv-gen {name}", spawn)
         with common.open_jsonl(path) as f:
-            for i in tqdm(todo, desc=f"adv-gen {name}", leave=False, disable=None):
-                text, label, start = *samples[i], time.time()
-                set_seed(attacks.example_seed(args.attack_seed, i))  # an example's output depends on nothing else
-                attack.clear_cache()
-                result = attack.attack(OrderedDict(zip(columns, text)) if len(columns) > 1 else text, int(label))
-                perturbed = result.perturbed_result.attacked_text.tokenizer_input  # a pair is a tuple
-                records[i] = {"index": i, "label": int(label),
-                              "status": type(result).__name__.replace("AttackResult", "").lower(),
+            for i, row in finished:
+                text, label = samples[i]
+                perturbed = row["perturbed_input"]
+                records[i] = {"index": i, "label": int(label), "status": row["result"].lower(),
                               "original": text if isinstance(text, str) else list(text),  # pairs as lists
                               "perturbed": perturbed if isinstance(perturbed, str) else list(perturbed),
-                              "seconds": time.time() - start}
+                              "seconds": row["seconds"]}
                 common.append_jsonl(f, records[i])
     return [records[i] for i in range(len(samples))]
 

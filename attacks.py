@@ -139,6 +139,7 @@ def attack_one(attack, text, label: int, column_names: tuple, seed: int) -> dict
     set_seed(seed)
     attack.clear_cache()
     example = OrderedDict(zip(column_names, text)) if isinstance(text, (tuple, list)) else text
+    start = time.time()
     result = attack.attack(example, int(label))
     original, perturbed = result.original_result.attacked_text, result.perturbed_result.attacked_text
     changed = len(original.all_words_diff(perturbed)) if isinstance(result, SuccessfulAttackResult) else 0
@@ -147,7 +148,9 @@ def attack_one(attack, text, label: int, column_names: tuple, seed: int) -> dict
             "perturbed_output": int(result.perturbed_result.output),
             "num_queries": 0 if isinstance(result, SkippedAttackResult) else int(result.perturbed_result.num_queries),
             "perturbed_words": 100.0 * changed / max(1, len(original.words)),
-            "original_text": original.printable_text(), "perturbed_text": perturbed.printable_text()}
+            "original_text": original.printable_text(), "perturbed_text": perturbed.printable_text(),
+            # not in the CSV: the model input itself (a pair stays a tuple) and the time, for adversarial training data
+            "perturbed_input": perturbed.tokenizer_input, "seconds": time.time() - start}
 
 
 def summarise_attack(rows: list) -> dict:
@@ -309,6 +312,17 @@ def attack_in_workers(attack, samples, column_names, todo, attack_seed, workers:
             yield i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i))
 
 
+def attack_each(attack, samples: list, column_names: tuple, todo: list, attack_seed: int, workers: int = 1,
+                desc: str = "attack", spawn=None):
+    """Yield (i, attack_one row) for each i in todo, each under example_seed(attack_seed, i): in this process, or in
+    `workers` processes (attack_in_workers) in the order they finish."""
+    if workers > 1 and len(todo) > 1:
+        yield from attack_in_workers(attack, samples, column_names, todo, attack_seed, workers, desc, spawn)
+        return
+    for i in tqdm(todo, desc=desc, leave=False, disable=None):
+        yield i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i))
+
+
 def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[str] = None, desc: str = "attack",
                attack_seed: int = 0, key: str = "", indices=None, workers: int = 1, spawn=None):
     """Attack samples[i] for i in `indices` (default: all), each under example_seed(attack_seed, i), in this process
@@ -329,14 +343,10 @@ def run_attack(attack, samples: list, column_names: tuple, csv_path: Optional[st
         writer.writeheader()
         writer.writerows(done[i] for i in sorted(done))
         out.flush()
-    if workers > 1 and len(todo) > 1:
-        finished = attack_in_workers(attack, samples, column_names, todo, attack_seed, workers, desc, spawn)
-    else:
-        finished = ((i, attack_one(attack, samples[i][0], samples[i][1], column_names, example_seed(attack_seed, i)))
-                    for i in tqdm(todo, desc=desc, leave=False, disable=None))
+    finished = attack_each(attack, samples, column_names, todo, attack_seed, workers, desc, spawn)
     try:
         for i, row in finished:
-            done[i] = {"index": i, **row}
+            done[i] = {"index": i, **{k: v for k, v in row.items() if k in CSV_FIELDS}}  # the CSV row, nothing else
             if out is not None:
                 writer.writerow(done[i])
                 out.flush()

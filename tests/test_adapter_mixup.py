@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, needs_nltk
 
 import adapter_mixup as am
+import attacks
 import common
 import offline
 
@@ -262,6 +263,24 @@ def test_textfooler_generation_runs_offline_with_injected_substitutes(tmp_path, 
 
 
 @needs_nltk
+@needs_nltk
+def test_adversarial_data_from_two_attack_workers_equals_one(tmp_path, toy_args, capsys, monkeypatch):
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
+    predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"), nullcontext)
+    samples = [(t, i % 2) for i, t in enumerate(TOY_TEXTS[:6])]
+
+    def generate(workers, name):
+        toy_args.attack_workers = workers
+        rows = am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), str(tmp_path / name), toy_args)
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    one = generate(1, "one.jsonl")
+    calls, real = [], attacks.attack_in_workers
+    monkeypatch.setattr(attacks, "attack_in_workers", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    assert generate(2, "two.jsonl") == one and calls == [2] and "died" not in capsys.readouterr().out
+    assert all(isinstance(r["perturbed"], str) for r in one) and {r["status"] for r in one} != {"skipped"}
+
+
 def test_pair_inputs_are_attacked_and_cached_as_pairs(tmp_path, toy_args):
     model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=2)
     toy_args.temperature, toy_args.beta_grid_step, toy_args.head_start = 1.0, 0.1, 0.0
