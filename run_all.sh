@@ -97,7 +97,9 @@ if [ "$mode" = bench ]; then
     extra=()  # early-bird's bench really searches until the masks converge: bound its data and budget
     [ $script = early_bird_adv ] && extra=(--max-train-examples 2000 --max-seq-length 64 --epochs 3 --bench-steps 5)
     echo "== $script --bench"
-    $PY $script.py --bench "${b[@]}" "${extra[@]}" 2>&1 | tee "$out/bench/$script.log" || echo "$script --bench FAILED"
+    # --attacks none: a bench attacks nothing but its own probe, so the default recipes' resources are not needed
+    $PY $script.py --bench "${b[@]}" "${extra[@]}" --attacks none 2>&1 | tee "$out/bench/$script.log" ||
+      echo "$script --bench FAILED"
   done
   echo; echo "== benchmark table ($bench_model, CPU unless CUDA)"; $PY report.py "$out/bench" --bench-table
   exit 0
