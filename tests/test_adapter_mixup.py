@@ -263,7 +263,6 @@ def test_textfooler_generation_runs_offline_with_injected_substitutes(tmp_path, 
 
 
 @needs_nltk
-@needs_nltk
 def test_adversarial_data_from_two_attack_workers_equals_one(tmp_path, toy_args, capsys, monkeypatch):
     model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
     predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"), nullcontext)
@@ -281,6 +280,7 @@ def test_adversarial_data_from_two_attack_workers_equals_one(tmp_path, toy_args,
     assert all(isinstance(r["perturbed"], str) for r in one) and {r["status"] for r in one} != {"skipped"}
 
 
+@needs_nltk
 def test_pair_inputs_are_attacked_and_cached_as_pairs(tmp_path, toy_args):
     model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=2)
     toy_args.temperature, toy_args.beta_grid_step, toy_args.head_start = 1.0, 0.1, 0.0
