@@ -56,6 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--adv-lr", type=float, default=None, help="learning rate of adversarial adapters (default --lr)")
     g.add_argument("--cache-dir", default=None, help="clean-adapter checkpoints and adversarial JSONL caches, reused "
                    "and resumed (default OUTPUT_DIR/adpmixup_cache)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags): attacks "
+                   "finished in its CSVs are read back, the clean adapter and adversarial data from --cache-dir")
     g.add_argument("--beta", default="dynamic", help="the clean adapter's weight: a number in [0, 1] (v1, fixed), "
                    "'dev' (v1, the best grid point on dev) or 'dynamic' (v2, per input); the main row")
     g.add_argument("--dynamic-rule", default="inverse-entropy", choices=["inverse-entropy", "softmax", "min-entropy"],
@@ -463,7 +465,8 @@ class Experiment:
     predictor (adapter_slots: name -> index), and the results being filled in."""
 
     def __init__(self, args, resources):
-        self.args, self.run = args, start_run(args, METHOD, also_attacks=args.known)  # the training attacks too
+        self.args, self.run = args, start_run(args, METHOD, also_attacks=args.known, resume=args.resume,
+                                              free=("resume", "attack_workers"))  # the training attacks too
         if resources is None and args.attack_substitutes:  # offline TextFooler/TextBugger stand-ins, built once
             resources = offline.offline_attack_resources(args.attack_substitutes)
         self.resources, self.data = resources, load_task(args)
@@ -606,8 +609,13 @@ def dev_attack(ex, name, predict, n) -> list:
                                                           replace=False))]
     attack = build_attack(name, callable_wrapper(predict), ex.resources, args.attack_query_budget,
                           args.attack_max_modify_rate, args.eval_batch_size)
-    summary, _ = attacks.run_attack(attack, sample, ex.data.text_columns, desc=f"dev {name}",
-                                    attack_seed=args.attack_seed)
+    # one CSV per (predictor, recipe, sample) in the run folder: a resumed run does not attack them again
+    key = fingerprint([np.round(np.asarray(predict([t for t, _ in sample]), dtype=float), 3).tolist(),
+                       attacks.attack_config(args, name, ex.resources, sample)])
+    spawn = attacks.spawn_spec(predict, name, ex.resources, args, ex.run.device, args.attack_workers)
+    summary, _ = attacks.run_attack(attack, sample, ex.data.text_columns, os.path.join(ex.run.dir, f"dev_{name}_"
+                                    f"{key[:12]}.csv"), f"dev {name}", args.attack_seed, key, None,
+                                    args.attack_workers, spawn)
     return [o == "F" for o in summary["outcomes"]]  # F: the attack failed, the example held
 
 

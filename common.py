@@ -38,7 +38,8 @@ TASKS = {
 LABEL_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
                "rte": ["entailment", "not_entailment"], "ag_news": ["World", "Sports", "Business", "Sci/Tech"]}
 ATTACK_RECIPES = {"textfooler": "TextFoolerJin2019", "bert-attack": "BERTAttackLi2020",
-                  "textbugger": "TextBuggerLi2018", "pwws": "PWWSRen2019", "deepwordbug": "DeepWordBugGao2018"}
+                  "textbugger": "TextBuggerLi2018", "pwws": "PWWSRen2019", "deepwordbug": "DeepWordBugGao2018",
+                  "pruthi": "Pruthi2019"}  # pruthi: one-word typos, no downloads (an offline unknown attack)
 TINY_MODEL = "tiny"  # --model tiny: a small random BERT built offline (tests, --quick)
 
 

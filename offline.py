@@ -33,6 +33,7 @@ STOPWORDS = "corpora/stopwords"  # read by `import textattack` itself
 NEEDS = {  # recipe -> (NLTK resources, counter-fitted embeddings, USE, masked LM)
     "deepwordbug": ([STOPWORDS], False, False, False),
     "pwws": ([STOPWORDS, "corpora/wordnet"], False, False, False),
+    "pruthi": ([STOPWORDS], False, False, False),
     "textfooler": ([STOPWORDS, "taggers/averaged_perceptron_tagger_eng", "taggers/universal_tagset"], True, True,
                    False),
     "textbugger": ([STOPWORDS], True, True, False),

@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import re
@@ -396,3 +397,22 @@ def test_independent_transfer_source_is_another_adapter_than_phi0_and_is_cached(
     assert again["extra"]["training"]["independent"]["cached"].endswith(".pt")
     assert [c[0] for c in calls if c[0].startswith("transfer_")] == [transfer[0]]
     assert again["extra"]["transfer_source"]["adapter"] == source["adapter"]
+
+
+@needs_nltk
+def test_a_resumed_run_attacks_nothing_again_and_gives_the_same_rows(tmp_path, monkeypatch):
+    fake_the_attacks(monkeypatch, 5)  # the training data faked; the dev and row attacks are real DeepWordBug
+    flags = ["--attacks", "deepwordbug", "--attack-examples", "6", "--beta", "dev", "--beta-attack-examples", "4",
+             "--gate-examples", "4", "--v2-grid", "1:0,1:1", "--dynamic-rule", "softmax"]
+    first = am.main(quick_args(tmp_path, *flags))
+    (run_dir,) = [os.path.dirname(p) for p in glob.glob(str(tmp_path / "toy__*" / "args.json"))]
+    assert glob.glob(os.path.join(run_dir, "dev_deepwordbug_*.csv"))  # the gate / beta / v2 dev attacks, kept
+    calls, attack_one = [], attacks.attack_one
+    monkeypatch.setattr(attacks, "attack_one", lambda *a: calls.append(a) or attack_one(*a))
+    again = am.main(quick_args(tmp_path, *flags, "--resume", run_dir))
+    assert calls == []  # dev attacks, adversarial data and every row's attacks read back
+    assert [r["attacks"]["deepwordbug"]["outcomes"] for r in again["extra"]["rows"]] == \
+        [r["attacks"]["deepwordbug"]["outcomes"] for r in first["extra"]["rows"]]
+    assert again["extra"]["beta_v1"] == first["extra"]["beta_v1"]
+    with pytest.raises(common.UsageError, match="other flags"):
+        am.main(quick_args(tmp_path, *flags[:-1], "inverse-entropy", "--resume", run_dir))

@@ -146,7 +146,7 @@ def test_results_record_data_identity_attack_config_and_histograms(trained_tiny,
 
 # ------------------------------------------------------------------------------------------------ seeds, resume
 @needs_nltk
-@pytest.mark.parametrize("recipe", ["deepwordbug", "pwws"])
+@pytest.mark.parametrize("recipe", ["deepwordbug", "pwws", "pruthi"])
 def test_an_examples_outcome_does_not_depend_on_the_examples_before_it(trained_tiny, recipe):
     _, data, _, model, tokenizer = trained_tiny
     attack = tiny_attack(recipe, model, tokenizer)
