@@ -4,8 +4,10 @@
 # like and pairs rows example by example. Methods call evaluate_model (or evaluate_robustness for a custom predictor).
 import csv
 import io
+import json
 import logging
 import os
+import sys
 import time
 import traceback
 from collections import OrderedDict
@@ -18,8 +20,8 @@ from tqdm.auto import tqdm
 
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
-                    adversarial_backward, fingerprint, make_loader, parse_attacks, parse_shard, predict_labels, set_seed,
-                    texts_of, tokenize)
+                    adversarial_backward, fingerprint, make_loader, parse_attacks, parse_shard, predict_labels,
+                    set_seed, texts_of, tokenize, write_json_atomic)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -114,6 +116,19 @@ def attack_sample(data: TaskData, n: int, seed: int) -> list:
     return list(zip(texts_of(data, subset), subset["label"]))
 
 
+def stratified_indices(labels, n: int, seed: int) -> np.ndarray:
+    """n indices, as equal per label as the data allow, seeded; sorted. A random sample of 20 can be 70 % one class."""
+    rng, labels = np.random.default_rng(seed), np.asarray(labels)
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
+    taken, chosen = {c: 0 for c in pools}, []
+    while len(chosen) < min(n, len(labels)):
+        for c in sorted(pools, key=lambda c: taken[c]):  # the class with fewest picks first
+            if taken[c] < len(pools[c]) and len(chosen) < n:
+                chosen.append(pools[c][taken[c]])
+                taken[c] += 1
+    return np.sort(np.array(chosen, dtype=int))
+
+
 def paired_interval(a, b, n_boot: int = 2000, seed: int = 0) -> tuple:
     """(mean of a - b in points, 95 % bootstrap interval) for two 0/1 arrays over the same examples (paired)."""
     diff = 100.0 * (np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
@@ -198,6 +213,24 @@ def read_attack_csv(csv_path: str, key: str) -> dict:
     if not text.endswith("\n"):  # every finished row ends with a line break: the last line was cut
         text = text[: text.rfind("\n") + 1]
     return {int(r["index"]): r for r in csv.DictReader(io.StringIO(text, newline="")) if valid_row(r)}
+
+
+def read_records(path: str, check: Callable, what: str, kind: str) -> dict:
+    """index -> record of a JSONL log a killed run appended to. A line that does not parse, or that check(record)
+    rejects by raising, is reported and skipped (that `what` is computed again), never the others. A file without one
+    valid line is a UsageError that asks whether it is a `kind`."""
+    records, lines = {}, open(path).read().splitlines()
+    for n, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
+        try:
+            record = json.loads(line)
+            check(record)
+            records[int(record["index"])] = record
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"warning: {path} line {n} is corrupt ({type(e).__name__}); skipped, that {what} will be "
+                  f"re-evaluated", file=sys.stderr, flush=True)
+    if not records and any(line.strip() for line in lines):
+        raise UsageError(f"--resume: no valid line in {path}; is it a {kind}?")
+    return records
 
 
 def _attack_share(attack, samples, column_names, indices, attack_seed, conn) -> int:
@@ -447,6 +480,17 @@ def evaluate_model(model, tokenizer, data: TaskData, args, run: Run, results: di
                                    run.autocast)
     evaluate_robustness(predict, data, args, run, prefix, resources, row=results)
     return results
+
+
+def saved_row(path: str, label: str, evaluate: Callable) -> dict:
+    """evaluate() once: the row is saved to `path` as it finishes, and a resumed run reads it back (no attack twice)."""
+    if os.path.isfile(path):
+        print(f"[{label}] evaluated before the resume: {path}", flush=True)
+        return json.load(open(path))
+    row = evaluate()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, row)
+    return row
 
 
 def print_summary(rows: list):

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,11 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack
+from attacks import (Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary,
+                     read_records, run_attack, saved_row, stratified_indices)
 from bench import bench_rosearch, speed_vs_teacher
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
                     load_task, make_loader, predict_labels, results_template, save_atomic, set_seed, start_run,
-                    texts_of, usage_errors, validate_common_args, write_json_atomic)
+                    texts_of, usage_errors, validate_common_args)
 from finetune import cached_teacher
 from offline import offline_attack_resources
 
@@ -29,9 +29,8 @@ METHOD = "rosearch"
 INPUTS, NODES, EDGES_PER_NODE = 2, 3, 2  # a cell reads the previous two cells; B = 3 nodes of two edges (§2.3)
 # operation name -> (kind, kernel, dilation): AdaBERT's 10-op set, plus optional self-attention (§2.3)
 OPS = {"conv3": ("conv", 3, 1), "conv5": ("conv", 5, 1), "conv7": ("conv", 7, 1), "dil_conv3": ("conv", 3, 2),
-       "dil_conv5": ("conv", 5, 2), "dil_conv7": ("conv", 7, 2), "max_pool3": ("max", 3, 1),
-       "avg_pool3": ("avg", 3, 1), "identity": ("identity", 0, 0), "zero": ("zero", 0, 0),
-       "attention": ("attention", 0, 0)}
+       "dil_conv5": ("conv", 5, 2), "dil_conv7": ("conv", 7, 2), "max_pool3": ("max", 3, 1), "avg_pool3": ("avg", 3, 1),
+       "identity": ("identity", 0, 0), "zero": ("zero", 0, 0), "attention": ("attention", 0, 0)}
 MUTATIONS = {"op": 0.5, "input": 0.3, "depth": 0.1, "width": 0.1}  # §3.3
 MAX_REDRAWS = 500  # proposals tried before the space is declared exhausted
 # a row -> its setting; the first three are searches (the first is the method), every row is evaluated alike
@@ -203,17 +202,17 @@ class Student(nn.Module):
     """Teacher embeddings -> projection to H -> K cells -> masked mean pool -> tanh -> classifier (§2.3-2.4).
     folded: the tables are summed raw, projected, then normalised in H, so P folds exactly into the tables."""
 
-    def __init__(self, genotype, embed_dim, num_labels, heads=4, combine="weighted-sum", residual=True, dropout=0.1,
-                 folded=False):
+    def __init__(self, genotype, embeddings, embed_dim, num_labels, heads=4, combine="weighted-sum", residual=True,
+                 dropout=0.1, folded=False):
         super().__init__()
         self.genotype, hidden, self.folded = genotype, genotype["hidden"], folded
-        self.embeddings = None  # the teacher's BertEmbeddings, attached by build_student
         self.project = nn.Linear(embed_dim, hidden)
         self.embed_norm = nn.LayerNorm(hidden) if folded else None
         self.cells = nn.ModuleList(Cell(c, hidden, heads, combine, residual) for c in genotype["cells"])
         self.dropout = nn.Dropout(dropout)
         self.pooler = nn.Linear(hidden, hidden)
         self.classifier = nn.Linear(hidden, num_labels)
+        self.embeddings = copy.deepcopy(embeddings).cpu() if embeddings is not None else None  # the teacher's block
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -221,8 +220,6 @@ class Student(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None, **unused):
         shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         device = self.classifier.weight.device
-        if attention_mask is None:
-            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
         if self.folded:
             e = self.embeddings
             words = inputs_embeds if inputs_embeds is not None else e.word_embeddings(input_ids)
@@ -233,6 +230,7 @@ class Student(nn.Module):
         else:
             x = self.project(self.embeddings(input_ids=None if inputs_embeds is not None else input_ids,
                                              token_type_ids=token_type_ids, inputs_embeds=inputs_embeds))
+        attention_mask = torch.ones(shape, device=device) if attention_mask is None else attention_mask
         mask = attention_mask.unsqueeze(-1).to(x.dtype)
         s0 = s1 = x * mask
         for cell in self.cells:
@@ -272,7 +270,7 @@ def student_params(genotype, space: Space) -> dict:
     key = genotype_hash(genotype)
     if key not in space._params:
         with torch.device("meta"):
-            n = sum(p.numel() for p in Student(genotype, **space.student_config()).parameters())
+            n = sum(p.numel() for p in Student(genotype, None, **space.student_config()).parameters())
         h = genotype["hidden"]
         if space.folded:  # P (d x H + H) folded into the tables: rows x H
             n, tables = n - (space.embed_dim * h + h) + space.table_rows * h, space.table_rows * h
@@ -391,22 +389,9 @@ def credit(record: dict, floor_accuracy: float) -> dict:
     return {**record, "A_floor": floor_accuracy, "R_credit": record["R"] if record["A"] >= floor_accuracy else 0.0}
 
 
-def stratified_probe(labels, n: int, seed: int) -> np.ndarray:
-    """n indices, as equal per label as the data allow, seeded; sorted. A random probe of 20 can be 70 % one class."""
-    rng, labels = np.random.default_rng(seed), np.asarray(labels)
-    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
-    taken, chosen = {c: 0 for c in pools}, []
-    while len(chosen) < min(n, len(labels)):
-        for c in sorted(pools, key=lambda c: taken[c]):  # the class with fewest picks first
-            if taken[c] < len(pools[c]) and len(chosen) < n:
-                chosen.append(pools[c][taken[c]])
-                taken[c] += 1
-    return np.sort(np.array(chosen, dtype=int))
-
-
 # ---- Regularized (aging) evolution (Real et al. 2019; §3.2-3.3). Candidate i's proposal depends only on (seed, i)
 # and the history before it, so a resumed search replays the stored records and continues identically. ------------
-def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None, random_search=False) -> list:
+def evolve(space: Space, args, weights, evaluate, stored=None, on_record=lambda r: None, random_search=False) -> list:
     """P random genotypes, then C tournament children; random_search: all P + C random (the equal-budget control)."""
     stored, population, history, seen = stored or {}, deque(maxlen=args.population), [], set()
     for index in range(args.population + args.cycles):
@@ -439,30 +424,18 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=None, r
         record = {**(record or evaluate(genotype, index)), "index": index, "hash": key, "genotype": genotype,
                   "proposal": how}
         record["fitness"] = fitness(record, weights)
-        if on_record is not None:
-            on_record(record)
+        on_record(record)
         population.append(record)  # aging: the full deque drops its oldest member, not its worst
         history.append(record)
     return history
 
 
-def read_history(path: str) -> dict:
-    """index -> record; a corrupt line is reported and skipped (that candidate is re-evaluated), never the others."""
-    records, lines = {}, open(path).read().splitlines()
-    for n, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
-        try:
-            record = json.loads(line)
-            for k in ("R", "A", "E", "E_max"):
-                float(record[k])  # a number, or ValueError / TypeError / KeyError
-            if genotype_hash(record["genotype"]) != record["hash"]:
-                raise ValueError("hash mismatch")
-            records[int(record["index"])] = record
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"warning: {path} line {n} is corrupt ({type(e).__name__}); skipped, that candidate will be "
-                  f"re-evaluated", file=sys.stderr, flush=True)
-    if not records and any(line.strip() for line in lines):
-        raise UsageError(f"--resume: no valid line in {path}; is it a RoSearch history.jsonl?")
-    return records
+def check_record(record: dict):
+    """A history line a killed search wrote in full (else it raises): R, A, E, E_max numbers, its genotype's hash."""
+    for k in ("R", "A", "E", "E_max"):
+        float(record[k])  # a number, or ValueError / TypeError / KeyError
+    if genotype_hash(record["genotype"]) != record["hash"]:
+        raise ValueError("hash mismatch")
 
 
 # ---- Knowledge distillation from the teacher's cached logits (§4.3); the teacher: finetune.cached_teacher --------
@@ -478,8 +451,7 @@ def kd_loss(alpha: float, temperature: float):
 
 
 def build_student(genotype, ctx):
-    student = Student(genotype, **ctx.space.student_config())
-    student.embeddings = copy.deepcopy(ctx.teacher.base_model.embeddings).cpu()
+    student = Student(genotype, ctx.teacher.base_model.embeddings, **ctx.space.student_config())
     student.embeddings.requires_grad_(not ctx.args.freeze_embeddings)
     return student.to(ctx.run.device)
 
@@ -492,8 +464,7 @@ def save_student(student, space, path, record=None):
 def load_student(path: str, teacher, with_record=False):
     """A saved student.pt back as a model (the teacher provides the embedding module's shape); + its record."""
     saved = torch.load(path, map_location="cpu")
-    student = Student(saved["genotype"], **saved["config"])
-    student.embeddings = copy.deepcopy(teacher.base_model.embeddings).cpu()
+    student = Student(saved["genotype"], teacher.base_model.embeddings, **saved["config"])
     student.load_state_dict(saved["state_dict"])
     return (student, saved["record"]) if with_record else student
 
@@ -540,21 +511,16 @@ def train_and_score(genotype, ctx, epochs, tag):
 # ---- Final stage (§6-7): finalists, rows -----------------------------------------------------------------------
 def evaluate_row(name, model, ctx, dev_accuracy, extra=None) -> dict:
     """A test row (attacks included), saved to rows/{name}_.json: a resumed run reads it instead of attacking."""
-    path, prefix = os.path.join(ctx.run.dir, "rows", f"{name}_.json"), f"{name}_"
-    if os.path.isfile(path):
-        print(f"[{prefix}] evaluated before the resume: {path}", flush=True)
-        return json.load(open(path))
-    start = time.time()
-    row = results_template(ctx.args, METHOD, ROWS[name], model)
-    ratio = compression(row["params"], ctx.space)
-    row.update(dev_accuracy=dev_accuracy, compression=ratio["total"], extra={"compression": ratio, **(extra or {})})
-    evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, prefix=prefix, resources=ctx.resources)
-    texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
-    row["extra"]["inference"] = speed_vs_teacher(model, ctx.teacher, ctx.tokenizer, texts, ctx.args, ctx.run)
-    row["wall_clock"]["evaluation"] = time.time() - start
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json_atomic(path, row)
-    return row
+    def evaluate():
+        start, row = time.time(), results_template(ctx.args, METHOD, ROWS[name], model)
+        ratio = compression(row["params"], ctx.space)
+        row.update(dev_accuracy=dev_accuracy, compression=ratio["total"], extra={"compression": ratio, **(extra or {})})
+        evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, f"{name}_", resources=ctx.resources)
+        texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
+        row["extra"]["inference"] = speed_vs_teacher(model, ctx.teacher, ctx.tokenizer, texts, ctx.args, ctx.run)
+        row["wall_clock"]["evaluation"] = time.time() - start
+        return row
+    return saved_row(os.path.join(ctx.run.dir, "rows", f"{name}_.json"), f"{name}_", evaluate)
 
 
 def trained(genotype, ctx, tag):
@@ -573,7 +539,7 @@ def run_search(label, weights, ctx, evaluated):
     """One search (history_{label}.jsonl, appended as candidates finish, resumed in place), then its top-k finalists,
     the best fitness picked: (student, its final record, the history, KD + probe seconds as if it had run alone)."""
     args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
-    stored = read_history(path) if os.path.isfile(path) else {}
+    stored = read_records(path, check_record, "candidate", "RoSearch history.jsonl") if os.path.isfile(path) else {}
     evaluated.update({r["hash"]: r for r in stored.values()})
     if stored:
         print(f"[{label}] resuming: {len(stored)} stored candidates", flush=True)
@@ -654,7 +620,7 @@ def setup(args):
                   args.compression_basis, args.min_compression, args.student_embeddings == "folded", rows, args.heads,
                   args.cell_combine, args.cell_residual, args.dropout)
     check_space(space)
-    probe_idx = stratified_probe(data.dev["label"], args.probe_examples, args.probe_seed)
+    probe_idx = stratified_indices(data.dev["label"], args.probe_examples, args.probe_seed)  # seeded, per label
     probe = data.dev.select(probe_idx)
     ctx = Context(args, run, data, teacher, tokenizer, encoded, space, args.accuracy_floor * teacher_dev,
                   offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None,
@@ -705,7 +671,4 @@ def main(args):
 if __name__ == "__main__":
     with usage_errors():
         cli = parse_args()
-        if cli.bench:
-            bench_rosearch(cli)
-        else:
-            main(cli)
+        (bench_rosearch if cli.bench else main)(cli)

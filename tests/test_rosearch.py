@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rosearch as rs
+from attacks import read_records, stratified_indices
 from common import UsageError, count_params
 from conftest import needs_nltk  # noqa: E402
 
@@ -26,6 +27,10 @@ def make_space(ops=None, max_cells=3, hidden=(8, 16), min_compression=1.0):
 def evo_args(**kw):
     base = dict(seed=3, population=8, tournament=3, cycles=20, crossover_prob=0.3)
     return SimpleNamespace(**{**base, **kw})
+
+
+def read_history(path):
+    return read_records(path, rs.check_record, "candidate", "RoSearch history.jsonl")
 
 
 def planted_fitness(target):
@@ -160,7 +165,7 @@ def test_resume_after_interruption_reproduces_the_history(tmp_path, capsys):
     lines = path.read_text().splitlines()
     lines[4] = lines[4][:40]  # a torn write in the middle of the file
     path.write_text("\n".join(lines) + "\n")
-    stored = rs.read_history(str(path))
+    stored = read_history(str(path))
     assert "line 5 is corrupt" in capsys.readouterr().err and len(stored) == 12
     calls = []
     resumed = rs.evolve(space, args, weights, lambda g, i: calls.append(i) or stand_in(g, i), stored)
@@ -205,7 +210,7 @@ def test_bad_search_spaces_are_one_line_errors(tmp_path):
                   planted_fitness({"hidden": 8, "cells": []}))
     (tmp_path / "history_rosearch.jsonl").write_text("not json\n{\"index\": 1}\n")
     with pytest.raises(UsageError, match="no valid line"):
-        rs.read_history(str(tmp_path / "history_rosearch.jsonl"))
+        read_history(str(tmp_path / "history_rosearch.jsonl"))
     for flags, message in [(["--ops", "conv9"], "unknown op 'conv9'"), (["--fitness-weights", "0,0,1"], r"w_r \+ w_a"),
                            (["--min-cells", "3", "--max-cells", "2"], "--max-cells")]:
         with pytest.raises(UsageError, match=message):
@@ -356,9 +361,9 @@ def test_collapse_guard_gives_a_one_class_student_no_robustness_credit():
     assert constant["R_credit"] == 0.0 and real["R_credit"] == 14.0
     assert rs.fitness(real, weights) > rs.fitness(constant, weights)
     assert rs.fitness({"R": 50.0, "A": 50.0, "E": 0.2, "E_max": 0.2}, weights) > rs.fitness(real, weights)  # unguarded
-    probe = rs.stratified_probe([0] * 90 + [1] * 10, 20, seed=0)
+    probe = stratified_indices([0] * 90 + [1] * 10, 20, seed=0)
     assert len(probe) == 20 and sum(i >= 90 for i in probe) == 10  # every class up to its size, then the rest
-    assert list(rs.stratified_probe([0, 1] * 50, 10, seed=0)) == list(rs.stratified_probe([0, 1] * 50, 10, seed=0))
+    assert list(stratified_indices([0, 1] * 50, 10, seed=0)) == list(stratified_indices([0, 1] * 50, 10, seed=0))
 
 
 def test_teacher_cache_key_covers_every_fine_tuning_flag(tmp_path):
