@@ -252,6 +252,14 @@ def attacked_device(attack):
     return getattr(model, "device", None) or "cpu"
 
 
+def own_wordnet_files():
+    """A forked child reopens WordNet's data files: the inherited ones share one file offset with the parent and the
+    other workers, so a seek in one process moves another's read (PWWS then got None for a synset and raised)."""
+    wordnet = getattr(sys.modules.get("nltk.corpus"), "wordnet", None)
+    if wordnet is not None and "_data_file_map" in vars(wordnet):  # loaded (a LazyCorpusLoader has no such field)
+        wordnet._data_file_map = {}
+
+
 def _attack_worker(attack, samples, column_names, indices, attack_seed, threads, conn):
     """A forked CPU worker: its own copy of the attack and predictor, `threads` torch threads."""
     import textattack
@@ -259,6 +267,7 @@ def _attack_worker(attack, samples, column_names, indices, attack_seed, threads,
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's rayon pool does not survive fork (TextAttack sets it)
     textattack.shared.utils.device = torch.device("cpu")  # a forked child must not touch the parent's CUDA context
     torch.set_num_threads(threads)
+    own_wordnet_files()
     os._exit(_attack_share(attack, samples, column_names, indices, attack_seed, conn))  # no inherited exit handlers
 
 

@@ -439,3 +439,28 @@ def test_the_test_fingerprint_covers_every_row(tmp_path, toy_args):
         toy_args.task, toy_args.data_dir, toy_args.max_eval_examples = "sst2", str(tmp_path / name), None
         prints.append(common.load_task(toy_args).identity["test_fingerprint"])
     assert prints[0] != prints[1]  # they differ only in the 16th test sentence
+
+
+@needs_nltk
+def test_a_forked_attack_worker_reads_wordnet_through_its_own_file(monkeypatch):
+    """Inherited WordNet files share one offset across processes: PWWS in two workers once read another's line."""
+    import multiprocessing as mp
+
+    from nltk.corpus import wordnet
+
+    wordnet.synsets("good")  # loaded here, its data files open in the parent
+    parent = {pos: f.stream.fileno() for pos, f in wordnet._data_file_map.items()}
+
+    def report(attack, samples, column_names, indices, attack_seed, conn):  # the worker's loop, replaced
+        wordnet.synsets("dreadful")
+        conn.send({pos: f.stream.fileno() for pos, f in wordnet._data_file_map.items()})
+        return 0
+
+    monkeypatch.setattr(attacks, "_attack_share", report)
+    ctx = mp.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    worker = ctx.Process(target=attacks._attack_worker, args=(None, [], (), [0], 0, 1, writer))
+    worker.start()
+    child = reader.recv()
+    worker.join()
+    assert child and not set(child.values()) & set(parent.values())
