@@ -12,8 +12,6 @@ import itertools
 import math
 import os
 import time
-from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,17 +21,21 @@ import torch.nn.functional as F
 import attacks
 import common
 import offline
-from attacks import build_attack, callable_wrapper, evaluate_model, evaluate_robustness, print_summary
-from common import (ATTACK_RECIPES, UsageError, add_common_args, auroc, check_range, count_params, finetune,
-                    finish_run, fingerprint, fingerprint_tensors, load_model, load_task, make_loader, parse_attacks,
-                    results_template, rows_accuracy, rows_loader, set_seed, start_run, texts_of, tokenize,
-                    usage_errors)
+from attacks import evaluate_model, evaluate_robustness, print_summary
+from common import (UsageError, add_common_args, auroc, check_range, count_params, finetune,
+                    finish_run, fingerprint, fingerprint_tensors, load_model, load_task, parse_attacks,
+                    results_template, rows_accuracy, rows_loader, set_seed, start_run, texts_of, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
 ADAPTER_INIT_STD = 1e-2  # W_down ~ N(0, 0.01^2), W_up = 0: every adapter starts as the identity (Houlsby et al.)
 ADV_VAL_SHARE = 0.1  # share of each D_adv,k held out as adversarial validation (spec §3.3, step 4)
 INDEPENDENT_SEED_OFFSET = 1000  # --transfer-source independent: a clean adapter trained under --seed + this
+CACHE_VERSION = 3  # bumped when what a cache holds changes (2: generation seeded per example, complete keys;
+# 3: the clean adapter's key holds its initial weights)
+CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eval_examples", "dev_size",
+             "max_seq_length", "batch_size", "eval_batch_size", "lr", "epochs", "weight_decay", "warmup", "bf16",
+             "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
 RANGES = {"reduction_factor": (1, None, False), "adv_train_examples": (1, None, False), "adv_epochs": (0, None, True),
           "temperature": (0, None, True), "beta_grid_step": (0, 1, True), "curve_attack_examples": (0, None, False),
@@ -87,12 +89,9 @@ def parse_args(argv=None):
 
 def validate(args):
     common.validate_common_args(args)
-    args.known = [a.strip().lower() for a in args.train_attacks.split(",") if a.strip()]
+    args.known = parse_attacks(args.train_attacks, "--train-attacks")
     if not args.known:
         raise UsageError("--train-attacks needs at least one attack")
-    for name in args.known:
-        if name not in ATTACK_RECIPES:
-            raise UsageError(f"unknown attack '{name}' in --train-attacks; choose from: {', '.join(ATTACK_RECIPES)}")
     if args.beta not in ("dynamic", "dev"):
         try:
             args.beta = float(args.beta)
@@ -128,7 +127,7 @@ class Mixture:
     beta None: the single slot slots[0]; beta (S,): one mix for the batch; beta (B, S): one mix per example."""
 
     def __init__(self):
-        self.slots, self.beta = [0], None
+        self.use([0])
 
     def use(self, slots, beta=None):
         self.slots, self.beta = list(slots), None if beta is None else torch.as_tensor(beta, dtype=torch.float32)
@@ -196,7 +195,7 @@ def add_adapters(model, n_slots, adapter_type, reduction_factor, activation) -> 
         base = getattr(owner, name)
         setattr(owner, name, MixedLinear([copy.deepcopy(base).requires_grad_(True) for _ in range(n_slots)], mixture))
     for k in range(1, n_slots):
-        copy_adapter(model, 0, k)
+        load_adapter_state(model, k, adapter_state(model, 0))
     return mixture
 
 
@@ -227,10 +226,6 @@ def load_adapter_state(model, k, state):
             p.copy_(state[f"{i}.{n}"])
 
 
-def copy_adapter(model, src, dst):
-    load_adapter_state(model, dst, adapter_state(model, src))
-
-
 @torch.no_grad()
 def merge_adapters(model, slots, beta, dst):
     """phi_mix = sum_k beta_k phi_k, tensor by tensor, adapters and heads (spec §3.5), written into slot dst."""
@@ -251,10 +246,6 @@ def reinit_adapter(model, k, seed):
 
 
 # ---- The predictor: list[str] -> logits, beta included, so attacks query the whole defence (spec §3.7) ---------------
-def entropy(logits):
-    return -(F.softmax(logits.float(), -1) * F.log_softmax(logits.float(), -1)).sum(-1)
-
-
 def dynamic_beta(entropies, rule="inverse-entropy", temperature=1.0, head_start=0.0):
     """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6); column 0 is the clean
     adapter, given a head start b (deviation: with adapters that are small tweaks of phi_0 all H_k are alike and
@@ -274,21 +265,16 @@ def simplex_grid(n_slots, step):
     return torch.tensor(points, dtype=torch.float32) / n
 
 
-class MixupPredictor:
+class MixupPredictor(attacks.Predictor):
     """beta None: adapter slot slots[0] alone (a fixed mix is merged into a slot first); 'dynamic': beta(x) from the
     entropies of the S single-slot predictions (S passes batched by repeating the batch, plus the mixed pass);
     'ensemble': the control that mixes outputs, not weights: the mean of the S single slots' probabilities."""
 
     def __init__(self, model, tokenizer, mixture, slots, beta, args, device, autocast, rule="inverse-entropy"):
-        self.model, self.tokenizer, self.mixture, self.slots, self.beta = model, tokenizer, mixture, slots, beta
-        self.args, self.device, self.autocast, self.rule = args, device, autocast, rule
+        super().__init__(model, tokenizer, args.max_seq_length, args.eval_batch_size, device, autocast)
+        self.mixture, self.slots, self.beta, self.args, self.rule = mixture, slots, beta, args, rule
         self.candidates = torch.eye(len(slots)) if rule != "min-entropy" or beta == "ensemble" else simplex_grid(
             len(slots), args.beta_grid_step)
-
-    def to(self, device):  # a spawned GPU attack worker moves its copy
-        self.model.to(device)
-        self.device = device
-        return self
 
     @property
     def passes(self):
@@ -302,80 +288,28 @@ class MixupPredictor:
         self.model.eval()
         batch = enc["input_ids"].size(0)
         if self.beta not in ("dynamic", "ensemble"):
-            self.mixture.use(self.slots, None)
-            with self.autocast():
-                logits = common._logits(self.model(**enc)).float()
-            return logits, torch.ones(batch, 1)
+            self.mixture.use(self.slots)
+            return self.logits(enc), torch.ones(batch, 1)
         grid = self.candidates.size(0)  # copy g of the batch uses candidate mix g (one-hot = single adapter)
         self.mixture.use(self.slots, self.candidates.repeat_interleave(batch, 0).to(self.device))
-        with self.autocast():
-            logits = common._logits(self.model(**{k: v.repeat(grid, 1) for k, v in enc.items()})).float()
-        logits = logits.view(grid, batch, -1)
+        logits = self.logits({k: v.repeat(grid, 1) for k, v in enc.items()}).view(grid, batch, -1)
         if self.beta == "ensemble":  # log of the mean probability: argmax and attacks see the averaged output
             return torch.logsumexp(F.log_softmax(logits, -1), 0) - math.log(grid), torch.full((batch, grid), 1 / grid)
-        entropies = entropy(logits).T  # (B, G)
+        entropies = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).T  # (B, G) prediction entropies H
         if self.rule == "min-entropy":  # variant B: the grid point whose mixed model is most confident
             pick = entropies.argmin(1)
             return logits[pick, torch.arange(batch)], self.candidates[pick.cpu()]
         beta = dynamic_beta(entropies, self.rule, self.args.temperature, self.args.head_start)
         self.mixture.use(self.slots, beta)
-        with self.autocast():
-            return common._logits(self.model(**enc)).float(), beta.cpu()
+        return self.logits(enc), beta.cpu()
 
     def run(self, texts):
-        logits, betas = [], []
-        for i in range(0, len(texts), self.args.eval_batch_size):
-            chunk = list(texts[i: i + self.args.eval_batch_size])
-            pair = isinstance(chunk[0], (tuple, list))
-            inputs = ([t[0] for t in chunk], [t[1] for t in chunk]) if pair else (chunk,)
-            enc = self.tokenizer(*inputs, truncation=True, max_length=self.args.max_seq_length, padding=True,
-                                 return_tensors="pt").to(self.device)
-            out, beta = self.mix(dict(enc))
-            logits.append(out.cpu()), betas.append(beta.cpu())
-        return torch.cat(logits).numpy(), torch.cat(betas).numpy()
+        """(logits, beta) of every text, as numpy arrays."""
+        out = [self.mix(dict(enc)) for enc in self.batches(texts)]
+        return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
 
     def __call__(self, texts):
         return self.run(texts)[0]
-
-
-# ---- Adversarial data: attack a source adapter, keep successes, cached as JSONL (spec §3.3); training one slot -------
-CACHE_VERSION = 3  # bumped when what a cache holds changes (2: generation seeded per example, complete keys;
-# 3: the clean adapter's key holds its initial weights)
-CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eval_examples", "dev_size",
-             "max_seq_length", "batch_size", "eval_batch_size", "lr", "epochs", "weight_decay", "warmup", "bf16",
-             "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
-
-
-def generate_adversarial(name, predict, samples, columns, path, args, resources=None):
-    """Attack every (text, label) in samples, each under its own seed (attacks.attack_one), in --attack-workers
-    processes; one JSONL line per finished example, so a rerun resumes."""
-    records = common.read_jsonl(path)
-    todo = [i for i in range(len(samples)) if i not in records]
-    if records:
-        print(f"[adv-gen] {name}: {len(records)} cached examples in {path}, {len(todo)} to attack", flush=True)
-    if todo:
-        attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
-                              args.attack_max_modify_rate, args.eval_batch_size)
-        spawn = attacks.spawn_spec(predict, name, resources, args, predict.device, args.attack_workers)
-        finished = attacks.attack_each(attack, samples, columns, todo, args.attack_seed, args.attack_workers,
-                                       f"adv-gen {name}", spawn)
-        with common.open_jsonl(path) as f:
-            for i, row in finished:
-                text, label = samples[i]
-                perturbed = row["perturbed_input"]
-                records[i] = {"index": i, "label": int(label), "status": row["result"].lower(),
-                              "original": text if isinstance(text, str) else list(text),  # pairs as lists
-                              "perturbed": perturbed if isinstance(perturbed, str) else list(perturbed),
-                              "seconds": row["seconds"]}
-                common.append_jsonl(f, records[i])
-    return [records[i] for i in range(len(samples))]
-
-
-def split_rows(rows, share, seed):
-    """(train, held-out) lists of (text, label); at least one held out when there are two or more."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_val = int(round(share * len(rows))) if len(rows) < 2 else max(1, int(round(share * len(rows))))
-    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
 def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run, args, epochs, lr, tag, seed=None):
@@ -403,62 +337,6 @@ def trainable_share(model, backbone_total) -> dict:
             "pct_without_pooler": 100 * (per_adapter - pooler) / backbone_total, "includes": "adapters + pooler + head"}
 
 
-def bench(args):
-    """Seconds per training step and trainable parameters: one adapter slot vs full fine-tuning, plus passes."""
-    from bench import seconds_per_step
-
-    set_seed(args.seed)
-    device = common.pick_device(args.cuda)
-    data = load_task(args)
-    full, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
-                                 os.path.join(args.output_dir, ".tiny-bert"))
-    adapted = copy.deepcopy(full)
-    add_adapters(adapted, 1 + len(args.known), args.adapter_type, args.reduction_factor, args.adapter_activation)
-    train_only(adapted, 0)  # the mixture uses slot 0 alone
-    rows = data.train.select(range(min(len(data.train), args.batch_size)))
-    batches = [next(iter(make_loader(tokenize(data, rows, tokenizer, args.max_seq_length), tokenizer,
-                                     args.batch_size, False)))] * (args.bench_steps + 1)  # the first warms up
-    timer = SimpleNamespace(device=device, autocast=nullcontext)  # what seconds_per_step reads of a Run
-    timing = {name: (seconds_per_step(model, batches, timer, common.Adversary(steps=0)), n) for name, model, n in
-              (("full fine-tuning", full, count_params(full)["total"]),
-               ("adapter set", adapted, sum(p.numel() for p in adapter_params(adapted, 0))))}
-    backbone, m = count_params(full)["total"], len(args.known)
-    share = trainable_share(adapted, backbone)
-    ratio = timing["adapter set"][0] / timing["full fine-tuning"][0]
-    print(f"bench ({args.model}, batch {args.batch_size}, {device}, {args.bench_steps} steps):")
-    for name, (seconds, n) in timing.items():
-        print(f"  {name:<18} {seconds:8.4f} s/step   trainable {n:>12,} ({100 * n / backbone:.2f}% of backbone)")
-    print(f"  adapter / full step time: {ratio:.2f}x; AdpMixup trains 1 + m = {1 + m} adapter sets "
-          f"({(1 + m) * share['per_adapter']:,} params, {(1 + m) * share['pct_of_backbone']:.2f}% of backbone incl. "
-          f"the pooler dense, {(1 + m) * share['pct_without_pooler']:.2f}% without)")
-    # projected training if every attacked example gave one adversarial text (an upper bound); the adversarial
-    # generation is the same for both and is left out. Like with like first: every stage at --full-epochs
-    n, adv = len(data.train), min(args.adv_train_examples, len(data.train))
-    adapter_step, full_step = timing["adapter set"][0], timing["full fine-tuning"][0]
-
-    def steps(examples, epochs):
-        return np.ceil(examples / args.batch_size) * epochs
-
-    def new_attack(epochs):  # one more adversarial adapter: on its adversarial data + an equal clean sample
-        return adapter_step * steps(2 * adv, epochs)
-
-    def project(clean_epochs, adv_epochs):
-        return {"adpmixup": adapter_step * steps(n, clean_epochs) + m * new_attack(adv_epochs),
-                "full_at": full_step * steps(n + m * adv, args.full_epochs)}
-
-    projected = {"equal_epochs": project(args.full_epochs, args.full_epochs),
-                 "flagged": project(args.epochs, args.adv_epochs)}
-    print(f"  projected training at equal epochs ({args.full_epochs:g} for every stage; n={n}, m={m}, {adv} "
-          f"adversarial each): AdpMixup {projected['equal_epochs']['adpmixup']:.0f}s vs full AT "
-          f"{projected['equal_epochs']['full_at']:.0f}s")
-    print(f"  projected training as flagged (clean adapter --epochs {args.epochs:g}, each adversarial adapter "
-          f"--adv-epochs {args.adv_epochs:g}, full AT --full-epochs {args.full_epochs:g}): AdpMixup "
-          f"{projected['flagged']['adpmixup']:.0f}s, full AT {projected['flagged']['full_at']:.0f}s; a new attack "
-          f"costs AdpMixup {new_attack(args.adv_epochs):.0f}s, full AT a full retraining")
-    print(f"  inference passes per example: single adapter 1, AdpMixup v1 1, v2 {m + 2} (m + 1 entropies + mix)")
-    return {"timing": timing, "ratio": ratio, "trainable_share": share, "projected_seconds": projected}
-
-
 # ---- The stages of the algorithm (spec §3.8); main() at the end calls them in order ----------------------------------
 class Experiment:
     """What every stage shares: the run, the data as (text, label) rows, the frozen model with one adapter slot per
@@ -466,7 +344,7 @@ class Experiment:
 
     def __init__(self, args, resources):
         self.args, self.run = args, start_run(args, METHOD, also_attacks=args.known, resume=args.resume,
-                                              free=("resume", "attack_workers"))  # the training attacks too
+                                              free=("resume", "attack_workers", "attacks"))  # the training attacks too
         if resources is None and args.attack_substitutes:  # offline TextFooler/TextBugger stand-ins, built once
             resources = offline.offline_attack_resources(args.attack_substitutes)
         self.resources, self.data = resources, load_task(args)
@@ -498,6 +376,12 @@ class Experiment:
     def weights_id(self, name):
         return fingerprint_tensors(adapter_state(self.model, self.adapter_slots[name]))
 
+    def dev_robust(self, name, predict, n) -> list:
+        """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict` (one
+        keyed CSV per predictor in the run folder: a resumed run reads it back)."""
+        return attacks.attack_seeded_rows(predict, name, self.dev_rows, n, self.args, self.run, self.resources,
+                                          self.data.text_columns, "dev")
+
 
 def clean_adapter(ex, name, seed):
     """Stage 1: a clean adapter on D_tr under `seed`, best on dev (spec §3.4 step 1); from the cache if trained."""
@@ -519,25 +403,15 @@ def clean_adapter(ex, name, seed):
 
 
 def attack_source(ex, kind, name, source, samples):
-    """Stage 2 (and the transfer sets): attack `name` on samples against adapter `source`, cached under a key of all
-    the records depend on (weights, sample, budget, seed, resources); returns (counts, successful rows)."""
-    args, start = ex.args, time.time()
-    key = fingerprint([name, ex.weights_id(source), samples, args.attack_query_budget, args.attack_max_modify_rate,
-                       args.max_seq_length, args.attack_seed, getattr(ex.resources, "label", None) or "real",
-                       args.attack_substitutes and os.path.abspath(args.attack_substitutes), CACHE_VERSION])
-    path = os.path.join(args.cache_dir, f"{kind}_{name}_{key}.jsonl")
-    records = generate_adversarial(name, ex.predictor([source]), samples, ex.data.text_columns, path, args,
-                                   ex.resources)
-    counts = {s: sum(r["status"] == s for r in records) for s in ("successful", "failed", "skipped")}
-    seconds = sum(r.get("seconds", 0.0) for r in records)  # the generation cost, also when read from cache
-    summary = {**counts, "attacked": len(records), "cache": path, "seconds": seconds,
-               "seconds_this_run": time.time() - start,
-               "success_rate": 100.0 * counts["successful"] / max(1, counts["successful"] + counts["failed"])}
-    print(f"[{kind} {name}] against the {source} adapter: {counts['successful']} successful / {counts['failed']} "
-          f"failed / {counts['skipped']} skipped of {len(records)} ({seconds:.0f}s)", flush=True)
-    pair = len(ex.data.text_columns) > 1
-    return summary, [(tuple(r["perturbed"]) if pair else r["perturbed"], r["label"]) for r in records
-                     if r["status"] == "successful"]
+    """Stage 2 (and the transfer sets): attack `name` on samples against adapter `source`, cached as JSONL under a key
+    of all the records depend on; returns (counts, successful rows)."""
+    key = attacks.adversarial_key(name, ex.weights_id(source), samples, ex.args, ex.resources, CACHE_VERSION)
+    summary, kept = attacks.adversarial_set(name, ex.predictor([source]), samples, ex.data.text_columns,
+                                            os.path.join(ex.args.cache_dir, f"{kind}_{name}_{key}.jsonl"), ex.args,
+                                            ex.resources)
+    print(f"[{kind} {name}] against the {source} adapter: {summary['successful']} successful / {summary['failed']} "
+          f"failed / {summary['skipped']} skipped of {summary['attacked']} ({summary['seconds']:.0f}s)", flush=True)
+    return summary, kept
 
 
 def adversarial_data(ex, rng):
@@ -555,22 +429,29 @@ def adversarial_data(ex, rng):
                                f"no adversarial adapter for {name}")
             print(f"warning: {ex.warnings[-1]}", flush=True)
             continue
-        adv_train[name], adv_val[name] = split_rows(kept, ADV_VAL_SHARE, ex.args.seed)
+        order = np.random.default_rng(ex.args.seed).permutation(len(kept))
+        n_val = max(int(len(kept) > 1), round(ADV_VAL_SHARE * len(kept)))  # one at least, from two rows on
+        adv_train[name], adv_val[name] = [kept[i] for i in order[n_val:]], [kept[i] for i in order[:n_val]]
         summary.update(kept_train=len(adv_train[name]), kept_val=len(adv_val[name]))
     return adv_train, adv_val
 
 
-def independent_transfer_sets(ex):
-    """Every --attacks recipe on the seeded test sample against the independent clean adapter: transfer sets that
-    no evaluated row, phi_0 included, was attacked with (issue 16, Deliver 3)."""
+def transfer_sets(ex):
+    """With --transfer-source independent: every --attacks recipe on the seeded test sample against the independent
+    clean adapter, transfer sets that no evaluated row, phi_0 included, was attacked with (issue 16, Deliver 3).
+    Else None: stage 6 takes phi_0's own successful test attacks."""
+    ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
+    if ex.args.transfer_source != "independent":
+        return None
     samples = attacks.attack_sample(ex.data, ex.args.attack_examples, ex.args.attack_seed)
-    info = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
-            "adapter": ex.weights_id("independent"), "clean_adapter": ex.weights_id("clean"), "sets": {},
-            "dev_accuracy": rows_accuracy(ex.predictor(["independent"]), ex.dev_rows)}
+    info = ex.extra["transfer_source"] = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
+                                          "adapter": ex.weights_id("independent"),
+                                          "clean_adapter": ex.weights_id("clean"), "sets": {},
+                                          "dev_accuracy": rows_accuracy(ex.predictor(["independent"]), ex.dev_rows)}
     transfer_rows = {}
     for name in parse_attacks(ex.args.attacks):
         info["sets"][name], transfer_rows[name] = attack_source(ex, "transfer", name, "independent", samples)
-    return info, transfer_rows
+    return transfer_rows
 
 
 def adversarial_adapters(ex, rng, adv_train, adv_val):
@@ -579,7 +460,7 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
     args, stats = ex.args, {}
     ex.wall["adversarial_adapters"] = 0.0
     for name in adv_train:
-        copy_adapter(ex.model, 0, ex.adapter_slots[f"adv-{name}"])
+        load_adapter_state(ex.model, ex.adapter_slots[f"adv-{name}"], adapter_state(ex.model, 0))
         n = len(adv_train[name])
         clean_sample = [ex.train_rows[i] for i in rng.choice(len(ex.train_rows), n, replace=False)] \
             if n <= len(ex.train_rows) else ex.train_rows
@@ -602,35 +483,11 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
     return stats
 
 
-def dev_attack(ex, name, predict, n) -> list:
-    """Robust (True) / not, per example, of `n` seeded dev sentences under recipe `name` run afresh on `predict`."""
-    args, rng = ex.args, np.random.default_rng(ex.args.attack_seed)
-    sample = [ex.dev_rows[i] for i in np.sort(rng.choice(len(ex.dev_rows), size=min(n, len(ex.dev_rows)),
-                                                          replace=False))]
-    attack = build_attack(name, callable_wrapper(predict), ex.resources, args.attack_query_budget,
-                          args.attack_max_modify_rate, args.eval_batch_size)
-    # one CSV per (predictor, recipe, sample) in the run folder: a resumed run does not attack them again
-    key = fingerprint([np.round(np.asarray(predict([t for t, _ in sample]), dtype=float), 3).tolist(),
-                       attacks.attack_config(args, name, ex.resources, sample)])
-    spawn = attacks.spawn_spec(predict, name, ex.resources, args, ex.run.device, args.attack_workers)
-    summary, _ = attacks.run_attack(attack, sample, ex.data.text_columns, os.path.join(ex.run.dir, f"dev_{name}_"
-                                    f"{key[:12]}.csv"), f"dev {name}", args.attack_seed, key, None,
-                                    args.attack_workers, spawn)
-    return [o == "F" for o in summary["outcomes"]]  # F: the attack failed, the example held
-
-
-def adaptive_objective(ex, predict, dev_clean, known) -> dict:
-    """(dev clean accuracy + mean over the known attacks of dev Aua, each attack run on this predictor) / 2."""
-    auas = {f"dev_aua_{name}": 100.0 * float(np.mean(dev_attack(ex, name, predict, ex.args.beta_attack_examples)))
-            for name in known}
-    return {**auas, "adaptive_objective": (dev_clean + float(np.mean(list(auas.values())))) / 2}
-
-
 def adapter_gate(ex, name) -> dict:
     """Does the adversarial adapter phi_k resist its own attack a_k better than phi_0? Both attacked afresh (not the
     transfer examples phi_0 failed on by construction) on the same seeded dev sentences; paired interval. The mix
     can only help if phi_k passes."""
-    robust = {who: dev_attack(ex, name, ex.predictor([slot]), ex.args.gate_examples)
+    robust = {who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
               for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))}
     delta, low, high = attacks.paired_interval(robust["adversarial"], robust["clean"], seed=ex.args.attack_seed)
     n = len(robust["clean"])
@@ -645,6 +502,13 @@ def adapter_gate(ex, name) -> dict:
                            f"on dev beyond the paired interval ({delta:+.1f} [{low:+.1f}, {high:+.1f}] points, n={n}): "
                            f"mixing it in cannot be expected to help")
     return gate
+
+
+def adaptive_objective(ex, predict, dev_clean, known) -> dict:
+    """(dev clean accuracy + mean over the known attacks of dev Aua, each attack run on this predictor) / 2."""
+    auas = {f"dev_aua_{name}": 100.0 * float(np.mean(ex.dev_robust(name, predict, ex.args.beta_attack_examples)))
+            for name in known}
+    return {**auas, "adaptive_objective": (dev_clean + float(np.mean(list(auas.values())))) / 2}
 
 
 def choose_v1(ex, known, adv_val):
@@ -735,8 +599,8 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
             if weights is not None:
                 attacked[weights] = (key, row["attacks"])
         mark_known(row, known)
-        if key == "clean" and transfer_rows is None:
-            transfer_rows = read_transfer_sets(ex.run.dir, row["attacks"], ex.data)
+        if key == "clean" and transfer_rows is None:  # phi_0's successful test attacks (single-text tasks only)
+            transfer_rows = attacks.successful_rows(ex.run.dir, row["attacks"], ex.data)
         row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
@@ -755,27 +619,12 @@ def mark_known(row, known):
         row[f"aua_{group}_mean"] = float(np.mean(auas)) if auas else None
 
 
-def read_transfer_sets(run_dir, robust, data):
-    """Successful adversarial test texts against the clean adapter, per attack (single-text tasks only)."""
-    if len(data.text_columns) > 1:
-        return {}
-    sets = {}
-    for name, metrics in robust.items():
-        if "error" not in metrics:  # a recipe that failed has no transfer set
-            with open(os.path.join(run_dir, metrics["csv"]), newline="") as f:
-                sets[name] = [(r["perturbed_text"], int(r["ground_truth"])) for r in csv.DictReader(f)
-                              if r["result"] == "Successful"]
-    return sets
-
-
 def profile(predict, mix, clean_texts, adversarial, source):
     """Which known attack each input most resembles (argmax_{k>=1} beta_k) and detection AUROC of 1 - beta_0."""
     _, clean_beta = predict.run(clean_texts)
     out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
     scores = []
-    for name, rows in adversarial.items():
-        if not rows:
-            continue
+    for name, rows in ((name, rows) for name, rows in adversarial.items() if rows):
         _, beta = predict.run([t for t, _ in rows])
         attributed = [mix[1 + k] if beta[i, 0] < beta[i, 1 + k] else "clean"
                       for i, k in enumerate(beta[:, 1:].argmax(1))]
@@ -792,6 +641,7 @@ def profile(predict, mix, clean_texts, adversarial, source):
 def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
     """Stage 6 (--baseline full-at): a fresh backbone fully fine-tuned on the same clean + adversarial rows."""
     args, data, run = ex.args, ex.data, ex.run
+    set_seed(args.seed)  # its head and dropout draw from the RNG: the same model whether earlier stages were cached
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
                                   os.path.join(args.output_dir, ".tiny-bert"))
     train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, args.seed)
@@ -815,8 +665,10 @@ def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
 # ---- Main: the algorithm (spec §3.8) in six stages -------------------------------------------------------------------
 def main(args, resources=None):
     validate(args)
-    if args.bench:
-        return bench(args)
+    if args.bench:  # training cost vs full AT, inference passes; exit
+        from bench import bench_adapter_mixup
+
+        return bench_adapter_mixup(args)
     ex = Experiment(args, resources)
     share = ex.extra["trainable_share"] = trainable_share(ex.model, ex.backbone["total"])
     print(f"[{METHOD}] backbone {ex.backbone['total']:,} params (frozen); one adapter set + head "
@@ -835,10 +687,7 @@ def main(args, resources=None):
     rng = np.random.default_rng(args.seed)
     adv_train, adv_val = adversarial_data(ex, rng)
     known = list(adv_train)  # attacks that have an adversarial adapter
-    transfer_rows = None  # read from phi_0's own attacks in stage 6, unless made here against the independent model
-    ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
-    if args.transfer_source == "independent":
-        ex.extra["transfer_source"], transfer_rows = independent_transfer_sets(ex)
+    transfer_rows = transfer_sets(ex)  # None: read from phi_0's own attacks in stage 6
 
     # ---- Stage 3: adversarial adapters phi_k from phi_0 (spec §3.4 step 2), the gate, the AT adapter baseline
     print("=== Stage 3: adversarial adapters ===", flush=True)
@@ -859,9 +708,14 @@ def main(args, resources=None):
     if args.baseline == "full-at":
         rows.append(full_at_baseline(ex, ex.train_rows + [r for n in known for r in adv_train[n]],
                                      ex.dev_rows + [r for n in known for r in adv_val[n]], known, transfer_rows))
+    return finish(ex, rows, known, beta_v1, train_stats)
 
+
+def finish(ex, rows, known, beta_v1, train_stats):
+    """results.json: the main row (v2 for --beta dynamic, else v1; the clean adapter when no attack is known) on top,
+    every row and what the stages recorded under extra; the summary table and the warnings."""
+    args, share, results = ex.args, ex.extra["trainable_share"], ex.results
     main_row = next(r for r in rows if r["key"] == (("v2" if args.beta == "dynamic" else "v1") if known else "clean"))
-    results = ex.results
     results.update(setting=main_row["setting"], params={"total": main_row["params"]["total"],
                    "non_embedding": ex.backbone["non_embedding"] + main_row["params"]["trainable"]},
                    dev_accuracy=main_row["dev_accuracy"], clean_accuracy=main_row["clean_accuracy"],

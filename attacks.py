@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
-                    adversarial_backward, fingerprint, make_loader, parse_attacks, parse_shard, predict_labels,
-                    set_seed, texts_of, tokenize, write_json_atomic)
+                    adversarial_backward, append_jsonl, fingerprint, make_loader, open_jsonl, parse_attacks,
+                    parse_shard, predict_labels, read_jsonl, set_seed, texts_of, tokenize, write_json_atomic)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -51,19 +51,24 @@ class Predictor:
         self.device = device
         return self
 
-    @torch.no_grad()
-    def __call__(self, texts):
-        self.model.eval()
-        outputs = []
+    def batches(self, texts):
+        """The tokenised batches of `texts` on the device, each padded to its own longest sequence."""
         for i in range(0, len(texts), self.batch_size):
             chunk = list(texts[i: i + self.batch_size])
             pair = isinstance(chunk[0], (tuple, list))
-            args = (list(map(lambda t: t[0], chunk)), list(map(lambda t: t[1], chunk))) if pair else (chunk,)
-            enc = self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=True,
+            args = ([t[0] for t in chunk], [t[1] for t in chunk]) if pair else (chunk,)
+            yield self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=True,
                                  return_tensors="pt").to(self.device)
-            with self.autocast():
-                outputs.append(_logits(self.model(**enc)).float().cpu())
-        return torch.cat(outputs).numpy()
+
+    def logits(self, enc):
+        """Float logits of one tokenised batch."""
+        with self.autocast():
+            return _logits(self.model(**enc)).float()
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        self.model.eval()
+        return torch.cat([self.logits(enc).cpu() for enc in self.batches(texts)]).numpy()
 
 
 def callable_wrapper(predict: Callable):
@@ -419,6 +424,86 @@ def spawn_spec(predict, name: str, resources, args, device, workers: int):
               "query_budget": args.attack_query_budget, "max_modify_rate": args.attack_max_modify_rate,
               "batch_size": args.eval_batch_size}
     return predict, recipe, worker_devices(workers, device)
+
+
+def attack_seeded_rows(predict: Callable, name: str, rows: list, n: int, args, run: Run, resources, column_names,
+                       tag: str) -> list:
+    """Robust (True: the attack failed) or not, per example, of n seeded (input, label) rows under recipe `name` run
+    on `predict`. One CSV per (predictor, recipe, sample) in the run folder, {tag}_{name}_{key}.csv: a resumed run
+    reads it back instead of attacking again."""
+    rng = np.random.default_rng(args.attack_seed)
+    sample = [rows[i] for i in np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+    attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
+                          args.attack_max_modify_rate, args.eval_batch_size)
+    key = fingerprint([np.round(np.asarray(predict([t for t, _ in sample]), dtype=float), 3).tolist(),
+                       attack_config(args, name, resources, sample)])
+    spawn = spawn_spec(predict, name, resources, args, run.device, args.attack_workers)
+    summary, _ = run_attack(attack, sample, column_names, os.path.join(run.dir, f"{tag}_{name}_{key[:12]}.csv"),
+                            f"{tag} {name}", args.attack_seed, key, None, args.attack_workers, spawn)
+    return [o == "F" for o in summary["outcomes"]]
+
+
+# ---- Adversarial examples as data (adapter_mixup.py's training and transfer sets): a resumable JSONL cache ----------
+def adversarial_key(name: str, weights: str, samples: list, args, resources, version: int) -> str:
+    """The cache key of `samples` attacked with recipe `name`: all the records depend on, i.e. the attacked model's
+    weights (a fingerprint), the sample, budget, length, seed, resources and the cache format's `version`."""
+    return fingerprint([name, weights, samples, args.attack_query_budget, args.attack_max_modify_rate,
+                        args.max_seq_length, args.attack_seed, getattr(resources, "label", None) or "real",
+                        args.attack_substitutes and os.path.abspath(args.attack_substitutes), version])
+
+
+def generate_adversarial(name: str, predict: Callable, samples: list, column_names: tuple, path: str, args,
+                         resources=None) -> list:
+    """Attack every (input, label) in samples, each under its own seed (attack_one), in --attack-workers processes;
+    one JSONL record per finished example, so a rerun resumes. Returns the records in sample order."""
+    records = read_jsonl(path)
+    todo = [i for i in range(len(samples)) if i not in records]
+    if records:
+        print(f"[adv-gen] {name}: {len(records)} cached examples in {path}, {len(todo)} to attack", flush=True)
+    if todo:
+        attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
+                              args.attack_max_modify_rate, args.eval_batch_size)
+        spawn = spawn_spec(predict, name, resources, args, predict.device, args.attack_workers)
+        finished = attack_each(attack, samples, column_names, todo, args.attack_seed, args.attack_workers,
+                               f"adv-gen {name}", spawn)
+        with open_jsonl(path) as f:
+            for i, row in finished:
+                text, label = samples[i]
+                perturbed = row["perturbed_input"]
+                records[i] = {"index": i, "label": int(label), "status": row["result"].lower(),
+                              "original": text if isinstance(text, str) else list(text),  # pairs as lists
+                              "perturbed": perturbed if isinstance(perturbed, str) else list(perturbed),
+                              "seconds": row["seconds"]}
+                append_jsonl(f, records[i])
+    return [records[i] for i in range(len(samples))]
+
+
+def adversarial_set(name: str, predict: Callable, samples: list, column_names: tuple, path: str, args,
+                    resources=None) -> tuple:
+    """generate_adversarial, summarised: (counts, success rate, cache path and seconds; the successful examples as
+    (perturbed input, label) rows)."""
+    start, records = time.time(), generate_adversarial(name, predict, samples, column_names, path, args, resources)
+    counts = {s: sum(r["status"] == s for r in records) for s in ("successful", "failed", "skipped")}
+    summary = {**counts, "attacked": len(records), "cache": path,
+               "seconds": sum(r.get("seconds", 0.0) for r in records),  # the generation cost, also from the cache
+               "seconds_this_run": time.time() - start,
+               "success_rate": 100.0 * counts["successful"] / max(1, counts["successful"] + counts["failed"])}
+    pair = len(column_names) > 1
+    return summary, [(tuple(r["perturbed"]) if pair else r["perturbed"], r["label"]) for r in records
+                     if r["status"] == "successful"]
+
+
+def successful_rows(run_dir: str, robust: dict, data: TaskData) -> dict:
+    """{recipe: the successful (perturbed text, label) rows of its CSV} of evaluate_robustness's metrics `robust`,
+    a recipe that raised left out; single-text tasks only ({} otherwise: the CSV holds printable text)."""
+    if len(data.text_columns) > 1:
+        return {}
+    rows = {}
+    for name, metrics in ((name, m) for name, m in robust.items() if "error" not in m):
+        with open(os.path.join(run_dir, metrics["csv"]), newline="") as f:
+            rows[name] = [(r["perturbed_text"], int(r["ground_truth"])) for r in csv.DictReader(f)
+                          if r["result"] == "Successful"]
+    return rows
 
 
 def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefix: str = "", resources=None,

@@ -3,19 +3,23 @@
 # every query to tokenizer.model_max_length). Prints whether the per-example outcomes agree and the speed ratio.
 # With --compare-workers N: the same seeded sample attacked by 1 and by N attack workers (outcomes and time ratio).
 # Also the methods' benchmarks that their scripts' --bench flags call (bench_robust_ticket, bench_early_bird,
-# bench_rosearch), and the inference throughput of a model through attacks.Predictor (examples_per_second).
+# bench_rosearch, bench_adapter_mixup), and the inference throughput of a model through attacks.Predictor
+# (examples_per_second).
 import argparse
 import copy
 import json
 import os
 import time
+from contextlib import nullcontext
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from attacks import Predictor, attack_sample, build_attack, callable_wrapper, run_attack, spawn_spec
-from common import (add_common_args, adversarial_backward, adversary_from_args, count_params, cross_entropy, finetune,
-                    load_model, load_task, make_loader, pick_device, start_run, sync, texts_of, tokenize,
-                    usage_errors, validate_common_args)
+from common import (Adversary, add_common_args, adversarial_backward, adversary_from_args, count_params, cross_entropy,
+                    finetune, load_model, load_task, make_loader, pick_device, set_seed, start_run, sync, texts_of,
+                    tokenize, usage_errors, validate_common_args)
 from offline import minilm_path
 
 
@@ -201,8 +205,6 @@ def bench_rosearch(args):
     examples and a DeepWordBug probe on 100 dev sentences: CPU-friendly."""
     import random
 
-    import numpy as np
-
     from rosearch import random_genotype, setup, train_and_score
 
     args.max_train_examples = args.max_train_examples or 1000
@@ -223,6 +225,63 @@ def bench_rosearch(args):
           f"(params x{records[0][1]['compression']['total']:.1f} total, "
           f"x{records[0][1]['compression']['non_embedding']:.1f} non-embedding)", flush=True)
     ctx.run.writer.close()
+
+
+# ---- adapter_mixup.py --bench: one adapter slot's training step vs full fine-tuning's; projected training, passes ----
+def bench_adapter_mixup(args):
+    """Seconds per training step and trainable parameters: one adapter slot vs full fine-tuning, plus passes."""
+    from adapter_mixup import adapter_params, add_adapters, train_only, trainable_share
+
+    set_seed(args.seed)
+    device = pick_device(args.cuda)
+    data = load_task(args)
+    full, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
+                                 os.path.join(args.output_dir, ".tiny-bert"))
+    adapted = copy.deepcopy(full)
+    add_adapters(adapted, 1 + len(args.known), args.adapter_type, args.reduction_factor, args.adapter_activation)
+    train_only(adapted, 0)  # the mixture uses slot 0 alone
+    rows = data.train.select(range(min(len(data.train), args.batch_size)))
+    batches = [next(iter(make_loader(tokenize(data, rows, tokenizer, args.max_seq_length), tokenizer,
+                                     args.batch_size, False)))] * (args.bench_steps + 1)  # the first warms up
+    timer = SimpleNamespace(device=device, autocast=nullcontext)  # what seconds_per_step reads of a Run
+    timing = {name: (seconds_per_step(model, batches, timer, Adversary(steps=0)), n) for name, model, n in
+              (("full fine-tuning", full, count_params(full)["total"]),
+               ("adapter set", adapted, sum(p.numel() for p in adapter_params(adapted, 0))))}
+    backbone, m = count_params(full)["total"], len(args.known)
+    share = trainable_share(adapted, backbone)
+    ratio = timing["adapter set"][0] / timing["full fine-tuning"][0]
+    print(f"bench ({args.model}, batch {args.batch_size}, {device}, {args.bench_steps} steps):")
+    for name, (seconds, n) in timing.items():
+        print(f"  {name:<18} {seconds:8.4f} s/step   trainable {n:>12,} ({100 * n / backbone:.2f}% of backbone)")
+    print(f"  adapter / full step time: {ratio:.2f}x; AdpMixup trains 1 + m = {1 + m} adapter sets "
+          f"({(1 + m) * share['per_adapter']:,} params, {(1 + m) * share['pct_of_backbone']:.2f}% of backbone incl. "
+          f"the pooler dense, {(1 + m) * share['pct_without_pooler']:.2f}% without)")
+    # projected training if every attacked example gave one adversarial text (an upper bound); the adversarial
+    # generation is the same for both and is left out. Like with like first: every stage at --full-epochs
+    n, adv = len(data.train), min(args.adv_train_examples, len(data.train))
+    adapter_step, full_step = timing["adapter set"][0], timing["full fine-tuning"][0]
+
+    def steps(examples, epochs):
+        return np.ceil(examples / args.batch_size) * epochs
+
+    def new_attack(epochs):  # one more adversarial adapter: on its adversarial data + an equal clean sample
+        return adapter_step * steps(2 * adv, epochs)
+
+    def project(clean_epochs, adv_epochs):
+        return {"adpmixup": adapter_step * steps(n, clean_epochs) + m * new_attack(adv_epochs),
+                "full_at": full_step * steps(n + m * adv, args.full_epochs)}
+
+    projected = {"equal_epochs": project(args.full_epochs, args.full_epochs),
+                 "flagged": project(args.epochs, args.adv_epochs)}
+    print(f"  projected training at equal epochs ({args.full_epochs:g} for every stage; n={n}, m={m}, {adv} "
+          f"adversarial each): AdpMixup {projected['equal_epochs']['adpmixup']:.0f}s vs full AT "
+          f"{projected['equal_epochs']['full_at']:.0f}s")
+    print(f"  projected training as flagged (clean adapter --epochs {args.epochs:g}, each adversarial adapter "
+          f"--adv-epochs {args.adv_epochs:g}, full AT --full-epochs {args.full_epochs:g}): AdpMixup "
+          f"{projected['flagged']['adpmixup']:.0f}s, full AT {projected['flagged']['full_at']:.0f}s; a new attack "
+          f"costs AdpMixup {new_attack(args.adv_epochs):.0f}s, full AT a full retraining")
+    print(f"  inference passes per example: single adapter 1, AdpMixup v1 1, v2 {m + 2} (m + 1 entropies + mix)")
+    return {"timing": timing, "ratio": ratio, "trainable_share": share, "projected_seconds": projected}
 
 
 def main(args):

@@ -165,11 +165,11 @@ def validate_common_args(args):
     parse_attacks(args.attacks)
 
 
-def parse_attacks(spec: str) -> list:
+def parse_attacks(spec: str, flag: str = "--attacks") -> list:
     names = [] if spec.strip().lower() in ("", "none") else [s.strip().lower() for s in spec.split(",") if s.strip()]
     for name in names:
         if name not in ATTACK_RECIPES:
-            raise UsageError(f"unknown attack '{name}' in --attacks; choose from: {', '.join(ATTACK_RECIPES)}")
+            raise UsageError(f"unknown attack '{name}' in {flag}; choose from: {', '.join(ATTACK_RECIPES)}")
     return names
 
 
@@ -271,6 +271,7 @@ def start_run(args, method: str, also_attacks=(), resume: Optional[str] = None, 
     if resume is not None:
         run_dir = resume
         check_resume_flags(args, method, resume, free)
+        write_json_atomic(os.path.join(run_dir, "args.json"), {"method": method, **vars(args)})  # the free flags now
     else:
         stem = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir, n = stem, 1

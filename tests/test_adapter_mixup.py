@@ -20,13 +20,13 @@ TOY_TEXTS = ["the movie was really good", "a plot is very bad", "this film felt 
              "the cast was brilliant", "overall the ending is lousy", "a story was pleasant"]
 
 
-def adapted_tiny(tmp_path, n_sets=3, adapter_type="houlsby"):
-    """Tiny BERT with n_sets adapter sets made different from each other (as if trained)."""
+def adapted_tiny(tmp_path, n_slots=3, adapter_type="houlsby"):
+    """Tiny BERT with n_slots adapter slots made different from each other (as if trained)."""
     model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
-    mixture = am.add_adapters(model, n_sets, adapter_type, 4, "relu")
+    mixture = am.add_adapters(model, n_slots, adapter_type, 4, "relu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for k in range(n_sets):
+        for k in range(n_slots):
             for p in am.adapter_params(model, k):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     model.eval()
@@ -37,8 +37,8 @@ def encode(tokenizer, texts=TOY_TEXTS):
     return dict(tokenizer(texts, padding=True, return_tensors="pt"))
 
 
-def logits_of(model, mixture, enc, sets, beta=None):
-    mixture.use(sets, beta)
+def logits_of(model, mixture, enc, slots, beta=None):
+    mixture.use(slots, beta)
     with torch.no_grad():
         return model(**enc).logits
 
@@ -56,21 +56,21 @@ def test_beta_one_and_zero_reproduce_each_adapter_exactly(tmp_path):
     model, tokenizer, mixture = adapted_tiny(tmp_path)
     enc = encode(tokenizer)
     alone = [logits_of(model, mixture, enc, [k]) for k in (0, 1)]
-    assert not torch.allclose(alone[0], alone[1])  # the sets really differ
+    assert not torch.allclose(alone[0], alone[1])  # the slots really differ
     assert torch.equal(logits_of(model, mixture, enc, [0, 1], [1.0, 0.0]), alone[0])
     assert torch.equal(logits_of(model, mixture, enc, [0, 1], [0.0, 1.0]), alone[1])
-    per_example = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(3, 1)  # alternate sets within one batch
+    per_example = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(3, 1)  # alternate slots within one batch
     mixed = logits_of(model, mixture, enc, [0, 1], per_example)
     assert torch.equal(mixed[0::2], alone[0][0::2]) and torch.equal(mixed[1::2], alone[1][1::2])
 
 
 def test_per_example_output_mixing_equals_building_the_mixed_weights(tmp_path):
-    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=4)
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_slots=4)
     enc = encode(tokenizer)
     beta = torch.distributions.Dirichlet(torch.ones(3)).sample((len(TOY_TEXTS),))
     mixed = logits_of(model, mixture, enc, [0, 1, 2], beta)
     for i in range(len(TOY_TEXTS)):
-        am.merge_adapters(model, [0, 1, 2], beta[i].tolist(), 3)  # phi_mix written into set 3
+        am.merge_adapters(model, [0, 1, 2], beta[i].tolist(), 3)  # phi_mix written into slot 3
         built = logits_of(model, mixture, {k: v[i: i + 1] for k, v in enc.items()}, [3])
         assert torch.allclose(mixed[i: i + 1], built, atol=1e-5), (mixed[i], built)
     assert not torch.allclose(mixed, logits_of(model, mixture, enc, [0]), atol=1e-3)
@@ -84,7 +84,7 @@ def test_dynamic_beta_favours_the_confident_adapter_and_sums_to_one(tmp_path, to
         assert beta[0, 0] > beta[0, 1] and beta[1, 1] > beta[1, 0] and torch.isclose(beta[2, 0], beta[2, 1])
     assert torch.allclose(am.dynamic_beta(entropies)[:, 0], entropies[:, 1] / entropies.sum(1))  # m = 1 closed form
     model, tokenizer, mixture = adapted_tiny(tmp_path)
-    with torch.no_grad():  # make adapter set 1 far more confident: scale its classifier
+    with torch.no_grad():  # make adapter slot 1 far more confident: scale its classifier
         model.classifier.linears[1].weight.mul_(50), model.classifier.linears[1].bias.mul_(50)
     toy_args.beta_grid_step, toy_args.temperature, toy_args.head_start = 0.1, 1.0, 0.0
     for rule in ("inverse-entropy", "min-entropy"):
@@ -116,19 +116,19 @@ def test_backbone_bit_identical_and_other_sets_unchanged_after_training(tmp_path
 
 @needs_nltk
 def test_adversarial_cache_round_trips_and_resumes(tmp_path, toy_args, monkeypatch):
-    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_slots=1)
     predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"),
                                 nullcontext)
     samples = [(t, i % 2) for i, t in enumerate(TOY_TEXTS[:4])]
     path = str(tmp_path / "adv.jsonl")
-    first = am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args)
+    first = attacks.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args)
     assert [r["index"] for r in first] == [0, 1, 2, 3]
     assert {r["status"] for r in first} <= {"successful", "failed", "skipped"}
     lines = open(path).read().splitlines()
     with open(path, "w") as f:  # interrupted after two examples, in the middle of writing the third
         f.write("\n".join(lines[:2]) + "\n" + lines[2][:10])
     attacked = []
-    real_build = am.build_attack
+    real_build = attacks.build_attack
 
     def counting_build(*a, **k):
         attack = real_build(*a, **k)
@@ -136,12 +136,12 @@ def test_adversarial_cache_round_trips_and_resumes(tmp_path, toy_args, monkeypat
         attack.attack = lambda example, label: attacked.append(example) or real_attack(example, label)
         return attack
 
-    monkeypatch.setattr(am, "build_attack", counting_build)
-    resumed = am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args)
+    monkeypatch.setattr(attacks, "build_attack", counting_build)
+    resumed = attacks.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args)
     assert attacked == [TOY_TEXTS[2], TOY_TEXTS[3]]
     assert resumed[:2] == first[:2] and [r["index"] for r in resumed] == [0, 1, 2, 3]  # cached lines kept as is
     attacked.clear()
-    assert am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args) == resumed
+    assert attacks.generate_adversarial("deepwordbug", predict, samples, ("sentence",), path, toy_args) == resumed
     assert attacked == []  # a finished cache is never attacked again
 
 
@@ -163,7 +163,7 @@ def test_bad_flags_end_with_one_line_and_exit_2(tmp_path):
 
 def fake_the_attacks(monkeypatch, successes):
     """Adversarial generation faked, so the real recipes' resources (NLTK data) are not needed, nor preflighted."""
-    monkeypatch.setattr(am, "generate_adversarial", fake_generation(successes))
+    monkeypatch.setattr(attacks, "generate_adversarial", fake_generation(successes))
     monkeypatch.setattr(offline, "preflight", lambda *a, **k: None)
 
 
@@ -255,23 +255,24 @@ def test_textfooler_generation_runs_offline_with_injected_substitutes(tmp_path, 
     from conftest import minilm_or_skip
 
     resources = offline.offline_attack_resources(minilm_or_skip())  # neighbour table cached in TA_CACHE_DIR
-    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_slots=1)
     predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"), nullcontext)
     samples = [(t, 1) for t in TOY_TEXTS[:2]]
-    records = am.generate_adversarial("textfooler", predict, samples, ("sentence",), str(tmp_path / "tf.jsonl"),
-                                      toy_args, resources)
+    records = attacks.generate_adversarial("textfooler", predict, samples, ("sentence",), str(tmp_path / "tf.jsonl"),
+                                           toy_args, resources)
     assert [r["index"] for r in records] == [0, 1] and all(r["seconds"] >= 0 for r in records)
 
 
 @needs_nltk
 def test_adversarial_data_from_two_attack_workers_equals_one(tmp_path, toy_args, capsys, monkeypatch):
-    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=1)
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_slots=1)
     predict = am.MixupPredictor(model, tokenizer, mixture, [0], None, toy_args, torch.device("cpu"), nullcontext)
     samples = [(t, i % 2) for i, t in enumerate(TOY_TEXTS[:6])]
 
     def generate(workers, name):
         toy_args.attack_workers = workers
-        rows = am.generate_adversarial("deepwordbug", predict, samples, ("sentence",), str(tmp_path / name), toy_args)
+        rows = attacks.generate_adversarial("deepwordbug", predict, samples, ("sentence",), str(tmp_path / name),
+                                            toy_args)
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     one = generate(1, "one.jsonl")
@@ -283,14 +284,14 @@ def test_adversarial_data_from_two_attack_workers_equals_one(tmp_path, toy_args,
 
 @needs_nltk
 def test_pair_inputs_are_attacked_and_cached_as_pairs(tmp_path, toy_args):
-    model, tokenizer, mixture = adapted_tiny(tmp_path, n_sets=2)
+    model, tokenizer, mixture = adapted_tiny(tmp_path, n_slots=2)
     toy_args.temperature, toy_args.beta_grid_step, toy_args.head_start = 1.0, 0.1, 0.0
     predict = am.MixupPredictor(model, tokenizer, mixture, [0, 1], "dynamic", toy_args, torch.device("cpu"),
                                 nullcontext)
     pairs = [(("the movie was good", "a plot is bad"), 0), (("the cast was brilliant", "the story was fine"), 1)]
     assert predict([p for p, _ in pairs]).shape == (2, 2)
-    records = am.generate_adversarial("deepwordbug", predict, pairs, ("premise", "hypothesis"),
-                                      str(tmp_path / "pairs.jsonl"), toy_args)
+    records = attacks.generate_adversarial("deepwordbug", predict, pairs, ("premise", "hypothesis"),
+                                           str(tmp_path / "pairs.jsonl"), toy_args)
     assert all(len(r["perturbed"]) == 2 and r["original"] == list(p) for r, (p, _) in zip(records, pairs))
 
 
@@ -313,13 +314,13 @@ def test_clean_adapter_cache_key_is_complete_and_a_cut_checkpoint_is_retrained(t
 def test_adversarial_cache_key_covers_seed_and_substitutes(tmp_path, toy_args, monkeypatch):
     keys = []
     fake_the_attacks(monkeypatch, 0)
-    fake = am.generate_adversarial
+    fake = attacks.generate_adversarial
 
     def spy(name, predict, samples, columns, path, args, resources=None):
         keys.append(os.path.basename(path))
         return fake(name, predict, samples, columns, path, args, resources)
 
-    monkeypatch.setattr(am, "generate_adversarial", spy)
+    monkeypatch.setattr(attacks, "generate_adversarial", spy)
     am.main(quick_args(tmp_path))
     am.main(quick_args(tmp_path, "--attack-seed", "7"))
     am.main(quick_args(tmp_path))
@@ -374,13 +375,13 @@ def test_v1_and_v2_are_chosen_on_the_adaptive_dev_objective(tmp_path, monkeypatc
 
 def test_independent_transfer_source_is_another_adapter_than_phi0_and_is_cached(tmp_path, monkeypatch):
     fake_the_attacks(monkeypatch, 5)
-    calls, fake = [], am.generate_adversarial
+    calls, fake = [], attacks.generate_adversarial
 
     def spy(name, predict, samples, columns, path, args, resources=None):
         calls.append((os.path.basename(path), predict.slots, predict(TOY_TEXTS), samples))
         return fake(name, predict, samples, columns, path, args, resources)
 
-    monkeypatch.setattr(am, "generate_adversarial", spy)
+    monkeypatch.setattr(attacks, "generate_adversarial", spy)
     monkeypatch.setattr(am, "evaluate_robustness", lambda *a, **k: {})
     flags = ["--transfer-source", "independent", "--attacks", "deepwordbug", "--attack-examples", "8"]
     results = am.main(quick_args(tmp_path, *flags))
@@ -403,7 +404,8 @@ def test_independent_transfer_source_is_another_adapter_than_phi0_and_is_cached(
 def test_a_resumed_run_attacks_nothing_again_and_gives_the_same_rows(tmp_path, monkeypatch):
     fake_the_attacks(monkeypatch, 5)  # the training data faked; the dev and row attacks are real DeepWordBug
     flags = ["--attacks", "deepwordbug", "--attack-examples", "6", "--beta", "dev", "--beta-attack-examples", "4",
-             "--gate-examples", "4", "--v2-grid", "1:0,1:1", "--dynamic-rule", "softmax"]
+             "--gate-examples", "4", "--v2-grid", "1:0,1:1", "--baseline", "full-at", "--full-epochs", "1",
+             "--dynamic-rule", "softmax"]
     first = am.main(quick_args(tmp_path, *flags))
     (run_dir,) = [os.path.dirname(p) for p in glob.glob(str(tmp_path / "toy__*" / "args.json"))]
     assert glob.glob(os.path.join(run_dir, "dev_deepwordbug_*.csv"))  # the gate / beta / v2 dev attacks, kept
@@ -414,5 +416,10 @@ def test_a_resumed_run_attacks_nothing_again_and_gives_the_same_rows(tmp_path, m
     assert [r["attacks"]["deepwordbug"]["outcomes"] for r in again["extra"]["rows"]] == \
         [r["attacks"]["deepwordbug"]["outcomes"] for r in first["extra"]["rows"]]
     assert again["extra"]["beta_v1"] == first["extra"]["beta_v1"]
+    more = am.main(quick_args(tmp_path, *flags, "--attacks", "deepwordbug,pruthi", "--resume", run_dir))
+    assert calls and all(set(r["attacks"]) == {"deepwordbug", "pruthi"} for r in more["extra"]["rows"])  # added
+    assert [r["attacks"]["deepwordbug"]["outcomes"] for r in more["extra"]["rows"]] == \
+        [r["attacks"]["deepwordbug"]["outcomes"] for r in first["extra"]["rows"]]
+    assert json.load(open(os.path.join(run_dir, "args.json")))["attacks"] == "deepwordbug,pruthi"
     with pytest.raises(common.UsageError, match="other flags"):
         am.main(quick_args(tmp_path, *flags[:-1], "inverse-entropy", "--resume", run_dir))

@@ -449,11 +449,14 @@ def test_a_forked_attack_worker_reads_wordnet_through_its_own_file(monkeypatch):
     from nltk.corpus import wordnet
 
     wordnet.synsets("good")  # loaded here, its data files open in the parent
-    parent = {pos: f.stream.fileno() for pos, f in wordnet._data_file_map.items()}
+    fds = [wordnet._data_file(pos).stream.fileno() for pos in ("n", "a")]
+    before = [os.lseek(fd, 0, os.SEEK_CUR) for fd in fds]
 
     def report(attack, samples, column_names, indices, attack_seed, conn):  # the worker's loop, replaced
-        wordnet.synsets("dreadful")
-        conn.send({pos: f.stream.fileno() for pos, f in wordnet._data_file_map.items()})
+        for pos in ("n", "a"):  # a lookup seeks to the synset's line, reads it and seeks back to 0: stop halfway
+            wordnet._data_file(pos).seek(1000)
+            wordnet._data_file(pos).readline()
+        conn.send(len(wordnet.synsets("dreadful")))
         return 0
 
     monkeypatch.setattr(attacks, "_attack_share", report)
@@ -461,6 +464,6 @@ def test_a_forked_attack_worker_reads_wordnet_through_its_own_file(monkeypatch):
     reader, writer = ctx.Pipe(duplex=False)
     worker = ctx.Process(target=attacks._attack_worker, args=(None, [], (), [0], 0, 1, writer))
     worker.start()
-    child = reader.recv()
+    assert reader.recv() > 0
     worker.join()
-    assert child and not set(child.values()) & set(parent.values())
+    assert [os.lseek(fd, 0, os.SEEK_CUR) for fd in fds] == before  # the child's seeks did not move the parent's files
