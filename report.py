@@ -807,6 +807,47 @@ def merge_shards(run_dirs: list, out_dir: str) -> dict:
     return merged
 
 
+def adapter_mixup_diagnostics(results_dir: str) -> list:
+    """AdpMixup: did the mechanism act? Per seed the adversarial data, the gate (each adversarial adapter vs phi_0
+    under its own attack, run afresh on dev), v1's beta and v2's tuning; then every row's transfer accuracy."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("method") == "adapter_mixup" and (r.get("extra") or {}).get("rows"):
+            runs.append(r)
+    if not runs:
+        return []
+    lines = ["## AdpMixup: did the mechanism act?", "", "Gate: dev Aua of phi_0 and of the adversarial adapter under "
+             "the adapter's own attack, both attacked afresh on the same seeded dev sentences (paired Δ, 95% "
+             "bootstrap interval); the mix can only help where it passed. β: v1's clean-adapter weight chosen on the "
+             "dev objective; v2: the tuned temperature and clean head start.", "",
+             "| seed | adversarial data: successful / attacked | gate: φ0 → φk dev Aua, Δ [95% CI] | v1 β | v2 τ, head start |",
+             "|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: r.get("seed", 0)):
+        e = r["extra"]
+        data = "; ".join(f"{a} {d.get('successful', 0):,} / {d.get('attacked', 0):,}"
+                         for a, d in (e.get("adversarial_data") or {}).items())
+        gate = "; ".join(f"{a} {g['aua_clean']:.0f} → {g['aua_adversarial']:.0f} %, {g['delta']:+.1f} "
+                         f"[{g['ci'][0]:+.1f}, {g['ci'][1]:+.1f}] (n={g['n']}) {'passed' if g['passed'] else 'NOT passed'}"
+                         for a, g in (e.get("gate") or {}).items()) or "not run"
+        v2 = e.get("v2_tuning") or {}
+        lines.append(f"| {r.get('seed')} | {data} | {gate} | {e.get('beta_v1')} | "
+                     f"{v2.get('tau', '—')}, {v2.get('head_start', '—')} |")
+    sets = sorted({a for r in runs for row in r["extra"]["rows"] for a in (row.get("transfer") or {})})
+    if sets:
+        source = runs[0]["extra"].get("transfer_source", {}).get("source", "clean")
+        lines += ["", f"Transfer accuracy % (test sentences whose attack succeeded against the {source} adapter; "
+                  "mean over seeds):", "", "| row | " + " | ".join(sets) + " |", "|---" * (1 + len(sets)) + "|"]
+        for key in dict.fromkeys(row["key"] for r in runs for row in r["extra"]["rows"]):
+            found = [row for r in runs for row in r["extra"]["rows"] if row["key"] == key]
+            cells = [np.mean([f["transfer"][a] for f in found if a in (f.get("transfer") or {})])
+                     if any(a in (f.get("transfer") or {}) for f in found) else None for a in sets]
+            lines.append(f"| {found[0]['setting']} | " + " | ".join("—" if c is None else f"{c:.1f}" for c in cells)
+                         + " |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description="Rebuild summary.md and plots from the results.json files of a "
                                      "run_all.sh output folder (no training).")
@@ -856,6 +897,8 @@ def main():
              if mask_lines else [])
     ros = rosearch_students(rows, args.results_dir)
     text += ([""] + ros) if ros else []
+    adp = adapter_mixup_diagnostics(args.results_dir)
+    text += ([""] + adp) if adp else []
     path = os.path.join(args.results_dir, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(text) + "\n")

@@ -271,3 +271,25 @@ def test_train_seconds_is_the_written_sum_or_the_training_phases():
     ticket = {"wall_clock": {"search": 10.0, "draw": 1.0, "finetune": 4.0, "train": 15.0, "total": 90.0}}
     assert report.train_seconds(ticket) == 15.0  # not 30: train is the sum of the phases beside it
     assert report.train_seconds({"wall_clock": {"search": 10.0, "retrain": 5.0, "evaluate": 99.0}}) == 15.0
+
+
+def test_adapter_mixup_diagnostics_show_the_gate_beta_and_transfer_per_seed(tmp_path):
+    def run(seed, passed, transfer):
+        gate = {"n": 100, "aua_clean": 18.0, "aua_adversarial": 16.0 + 10 * passed, "delta": -2.0 + 10 * passed,
+                "ci": [-8.0 + 10 * passed, 4.0 + 10 * passed], "passed": passed}
+        rows = [{"key": "clean", "setting": "clean adapter", "transfer": {"pwws": transfer}},
+                {"key": "v1", "setting": "AdpMixup v1 (beta=0.75)", "transfer": {"pwws": transfer + 10}}]
+        extra = {"rows": rows, "gate": {"pwws": gate}, "beta_v1": 0.75, "v2_tuning": {"tau": 1.0, "head_start": 2.0},
+                 "adversarial_data": {"pwws": {"successful": 1751, "attacked": 2500}},
+                 "transfer_source": {"source": "independent"}}
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"method": "adapter_mixup", "seed": seed, "extra": extra}))
+
+    run(1, False, 20.0)
+    run(2, True, 30.0)
+    text = "\n".join(report.adapter_mixup_diagnostics(str(tmp_path)))
+    assert "| 1 | pwws 1,751 / 2,500 | pwws 18 → 16 %, -2.0 [-8.0, +4.0] (n=100) NOT passed | 0.75 | 1.0, 2.0 |" in text
+    assert "(n=100) passed" in text  # seed 2
+    assert "| clean adapter | 25.0 |" in text and "| AdpMixup v1 (beta=0.75) | 35.0 |" in text  # seeds averaged
+    assert "against the independent adapter" in text
