@@ -257,6 +257,11 @@ def attacked_device(attack):
     return getattr(model, "device", None) or "cpu"
 
 
+def rounded_logits(predict: Callable, texts: list) -> list:
+    """The predictor's logits on texts to 3 decimals: what identifies a predictor in attack cache keys."""
+    return np.round(np.asarray(predict(texts), dtype=float), 3).tolist()
+
+
 def own_wordnet_files():
     """A forked child reopens WordNet's data files: the inherited ones share one file offset with the parent and the
     other workers, so a seek in one process moves another's read (PWWS then got None for a synset and raised)."""
@@ -435,7 +440,7 @@ def attack_seeded_rows(predict: Callable, name: str, rows: list, n: int, args, r
     sample = [rows[i] for i in np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
     attack = build_attack(name, callable_wrapper(predict), resources, args.attack_query_budget,
                           args.attack_max_modify_rate, args.eval_batch_size)
-    key = fingerprint([np.round(np.asarray(predict([t for t, _ in sample]), dtype=float), 3).tolist(),
+    key = fingerprint([rounded_logits(predict, [t for t, _ in sample]),
                        attack_config(args, name, resources, sample)])
     spawn = spawn_spec(predict, name, resources, args, run.device, args.attack_workers)
     summary, _ = run_attack(attack, sample, column_names, os.path.join(run.dir, f"{tag}_{name}_{key[:12]}.csv"),
@@ -524,7 +529,7 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
     shard = parse_shard(getattr(args, "attack_shard", None))
     indices = range(shard[0], len(samples), shard[1]) if shard else None
     # the predictor's rounded logits on the sample: shards of one predictor merge, shards of two never do
-    predictor = fingerprint(np.round(np.asarray(predict([s[0] for s in samples]), dtype=float), 3).tolist())
+    predictor = fingerprint(rounded_logits(predict, [s[0] for s in samples]))
     wrapper = callable_wrapper(predict)
     workers = getattr(args, "attack_workers", 1)
     for name in names:
