@@ -205,13 +205,13 @@ def bench_rosearch(args):
     examples and a DeepWordBug probe on 100 dev sentences: CPU-friendly."""
     import random
 
-    from rosearch import random_genotype, setup, train_and_score
+    from rosearch import Context, random_genotype, train_and_score
 
     args.max_train_examples = args.max_train_examples or 1000
     args.max_eval_examples = args.max_eval_examples or 200
     args.fitness_attack = args.fitness_attack or "deepwordbug"
     args.probe_examples = args.probe_examples or 100
-    ctx, _, _ = setup(args)
+    ctx = Context(args)
     rng = random.Random(args.seed)
     records = [train_and_score(random_genotype(ctx.space, rng), ctx, args.proxy_epochs, "bench")
                for _ in range(args.bench_candidates)]

@@ -1,6 +1,6 @@
 # Dense baselines of the comparison: plain fine-tuning, and FreeLB adversarial training (Zhu et al., ICLR 2020,
-# arXiv 1909.11764) with --adv-steps > 0 — README.md section "Baselines". Also the cached fine-tuned teacher that a
-# distillation method (rosearch.py) starts from.
+# arXiv 1909.11764) with --adv-steps > 0 — README.md section "Baselines". Also what a distillation method
+# (rosearch.py) starts from: the cached fine-tuned teacher and its logits, and the rows it compares (Distillation).
 import argparse
 import hashlib
 import json
@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 
-from attacks import evaluate_model
-from common import (add_adversary_args, add_common_args, adversary_from_args, finetune, finish_run, load_model,
-                    load_task, make_loader, results_template, save_atomic, start_run, texts_of, tokenize,
+from attacks import evaluate_model, saved_row
+from bench import speed_vs_teacher
+from common import (add_adversary_args, add_common_args, adversary_from_args, count_params, finetune, finish_run,
+                    load_model, load_task, make_loader, results_template, save_atomic, start_run, texts_of, tokenize,
                     usage_errors, validate_common_args, write_json_atomic)
+from offline import offline_attack_resources
 
 # every flag the fine-tuning of a cached teacher reads: its cache key (with the data)
 TEACHER_FLAGS = ("model", "task", "seed", "lr", "epochs", "batch_size", "eval_batch_size", "max_seq_length", "warmup",
@@ -86,6 +88,37 @@ def cached_teacher(args, data, run, root: str, ready: Optional[str] = None, raw:
     print(f"[teacher] dev accuracy {dev_acc:.2f}%{' (--bench: raw --model, not fine-tuned)' if raw else ''} "
           f"(logits cached in {cache})", flush=True)
     return teacher, tokenizer, encoded, dev_acc, time.time() - start
+
+
+class Distillation:
+    """A distillation run's teacher side and its comparison rows. The teacher: cached_teacher under --cache-dir
+    (default OUTPUT_DIR/.{method}_cache), with its tokenizer, {train, dev} tokenized with teacher logits, its dev
+    accuracy (%) and seconds, a dev loader and the offline attack resources (--attack-substitutes)."""
+
+    def __init__(self, args, method: str, run, ready: Optional[str] = None, raw: bool = False):
+        self.args, self.method, self.run, self.data = args, method, run, load_task(args)
+        cache = args.cache_dir or os.path.join(args.output_dir, f".{method}_cache")
+        self.teacher, self.tokenizer, self.encoded, self.teacher_dev, self.teacher_seconds = cached_teacher(
+            args, self.data, run, cache, ready, raw)
+        self.resources = offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None
+        self.dev_loader = make_loader(self.encoded["dev"], self.tokenizer, args.eval_batch_size, False)
+
+    def row(self, name: str, setting: str, model, dev_accuracy: float, extra: Optional[dict] = None) -> dict:
+        """A results row of `model`, evaluated like every row (attacks.evaluate_model, CSVs prefixed `{name}_`),
+        with its compression and inference speed (--speed-examples dev sentences) vs the teacher. Saved to
+        rows/{name}_.json as it finishes: a resumed run reads it back instead of attacking again (attacks.saved_row)."""
+        def evaluate():
+            args, teacher = self.args, count_params(self.teacher)
+            start, row = time.time(), results_template(args, self.method, setting, model)
+            ratio = {k: teacher[k] / max(row["params"][k], 1) for k in ("total", "non_embedding")}
+            row.update(dev_accuracy=dev_accuracy, compression=ratio["total"],
+                       extra={"compression": ratio, **(extra or {})})
+            evaluate_model(model, self.tokenizer, self.data, args, self.run, row, f"{name}_", resources=self.resources)
+            texts = texts_of(self.data, self.data.dev)[: args.speed_examples]
+            row["extra"]["inference"] = speed_vs_teacher(model, self.teacher, self.tokenizer, texts, args, self.run)
+            row["wall_clock"]["evaluation"] = time.time() - start
+            return row
+        return saved_row(os.path.join(self.run.dir, "rows", f"{name}_.json"), f"{name}_", evaluate)
 
 
 def main(args):

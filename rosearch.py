@@ -16,14 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import (Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary,
-                     read_records, run_attack, saved_row, stratified_indices)
-from bench import bench_rosearch, speed_vs_teacher
+from attacks import (Predictor, build_attack, callable_wrapper, pgd_accuracy, print_summary, read_records, run_attack,
+                     stratified_indices)
+from bench import bench_rosearch
 from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
-                    load_task, make_loader, predict_labels, results_template, save_atomic, set_seed, start_run,
-                    texts_of, usage_errors, validate_common_args)
-from finetune import cached_teacher
-from offline import offline_attack_resources
+                    make_loader, predict_labels, save_atomic, set_seed, start_run, texts_of, usage_errors,
+                    validate_common_args)
+from finetune import Distillation
 
 METHOD = "rosearch"
 INPUTS, NODES, EDGES_PER_NODE = 2, 3, 2  # a cell reads the previous two cells; B = 3 nodes of two edges (§2.3)
@@ -509,20 +508,6 @@ def train_and_score(genotype, ctx, epochs, tag):
 
 
 # ---- Final stage (§6-7): finalists, rows -----------------------------------------------------------------------
-def evaluate_row(name, model, ctx, dev_accuracy, extra=None) -> dict:
-    """A test row (attacks included), saved to rows/{name}_.json: a resumed run reads it instead of attacking."""
-    def evaluate():
-        start, row = time.time(), results_template(ctx.args, METHOD, ROWS[name], model)
-        ratio = compression(row["params"], ctx.space)
-        row.update(dev_accuracy=dev_accuracy, compression=ratio["total"], extra={"compression": ratio, **(extra or {})})
-        evaluate_model(model, ctx.tokenizer, ctx.data, ctx.args, ctx.run, row, f"{name}_", resources=ctx.resources)
-        texts = texts_of(ctx.data, ctx.data.dev)[: ctx.args.speed_examples]
-        row["extra"]["inference"] = speed_vs_teacher(model, ctx.teacher, ctx.tokenizer, texts, ctx.args, ctx.run)
-        row["wall_clock"]["evaluation"] = time.time() - start
-        return row
-    return saved_row(os.path.join(ctx.run.dir, "rows", f"{name}_.json"), f"{name}_", evaluate)
-
-
 def trained(genotype, ctx, tag):
     """A finalist trained with --final-epochs, saved to students/{hash}.pt: loaded, not retrained, when seen again."""
     path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
@@ -582,56 +567,36 @@ def run_search(label, weights, ctx, evaluated):
     return (*picked, history, cost)
 
 
-@dataclass
-class Context:
-    """What every candidate's training and scoring reads."""
-    args: argparse.Namespace
-    run: object
-    data: object
-    teacher: nn.Module
-    tokenizer: object
-    encoded: dict
-    space: Space
-    floor: float  # the accuracy floor in %: --accuracy-floor x the teacher's dev accuracy
-    resources: object
-    probe_samples: list
-    dev_loader: object
-    probe_loader: object
-    probe_predict: object = None  # the Predictor of the student being probed
-    probe_attack: object = None
-    trained_candidates: int = 0  # candidates KD-trained in this process (a resume replays the stored ones)
+class Context(Distillation):
+    """Stage 1: the run folder (or the resumed one); data, teacher and rows (finetune.Distillation); the search space,
+    the accuracy floor and the probe set: what every candidate's training and scoring reads."""
 
-
-def setup(args):
-    """The run folder (or the resumed one), data, teacher, search space and probe: (ctx, teacher dev acc, seconds)."""
-    args = validate(args)
-    run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [],
-                    resume=args.resume, free=RESUME_FREE)
-    data = load_task(args)
-    cache = args.cache_dir or os.path.join(args.output_dir, ".rosearch_cache")
-    teacher, tokenizer, encoded, teacher_dev, seconds = cached_teacher(args, data, run, cache, args.teacher,
-                                                                       raw=args.bench and args.teacher is None)
-    block = teacher.base_model.embeddings
-    emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
-    rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
-                                                          "token_type_embeddings"))
-    space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, block.word_embeddings.embedding_dim,
-                  data.num_labels, emb["total"], emb["total"] - emb["non_embedding"], count_params(teacher),
-                  args.compression_basis, args.min_compression, args.student_embeddings == "folded", rows, args.heads,
-                  args.cell_combine, args.cell_residual, args.dropout)
-    check_space(space)
-    probe_idx = stratified_indices(data.dev["label"], args.probe_examples, args.probe_seed)  # seeded, per label
-    probe = data.dev.select(probe_idx)
-    ctx = Context(args, run, data, teacher, tokenizer, encoded, space, args.accuracy_floor * teacher_dev,
-                  offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None,
-                  list(zip(texts_of(data, probe), probe["label"])),
-                  make_loader(encoded["dev"], tokenizer, args.eval_batch_size, False),
-                  make_loader(encoded["dev"].select(probe_idx), tokenizer, args.eval_batch_size, False))
-    return ctx, teacher_dev, seconds
+    def __init__(self, args):
+        args = validate(args)
+        run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [],
+                        resume=args.resume, free=RESUME_FREE)
+        super().__init__(args, METHOD, run, args.teacher, raw=args.bench and args.teacher is None)
+        block = self.teacher.base_model.embeddings
+        emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
+        rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
+                                                              "token_type_embeddings"))
+        self.space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list,
+                           block.word_embeddings.embedding_dim, self.data.num_labels, emb["total"],
+                           emb["total"] - emb["non_embedding"], count_params(self.teacher), args.compression_basis,
+                           args.min_compression, args.student_embeddings == "folded", rows, args.heads,
+                           args.cell_combine, args.cell_residual, args.dropout)
+        check_space(self.space)
+        self.floor = args.accuracy_floor * self.teacher_dev  # in %
+        probe = stratified_indices(self.data.dev["label"], args.probe_examples, args.probe_seed)  # seeded, per label
+        dev = self.data.dev.select(probe)
+        self.probe_samples = list(zip(texts_of(self.data, dev), dev["label"]))
+        self.probe_loader = make_loader(self.encoded["dev"].select(probe), self.tokenizer, args.eval_batch_size, False)
+        self.probe_predict = self.probe_attack = None  # the Predictor of the student being probed; its attack
+        self.trained_candidates = 0  # candidates KD-trained in this process (a resume replays the stored ones)
 
 
 def main(args):
-    ctx, teacher_dev, teacher_seconds = setup(args)
+    ctx = Context(args)
     args, run = ctx.args, ctx.run
     wanted = list(dict.fromkeys(["rosearch"] + args.rows))  # RoSearch first; a row named twice runs once
     # Stage 2: the searches and their finalists, all saved before any test attack (a resume skips what is done).
@@ -649,7 +614,7 @@ def main(args):
     rows = []
     for name in wanted:
         if name == "teacher":
-            rows.append(evaluate_row(name, ctx.teacher, ctx, teacher_dev))
+            rows.append(ctx.row(name, ROWS[name], ctx.teacher, ctx.teacher_dev))
             continue
         student, best, history, cost = picked[name]
         student = fold_embeddings(student)  # the exported student is what is counted, attacked and timed
@@ -657,12 +622,12 @@ def main(args):
         if history is not None:
             extra.update(candidates=len(history), history=f"history_{name}.jsonl")
             save_student(student, ctx.space, os.path.join(run.dir, f"student_{name}.pt"), best)
-        rows.append(evaluate_row(name, student, ctx, best["A"], extra))
+        rows.append(ctx.row(name, ROWS[name], student, best["A"], extra))
         rows[-1]["wall_clock"]["search_and_final"] = cost  # KD + probe seconds of its candidates and finalists
     results = rows[0]
-    results["wall_clock"]["teacher"] = teacher_seconds
+    results["wall_clock"]["teacher"] = ctx.teacher_seconds
     results["extra"].update(rows=rows[1:], fitness_weights=args.weights, fitness_attack=args.fitness_attack,
-                            teacher_dev_accuracy=teacher_dev, accuracy_floor=ctx.floor,
+                            teacher_dev_accuracy=ctx.teacher_dev, accuracy_floor=ctx.floor,
                             compression_basis=args.compression_basis, trained_candidates=ctx.trained_candidates)
     finish_run(run, results)
     print_summary([(r["setting"], r) for r in rows])
