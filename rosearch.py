@@ -240,28 +240,20 @@ class Student(nn.Module):
 
 @dataclass
 class Space:
+    """The search space (§2.3) and the hard budget (§5.4). student: the Student's other arguments (embed_dim,
+    num_labels, heads, combine, residual, dropout, folded), the config a saved student stores."""
     ops: list
     min_cells: int
     max_cells: int
     hidden_choices: list
-    embed_dim: int
-    num_labels: int
-    embedding_params: int  # the whole teacher embedding block the student reuses
-    embedding_tables: int  # of which nn.Embedding tables (what count_params calls "embedding")
+    student: dict
     teacher_params: dict
+    embedding_params: int = 0  # the whole teacher embedding block a "teacher"-embeddings student reuses
+    embedding_tables: int = 0  # of which nn.Embedding tables (what count_params calls "embedding")
+    table_rows: int = 0  # vocabulary + positions + token types of the teacher's tables (folded: each H wide)
     basis: str = "non_embedding"
     min_compression: float = 4.6
-    folded: bool = False  # --student-embeddings folded: counted as the exported H-wide tables
-    table_rows: int = 0  # vocabulary + positions + token types of the teacher's tables
-    heads: int = 4
-    combine: str = "weighted-sum"
-    residual: bool = True
-    dropout: float = 0.1
     _params: dict = field(default_factory=dict, repr=False)
-
-    def student_config(self) -> dict:
-        return {"embed_dim": self.embed_dim, "num_labels": self.num_labels, "heads": self.heads,
-                "combine": self.combine, "residual": self.residual, "dropout": self.dropout, "folded": self.folded}
 
 
 def student_params(genotype, space: Space) -> dict:
@@ -269,10 +261,10 @@ def student_params(genotype, space: Space) -> dict:
     key = genotype_hash(genotype)
     if key not in space._params:
         with torch.device("meta"):
-            n = sum(p.numel() for p in Student(genotype, None, **space.student_config()).parameters())
+            n = sum(p.numel() for p in Student(genotype, None, **space.student).parameters())
         h = genotype["hidden"]
-        if space.folded:  # P (d x H + H) folded into the tables: rows x H
-            n, tables = n - (space.embed_dim * h + h) + space.table_rows * h, space.table_rows * h
+        if space.student.get("folded"):  # P (d x H + H) folded into the tables: rows x H
+            n, tables = n - (space.student["embed_dim"] * h + h) + space.table_rows * h, space.table_rows * h
         else:
             n, tables = n + space.embedding_params, space.embedding_tables
         space._params[key] = {"total": n, "non_embedding": n - tables}
@@ -298,13 +290,14 @@ def fold_embeddings(student):
 def student_flops(genotype, space: Space, seq_len: int) -> int:
     """Analytic forward FLOPs per token (2 x multiply-adds) of the student past its embeddings: the projection to H,
     every edge (conv H x H x k, attention 4 H^2 + 2 n H, pools 3 H), the cell merges; pooler / classifier ignored."""
-    h, total = genotype["hidden"], 0 if space.folded else 2 * space.embed_dim * genotype["hidden"]
+    h = genotype["hidden"]
+    total = 0 if space.student.get("folded") else 2 * space.student["embed_dim"] * h
     for cell in genotype["cells"]:
         for _, op in (edge for node in cell for edge in node):
             kind, kernel, _ = OPS[op]
             total += {"conv": 2 * h * h * kernel, "attention": 2 * (4 * h * h + 2 * seq_len * h),
                       "max": 3 * h, "avg": 3 * h}.get(kind, 0)
-        total += 2 * NODES * h * h if space.combine == "concat" else 2 * NODES * h
+        total += 2 * NODES * h * h if space.student.get("combine") == "concat" else 2 * NODES * h
     return total
 
 
@@ -450,14 +443,14 @@ def kd_loss(alpha: float, temperature: float):
 
 
 def build_student(genotype, ctx):
-    student = Student(genotype, ctx.teacher.base_model.embeddings, **ctx.space.student_config())
+    student = Student(genotype, ctx.teacher.base_model.embeddings, **ctx.space.student)
     student.embeddings.requires_grad_(not ctx.args.freeze_embeddings)
     return student.to(ctx.run.device)
 
 
 def save_student(student, space, path, record=None):
     save_atomic({"genotype": student.genotype, "state_dict": student.state_dict(), "record": record,
-                 "config": space.student_config()}, path)
+                 "config": space.student}, path)
 
 
 def load_student(path: str, teacher, with_record=False):
@@ -580,11 +573,12 @@ class Context(Distillation):
         emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
         rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
                                                               "token_type_embeddings"))
-        self.space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list,
-                           block.word_embeddings.embedding_dim, self.data.num_labels, emb["total"],
-                           emb["total"] - emb["non_embedding"], count_params(self.teacher), args.compression_basis,
-                           args.min_compression, args.student_embeddings == "folded", rows, args.heads,
-                           args.cell_combine, args.cell_residual, args.dropout)
+        student = dict(embed_dim=block.word_embeddings.embedding_dim, num_labels=self.data.num_labels, heads=args.heads,
+                       combine=args.cell_combine, residual=args.cell_residual, dropout=args.dropout,
+                       folded=args.student_embeddings == "folded")
+        self.space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, student,
+                           count_params(self.teacher), emb["total"], emb["total"] - emb["non_embedding"], rows,
+                           args.compression_basis, args.min_compression)
         check_space(self.space)
         self.floor = args.accuracy_floor * self.teacher_dev  # in %
         probe = stratified_indices(self.data.dev["label"], args.probe_examples, args.probe_seed)  # seeded, per label

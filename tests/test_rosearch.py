@@ -19,9 +19,9 @@ SMALL_OPS = ["conv3", "max_pool3", "identity"]
 
 
 def make_space(ops=None, max_cells=3, hidden=(8, 16), min_compression=1.0):
-    return rs.Space(list(ops or rs.OPS), 1, max_cells, list(hidden), embed_dim=16, num_labels=2,
-                    embedding_params=1000, embedding_tables=968,
-                    teacher_params={"total": 60_000, "non_embedding": 59_000}, min_compression=min_compression)
+    return rs.Space(list(ops or rs.OPS), 1, max_cells, list(hidden), {"embed_dim": 16, "num_labels": 2},
+                    {"total": 60_000, "non_embedding": 59_000}, embedding_params=1000, embedding_tables=968,
+                    min_compression=min_compression)
 
 
 def evo_args(**kw):
@@ -73,9 +73,9 @@ def test_meta_param_count_matches_the_built_student():
 
     teacher, _ = tiny_bert(2, "/tmp/rosearch_test_tiny")
     emb = teacher.base_model.embeddings
-    space = rs.Space(list(rs.OPS), 1, 3, [16], 64, 2, sum(p.numel() for p in emb.parameters()),
-                     sum(m.weight.numel() for m in emb.modules() if isinstance(m, torch.nn.Embedding)),
-                     count_params(teacher))
+    space = rs.Space(list(rs.OPS), 1, 3, [16], {"embed_dim": 64, "num_labels": 2}, count_params(teacher),
+                     sum(p.numel() for p in emb.parameters()),
+                     sum(m.weight.numel() for m in emb.modules() if isinstance(m, torch.nn.Embedding)))
     ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
                           run=SimpleNamespace(device=torch.device("cpu")))
     for seed in range(5):
@@ -102,7 +102,7 @@ def test_student_logits_ignore_padded_tokens_and_checkpoint_loads_back(tmp_path)
     from offline import tiny_bert
 
     teacher, _ = tiny_bert(2, str(tmp_path / "tiny"))
-    space = rs.Space(list(rs.OPS), 1, 3, [8], 64, 2, 1, 0, count_params(teacher), heads=2)
+    space = rs.Space(list(rs.OPS), 1, 3, [8], {"embed_dim": 64, "num_labels": 2, "heads": 2}, count_params(teacher))
     ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
                           run=SimpleNamespace(device=torch.device("cpu")))
     genotype = {"hidden": 8, "cells": [rs.random_cell(space, random.Random(s)) for s in range(3)]}
@@ -398,7 +398,8 @@ def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
     emb = teacher.base_model.embeddings
     rows = sum(getattr(emb, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
                                                         "token_type_embeddings"))
-    space = rs.Space(list(rs.OPS), 1, 3, [16], 64, 2, 0, 0, count_params(teacher), folded=True, table_rows=rows)
+    space = rs.Space(list(rs.OPS), 1, 3, [16], {"embed_dim": 64, "num_labels": 2, "folded": True},
+                     count_params(teacher), table_rows=rows)
     ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
                           run=SimpleNamespace(device=torch.device("cpu")))
     enc = dict(tokenizer(["the movie was good", "a dull and boring plot"], padding=True, return_tensors="pt"))
