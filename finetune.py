@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from attacks import evaluate_model, saved_row
+from attacks import evaluate_model, print_summary, saved_row
 from bench import speed_vs_teacher
 from common import (add_adversary_args, add_common_args, adversary_from_args, count_params, finetune, finish_run,
                     load_model, load_task, make_loader, results_template, save_atomic, start_run, texts_of, tokenize,
@@ -90,16 +90,24 @@ def cached_teacher(args, data, run, root: str, ready: Optional[str] = None, raw:
     return teacher, tokenizer, encoded, dev_acc, time.time() - start
 
 
+def add_distillation_args(parser, method: str):
+    """The flags Distillation reads."""
+    g = parser.add_argument_group("distillation: teacher and rows (finetune.Distillation)")
+    g.add_argument("--teacher", help="folder of a fine-tuned teacher (else --model is fine-tuned with --lr/--epochs)")
+    g.add_argument("--cache-dir", help=f"teacher and its cached logits (default OUTPUT_DIR/.{method}_cache)")
+    g.add_argument("--speed-examples", type=int, default=256, help="dev sentences timed for inference speed")
+
+
 class Distillation:
     """A distillation run's teacher side and its comparison rows. The teacher: cached_teacher under --cache-dir
-    (default OUTPUT_DIR/.{method}_cache), with its tokenizer, {train, dev} tokenized with teacher logits, its dev
-    accuracy (%) and seconds, a dev loader and the offline attack resources (--attack-substitutes)."""
+    (--teacher DIR, else --model fine-tuned; the raw --model when `raw`), with its tokenizer, {train, dev} tokenized
+    with teacher logits, its dev accuracy (%) and seconds, a dev loader and the attack resources."""
 
-    def __init__(self, args, method: str, run, ready: Optional[str] = None, raw: bool = False):
+    def __init__(self, args, method: str, run, raw: bool = False):
         self.args, self.method, self.run, self.data = args, method, run, load_task(args)
         cache = args.cache_dir or os.path.join(args.output_dir, f".{method}_cache")
         self.teacher, self.tokenizer, self.encoded, self.teacher_dev, self.teacher_seconds = cached_teacher(
-            args, self.data, run, cache, ready, raw)
+            args, self.data, run, cache, args.teacher, raw)
         self.resources = offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None
         self.dev_loader = make_loader(self.encoded["dev"], self.tokenizer, args.eval_batch_size, False)
 
@@ -119,6 +127,13 @@ class Distillation:
             row["wall_clock"]["evaluation"] = time.time() - start
             return row
         return saved_row(os.path.join(self.run.dir, "rows", f"{name}_.json"), f"{name}_", evaluate)
+
+    def finish(self, rows: list, **extra):
+        """results.json: the first row, with the teacher's seconds and the other rows and `extra` in its extra."""
+        rows[0]["wall_clock"]["teacher"] = self.teacher_seconds
+        rows[0]["extra"].update(rows=rows[1:], **extra)
+        finish_run(self.run, rows[0])
+        print_summary([(r["setting"], r) for r in rows])
 
 
 def main(args):

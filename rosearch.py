@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import (Predictor, build_attack, callable_wrapper, pgd_accuracy, print_summary, read_records, run_attack,
+from attacks import (Predictor, build_attack, callable_wrapper, pgd_accuracy, read_records, run_attack,
                      stratified_indices)
 from bench import bench_rosearch
-from common import (ATTACK_RECIPES, UsageError, add_common_args, check_range, count_params, finetune, finish_run,
+from common import (ATTACK_RECIPES, UsageError, add_common_args, append_jsonl, check_range, count_params, finetune,
                     make_loader, predict_labels, save_atomic, set_seed, start_run, texts_of, usage_errors,
                     validate_common_args)
-from finetune import Distillation
+from finetune import Distillation, add_distillation_args
 
 METHOD = "rosearch"
 INPUTS, NODES, EDGES_PER_NODE = 2, 3, 2  # a cell reads the previous two cells; B = 3 nodes of two edges (§2.3)
@@ -41,10 +41,9 @@ RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RoSearch (arXiv 2106.03613), reconstructed: docs/rosearch.md")
     add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,pwws,bert-attack")
+    add_distillation_args(p, METHOD)  # --teacher, --cache-dir, --speed-examples
     on = dict(action=argparse.BooleanOptionalAction, default=True)
-    g = p.add_argument_group("RoSearch: teacher and knowledge distillation (§4)")
-    g.add_argument("--teacher", help="folder of a fine-tuned teacher (else --model is fine-tuned with --lr/--epochs)")
-    g.add_argument("--cache-dir", help="teacher and its cached logits (default OUTPUT_DIR/.rosearch_cache)")
+    g = p.add_argument_group("RoSearch: knowledge distillation (§4)")
     g.add_argument("--kd-alpha", type=float, default=0.8, help="alpha: weight of the soft-target KL term (§4.3)")
     g.add_argument("--kd-temperature", type=float, default=2.0, help="T: distillation temperature (§4.3)")
     g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT, §4.3)")
@@ -90,7 +89,6 @@ def parse_args(argv=None):
     r.add_argument("--bench", action="store_true", help="print seconds per candidate and inference speed, exit "
                    "(bench.bench_rosearch: the raw --model as teacher, small defaults)")
     r.add_argument("--bench-candidates", type=int, default=2, help="candidates timed by --bench")
-    r.add_argument("--speed-examples", type=int, default=256, help="dev sentences timed for inference speed")
     return p.parse_args(argv)
 
 
@@ -249,8 +247,7 @@ class Space:
     student: dict
     teacher_params: dict
     embedding_params: int = 0  # the whole teacher embedding block a "teacher"-embeddings student reuses
-    embedding_tables: int = 0  # of which nn.Embedding tables (what count_params calls "embedding")
-    table_rows: int = 0  # vocabulary + positions + token types of the teacher's tables (folded: each H wide)
+    embedding_tables: int = 0  # of which the word, position and type tables (rows x embed_dim; folded: rows x H)
     basis: str = "non_embedding"
     min_compression: float = 4.6
     _params: dict = field(default_factory=dict, repr=False)
@@ -264,7 +261,8 @@ def student_params(genotype, space: Space) -> dict:
             n = sum(p.numel() for p in Student(genotype, None, **space.student).parameters())
         h = genotype["hidden"]
         if space.student.get("folded"):  # P (d x H + H) folded into the tables: rows x H
-            n, tables = n - (space.student["embed_dim"] * h + h) + space.table_rows * h, space.table_rows * h
+            tables = space.embedding_tables // space.student["embed_dim"] * h  # the teacher's rows, H wide
+            n += tables - (space.student["embed_dim"] * h + h)
         else:
             n, tables = n + space.embedding_params, space.embedding_tables
         space._params[key] = {"total": n, "non_embedding": n - tables}
@@ -463,13 +461,12 @@ def load_student(path: str, teacher, with_record=False):
 
 def robustness(student, ctx) -> dict:
     """R on the fixed probe set: accuracy under --fitness-attack (TextAttack recipe, built once) or embedding PGD."""
-    args = ctx.args
+    args, run = ctx.args, ctx.run
     if args.fitness_attack == "pgd":
-        aua = 100.0 * pgd_accuracy(student, ctx.probe_loader, ctx.run.device, args.probe_pgd_radius,
-                                   autocast=ctx.run.autocast)
-        return {"R": aua, "probe_not_fooled": None}
-    ctx.probe_predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size, ctx.run.device,
-                                  ctx.run.autocast)
+        aua = pgd_accuracy(student, ctx.probe_loader, run.device, args.probe_pgd_radius, autocast=run.autocast)
+        return {"R": 100.0 * aua, "probe_not_fooled": None}
+    ctx.probe_predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size, run.device,
+                                  run.autocast)
     if ctx.probe_attack is None:  # built once; it queries whichever student is being probed
         ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_predict(t)),
                                         ctx.resources, args.attack_query_budget, args.attack_max_modify_rate,
@@ -504,13 +501,12 @@ def train_and_score(genotype, ctx, epochs, tag):
 def trained(genotype, ctx, tag):
     """A finalist trained with --final-epochs, saved to students/{hash}.pt: loaded, not retrained, when seen again."""
     path = os.path.join(ctx.run.dir, "students", f"{genotype_hash(genotype)}.pt")
-    if os.path.isfile(path):
-        student, record = load_student(path, ctx.teacher, with_record=True)
-        return student.to(ctx.run.device), record
-    student, record = train_and_score(genotype, ctx, ctx.args.final_epochs, tag)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_student(student, ctx.space, path, record)
-    return student, record
+    if not os.path.isfile(path):
+        student, record = train_and_score(genotype, ctx, ctx.args.final_epochs, tag)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_student(student, ctx.space, path, record)
+    student, record = load_student(path, ctx.teacher, with_record=True)
+    return student.to(ctx.run.device), record
 
 
 def run_search(label, weights, ctx, evaluated):
@@ -521,8 +517,6 @@ def run_search(label, weights, ctx, evaluated):
     evaluated.update({r["hash"]: r for r in stored.values()})
     if stored:
         print(f"[{label}] resuming: {len(stored)} stored candidates", flush=True)
-    with open(path, "w") as f:  # the valid stored lines only (a cut last line is dropped)
-        f.writelines(json.dumps(stored[i]) + "\n" for i in sorted(stored))
     best = [float("-inf")]
 
     def evaluate(genotype, index):
@@ -534,8 +528,7 @@ def run_search(label, weights, ctx, evaluated):
 
     def on_record(r):
         if r["index"] not in stored:
-            with open(path, "a") as f:
-                f.write(json.dumps(r) + "\n")
+            append_jsonl(log, r)
         best[0] = max(best[0], r["fitness"])
         ctx.run.log({f"charts/{label}_fitness": r["fitness"], f"charts/{label}_best_fitness": best[0],
                      f"robust/{label}_R": r["R"], f"eval/{label}_A": r["A"],
@@ -546,7 +539,9 @@ def run_search(label, weights, ctx, evaluated):
               f"{'' if r.get('R_credit', r['R']) == r['R'] else ' (below floor)'} "
               f"x{r['compression'][ctx.space.basis]:.1f} F {r['fitness']:.2f}", flush=True)
 
-    history = evolve(ctx.space, args, weights, evaluate, stored, on_record, random_search=label == "random-search")
+    with open(path, "w") as log:  # the valid stored lines first (a cut last line is dropped), then each new one
+        log.writelines(json.dumps(stored[i]) + "\n" for i in sorted(stored))
+        history = evolve(ctx.space, args, weights, evaluate, stored, on_record, random_search=label == "random-search")
     picked, cost = (None, None), sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # shared ones count too
     for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
         student, final = trained(record["genotype"], ctx, f"final/{record['hash']}")
@@ -568,16 +563,14 @@ class Context(Distillation):
         args = validate(args)
         run = start_run(args, METHOD, also_attacks=[args.fitness_attack] if args.fitness_attack != "pgd" else [],
                         resume=args.resume, free=RESUME_FREE)
-        super().__init__(args, METHOD, run, args.teacher, raw=args.bench and args.teacher is None)
+        super().__init__(args, METHOD, run, raw=args.bench and args.teacher is None)
         block = self.teacher.base_model.embeddings
         emb = count_params(block)  # the block a "teacher"-embeddings student shares: tables + its LayerNorm
-        rows = sum(getattr(block, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
-                                                              "token_type_embeddings"))
         student = dict(embed_dim=block.word_embeddings.embedding_dim, num_labels=self.data.num_labels, heads=args.heads,
                        combine=args.cell_combine, residual=args.cell_residual, dropout=args.dropout,
                        folded=args.student_embeddings == "folded")
         self.space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, student,
-                           count_params(self.teacher), emb["total"], emb["total"] - emb["non_embedding"], rows,
+                           count_params(self.teacher), emb["total"], emb["total"] - emb["non_embedding"],
                            args.compression_basis, args.min_compression)
         check_space(self.space)
         self.floor = args.accuracy_floor * self.teacher_dev  # in %
@@ -618,13 +611,9 @@ def main(args):
             save_student(student, ctx.space, os.path.join(run.dir, f"student_{name}.pt"), best)
         rows.append(ctx.row(name, ROWS[name], student, best["A"], extra))
         rows[-1]["wall_clock"]["search_and_final"] = cost  # KD + probe seconds of its candidates and finalists
-    results = rows[0]
-    results["wall_clock"]["teacher"] = ctx.teacher_seconds
-    results["extra"].update(rows=rows[1:], fitness_weights=args.weights, fitness_attack=args.fitness_attack,
-                            teacher_dev_accuracy=ctx.teacher_dev, accuracy_floor=ctx.floor,
-                            compression_basis=args.compression_basis, trained_candidates=ctx.trained_candidates)
-    finish_run(run, results)
-    print_summary([(r["setting"], r) for r in rows])
+    ctx.finish(rows, fitness_weights=args.weights, fitness_attack=args.fitness_attack,
+               teacher_dev_accuracy=ctx.teacher_dev, accuracy_floor=ctx.floor, compression_basis=args.compression_basis,
+               trained_candidates=ctx.trained_candidates)
 
 
 if __name__ == "__main__":

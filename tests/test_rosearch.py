@@ -399,7 +399,7 @@ def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
     rows = sum(getattr(emb, t).num_embeddings for t in ("word_embeddings", "position_embeddings",
                                                         "token_type_embeddings"))
     space = rs.Space(list(rs.OPS), 1, 3, [16], {"embed_dim": 64, "num_labels": 2, "folded": True},
-                     count_params(teacher), table_rows=rows)
+                     count_params(teacher), embedding_tables=rows * 64)
     ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
                           run=SimpleNamespace(device=torch.device("cpu")))
     enc = dict(tokenizer(["the movie was good", "a dull and boring plot"], padding=True, return_tensors="pt"))
