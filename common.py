@@ -56,6 +56,12 @@ def check_range(name, value, low=None, high=None, low_open=False, high_open=Fals
         raise UsageError(f"--{name} must be in {interval}, got {value}")
 
 
+def check_ranges(args, names, low=None, high=None, low_open=False, high_open=False):
+    """check_range of every flag in `names` (argparse dests) that is set (None: not given)."""
+    for name in (n for n in names if getattr(args, n) is not None):
+        check_range(name.replace("_", "-"), getattr(args, name), low, high, low_open, high_open)
+
+
 @contextmanager
 def usage_errors():
     """Turn UsageError into the one-line message and exit code 2 (no traceback); exit 1 at the end of a run in
@@ -135,9 +141,7 @@ def adversary_from_args(args, prefix="adv"):
     p = prefix.replace("-", "_")
     adv = Adversary(getattr(args, f"{p}_steps"), getattr(args, f"{p}_lr"), getattr(args, f"{p}_init_mag"),
                     getattr(args, f"{p}_max_norm"), getattr(args, f"{p}_norm_type"))
-    check_range(f"{prefix}-steps", adv.steps, 0)
-    for name in ("lr", "init_mag", "max_norm"):
-        check_range(f"{prefix}-{name.replace('_', '-')}", getattr(adv, name), 0)
+    check_ranges(args, [f"{p}_{name}" for name in ("steps", "lr", "init_mag", "max_norm")], 0)
     return adv
 
 
@@ -145,19 +149,12 @@ def validate_common_args(args):
     if args.task not in TASKS:
         raise UsageError(f"unknown --task '{args.task}'; choose one of: {', '.join(TASKS)}")
     check_range("max-seq-length", args.max_seq_length, 8, 512)
-    check_range("batch-size", args.batch_size, 1)
-    check_range("eval-batch-size", args.eval_batch_size, 1)
-    check_range("lr", args.lr, 0, low_open=True)
-    check_range("epochs", args.epochs, 0, low_open=True)
-    check_range("warmup", args.warmup, 0, 1)
-    check_range("dev-size", args.dev_size, 0, low_open=True)
-    check_range("attack-examples", args.attack_examples, 1)
+    check_ranges(args, ("batch_size", "eval_batch_size", "attack_examples", "max_train_examples", "max_eval_examples",
+                        "attack_query_budget", "attack_workers"), 1)
+    check_ranges(args, ("lr", "epochs", "dev_size"), 0, low_open=True)
+    check_ranges(args, ("warmup",), 0, 1)
+    check_ranges(args, ("attack_max_modify_rate",), 0, 1, low_open=True)
     parse_shard(args.attack_shard)
-    for name in ("max_train_examples", "max_eval_examples", "attack_query_budget", "attack_workers"):
-        if getattr(args, name) is not None:
-            check_range(name.replace("_", "-"), getattr(args, name), 1)
-    if args.attack_max_modify_rate is not None:
-        check_range("attack-max-modify-rate", args.attack_max_modify_rate, 0, 1, low_open=True)
     if args.attack_substitutes is not None and not os.path.isfile(os.path.join(args.attack_substitutes, "config.json")):
         raise UsageError(f"--attack-substitutes {args.attack_substitutes} has no config.json; give a model folder")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
@@ -165,12 +162,17 @@ def validate_common_args(args):
     parse_attacks(args.attacks)
 
 
-def parse_attacks(spec: str, flag: str = "--attacks") -> list:
+def parse_choices(spec: str, choices, flag: str, what: str) -> list:
+    """The names of a comma list, each one of `choices` ('' or 'none': no name)."""
     names = [] if spec.strip().lower() in ("", "none") else [s.strip().lower() for s in spec.split(",") if s.strip()]
     for name in names:
-        if name not in ATTACK_RECIPES:
-            raise UsageError(f"unknown attack '{name}' in {flag}; choose from: {', '.join(ATTACK_RECIPES)}")
+        if name not in choices:
+            raise UsageError(f"unknown {what} '{name}' in {flag}; choose from: {', '.join(choices)}")
     return names
+
+
+def parse_attacks(spec: str, flag: str = "--attacks") -> list:
+    return parse_choices(spec, ATTACK_RECIPES, flag, "attack")
 
 
 def parse_shard(spec: Optional[str]):
@@ -271,7 +273,6 @@ def start_run(args, method: str, also_attacks=(), resume: Optional[str] = None, 
     if resume is not None:
         run_dir = resume
         check_resume_flags(args, method, resume, free)
-        write_json_atomic(os.path.join(run_dir, "args.json"), {"method": method, **vars(args)})  # the free flags now
     else:
         stem = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir, n = stem, 1
@@ -281,8 +282,7 @@ def start_run(args, method: str, also_attacks=(), resume: Optional[str] = None, 
                 break
             except FileExistsError:
                 run_dir, n = f"{stem}_{n}", n + 1
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({"method": method, **vars(args)}, f, indent=2)
+    write_json_atomic(os.path.join(run_dir, "args.json"), {"method": method, **vars(args)})  # resumed: free flags now
     if args.track:
         try:
             import wandb

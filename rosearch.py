@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from attacks import (Predictor, build_attack, callable_wrapper, pgd_accuracy, read_records, run_attack,
                      stratified_indices)
 from bench import bench_rosearch
-from common import (ATTACK_RECIPES, UsageError, add_common_args, append_jsonl, check_range, count_params, finetune,
-                    make_loader, predict_labels, save_atomic, set_seed, start_run, texts_of, usage_errors,
-                    validate_common_args)
+from common import (ATTACK_RECIPES, UsageError, add_common_args, append_jsonl, check_range, check_ranges,
+                    count_params, finetune, make_loader, parse_choices, predict_labels, save_atomic, set_seed,
+                    start_run, texts_of, usage_errors, validate_common_args)
 from finetune import Distillation, add_distillation_args
 
 METHOD = "rosearch"
@@ -69,10 +69,8 @@ def parse_args(argv=None):
     e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e: weights of R, A, E in F (§5.4)")
     e.add_argument("--fitness-attack", help=f"R's attack: {', '.join(ATTACK_RECIPES)} or pgd (embedding PGD); "
                    "default textfooler (deepwordbug under --bench)")
-    e.add_argument("--probe-examples", type=int, help="N_r: seeded dev sentences attacked per candidate, stratified "
-                   "by label; default 200 (100 under --bench)")
-    e.add_argument("--accuracy-floor", type=float, default=0.9, help="R counts 0 in F below this share of the "
-                   "teacher's dev accuracy (the collapse guard); 0: off")
+    e.add_argument("--probe-examples", type=int, help="N_r: stratified dev probe size; default 200 (--bench: 100)")
+    e.add_argument("--accuracy-floor", type=float, default=0.9, help="no R credit below this x teacher dev accuracy")
     e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
     e.add_argument("--probe-pgd-radius", type=float, default=0.5, help="l2 radius when --fitness-attack pgd")
     e.add_argument("--min-compression", type=float, default=4.6, help="hard budget: teacher/student params >= this")
@@ -86,8 +84,7 @@ def parse_args(argv=None):
     r = p.add_argument_group("RoSearch: rows, resume, benchmark")
     r.add_argument("--extra-rows", default="teacher,handmade", help=f"more rows, of {', '.join(list(ROWS)[1:])}; none")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags)")
-    r.add_argument("--bench", action="store_true", help="print seconds per candidate and inference speed, exit "
-                   "(bench.bench_rosearch: the raw --model as teacher, small defaults)")
+    r.add_argument("--bench", action="store_true", help="time candidates and inference, exit (bench.bench_rosearch)")
     r.add_argument("--bench-candidates", type=int, default=2, help="candidates timed by --bench")
     return p.parse_args(argv)
 
@@ -96,45 +93,36 @@ def validate(args):
     args.fitness_attack = args.fitness_attack or "textfooler"  # (bench.bench_rosearch sets its own defaults first)
     args.probe_examples = args.probe_examples or 200
     validate_common_args(args)
-    args.ops_list = [o.strip() for o in args.ops.split(",") if o.strip()]
-    for op in args.ops_list or [None]:
-        if op not in OPS:
-            raise UsageError(f"unknown op '{op}' in --ops; choose from: {', '.join(OPS)}" if op else
-                             "--ops is empty: the search space has no operation; give e.g. --ops conv3,identity")
+    args.ops_list = parse_choices(args.ops, OPS, "--ops", "op")
+    if not args.ops_list:
+        raise UsageError("--ops is empty: the search space has no operation; give e.g. --ops conv3,identity")
     try:
         args.hidden_list = sorted({int(h) for h in args.hidden.split(",")})
         args.weights = [float(w) for w in args.fitness_weights.split(",")]
     except ValueError:
         raise UsageError("--hidden is a comma list of integers and --fitness-weights three numbers w_r,w_a,w_e")
     if len(args.weights) != 3 or min(args.weights) < 0 or sum(args.weights[:2]) == 0:
-        raise UsageError(f"--fitness-weights needs three non-negative numbers with w_r + w_a > 0, got "
-                         f"{args.fitness_weights}")
+        raise UsageError(f"--fitness-weights needs three non-negative numbers, w_r + w_a > 0: {args.fitness_weights}")
     for h in args.hidden_list:
         check_range("hidden", h, 1)
         if "attention" in args.ops_list and h % args.heads:
             raise UsageError(f"--hidden {h} is not divisible by --heads {args.heads} (needed by the attention op)")
-    for name in ("min_cells", "population", "tournament", "probe_examples", "top_k", "bench_candidates",
-                 "speed_examples", "student_batch_size", "handmade_cells"):
-        check_range(name.replace("_", "-"), getattr(args, name), 1)
-    for name in ("kd_temperature", "min_compression", "proxy_epochs", "final_epochs", "student_lr", "probe_pgd_radius"):
-        check_range(name.replace("_", "-"), getattr(args, name), 0, low_open=True)
-    for name in ("kd_alpha", "crossover_prob", "accuracy_floor"):
-        check_range(name.replace("_", "-"), getattr(args, name), 0, 1)
+    check_ranges(args, ("min_cells", "population", "tournament", "probe_examples", "top_k", "bench_candidates",
+                        "speed_examples", "student_batch_size", "handmade_cells"), 1)
+    check_ranges(args, ("kd_temperature", "min_compression", "proxy_epochs", "final_epochs", "student_lr",
+                        "probe_pgd_radius"), 0, low_open=True)
+    check_ranges(args, ("kd_alpha", "crossover_prob", "accuracy_floor"), 0, 1)
     check_range("max-cells", args.max_cells, args.min_cells)
     check_range("cycles", args.cycles, 0)
     check_range("tournament", args.tournament, 1, args.population)
-    if args.fitness_attack != "pgd" and args.fitness_attack not in ATTACK_RECIPES:
-        raise UsageError(f"unknown --fitness-attack '{args.fitness_attack}'; use pgd or one of "
-                         f"{', '.join(ATTACK_RECIPES)}")
-    args.rows = [] if args.extra_rows.strip() in ("", "none") else [s.strip() for s in args.extra_rows.split(",")]
-    for row in args.rows:
-        if row not in ROWS or row == "rosearch":
-            raise UsageError(f"unknown row '{row}' in --extra-rows; choose from {', '.join(list(ROWS)[1:])}")
+    if args.fitness_attack not in ("pgd", *ATTACK_RECIPES):
+        raise UsageError(f"unknown --fitness-attack '{args.fitness_attack}'; use pgd, {', '.join(ATTACK_RECIPES)}")
+    args.rows = parse_choices(args.extra_rows, list(ROWS)[1:], "--extra-rows", "row")
     return args
 
 
-# ---- Search space (§2.3): genotype = {"hidden": H, "cells": [cell_0 .. cell_{K-1}]}, cell = B nodes, node = two
-# [input, op] edges; inputs 0, 1 = the previous two cells, 2.. = earlier nodes -----------------------------------
+# ---- Search space (§2.3): {"hidden": H, "cells": [K x [B nodes x [two [input, op] edges]]]}; input 0, 1: the
+# previous two cells, 2..: earlier nodes -------------------------------------------------------------------------
 def genotype_hash(genotype) -> str:
     return hashlib.sha1(json.dumps(genotype, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
@@ -196,8 +184,7 @@ class Cell(nn.Module):
 
 
 class Student(nn.Module):
-    """Teacher embeddings -> projection to H -> K cells -> masked mean pool -> tanh -> classifier (§2.3-2.4).
-    folded: the tables are summed raw, projected, then normalised in H, so P folds exactly into the tables."""
+    """Teacher embeddings -> projection P to H -> K cells -> masked mean pool -> tanh -> classifier (§2.3-2.4)."""
 
     def __init__(self, genotype, embeddings, embed_dim, num_labels, heads=4, combine="weighted-sum", residual=True,
                  dropout=0.1, folded=False):
@@ -217,7 +204,7 @@ class Student(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None, **unused):
         shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         device = self.classifier.weight.device
-        if self.folded:
+        if self.folded:  # LayerNorm_H(P (w + p + t)): P folds exactly into the tables (fold_embeddings)
             e = self.embeddings
             words = inputs_embeds if inputs_embeds is not None else e.word_embeddings(input_ids)
             types = torch.zeros(shape, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
@@ -238,8 +225,7 @@ class Student(nn.Module):
 
 @dataclass
 class Space:
-    """The search space (§2.3) and the hard budget (§5.4). student: the Student's other arguments (embed_dim,
-    num_labels, heads, combine, residual, dropout, folded), the config a saved student stores."""
+    """The search space (§2.3) and the hard budget (§5.4); student: the Student's other arguments (saved config)."""
     ops: list
     min_cells: int
     max_cells: int
@@ -271,8 +257,7 @@ def student_params(genotype, space: Space) -> dict:
 
 @torch.no_grad()
 def fold_embeddings(student):
-    """AdaBERT's export: each table x P^T becomes an H-wide table (P's bias goes into the type table: every token
-    has exactly one type); P and the teacher's LayerNorm are dropped. The logits do not change (a test checks it)."""
+    """AdaBERT's export: table x P^T, H wide (P's bias into the type table); same logits (docs/rosearch.md)."""
     if not student.folded or isinstance(student.project, nn.Identity):
         return student
     e, p = student.embeddings, student.project
@@ -286,8 +271,7 @@ def fold_embeddings(student):
 
 
 def student_flops(genotype, space: Space, seq_len: int) -> int:
-    """Analytic forward FLOPs per token (2 x multiply-adds) of the student past its embeddings: the projection to H,
-    every edge (conv H x H x k, attention 4 H^2 + 2 n H, pools 3 H), the cell merges; pooler / classifier ignored."""
+    """Analytic forward FLOPs per token past the embeddings (2 x multiply-adds; what counts: docs/rosearch.md)."""
     h = genotype["hidden"]
     total = 0 if space.student.get("folded") else 2 * space.student["embed_dim"] * h
     for cell in genotype["cells"]:
@@ -379,8 +363,7 @@ def credit(record: dict, floor_accuracy: float) -> dict:
     return {**record, "A_floor": floor_accuracy, "R_credit": record["R"] if record["A"] >= floor_accuracy else 0.0}
 
 
-# ---- Regularized (aging) evolution (Real et al. 2019; §3.2-3.3). Candidate i's proposal depends only on (seed, i)
-# and the history before it, so a resumed search replays the stored records and continues identically. ------------
+# ---- Regularized (aging) evolution (Real et al. 2019; §3.2-3.3), seeded per candidate: a resume replays exactly ----
 def evolve(space: Space, args, weights, evaluate, stored=None, on_record=lambda r: None, random_search=False) -> list:
     """P random genotypes, then C tournament children; random_search: all P + C random (the equal-budget control)."""
     stored, population, history, seen = stored or {}, deque(maxlen=args.population), [], set()
@@ -510,8 +493,7 @@ def trained(genotype, ctx, tag):
 
 
 def run_search(label, weights, ctx, evaluated):
-    """One search (history_{label}.jsonl, appended as candidates finish, resumed in place), then its top-k finalists,
-    the best fitness picked: (student, its final record, the history, KD + probe seconds as if it had run alone)."""
+    """One search, logged to history_{label}.jsonl, then its top-k finalists: (student, record, history, seconds)."""
     args, path = ctx.args, os.path.join(ctx.run.dir, f"history_{label}.jsonl")
     stored = read_records(path, check_record, "candidate", "RoSearch history.jsonl") if os.path.isfile(path) else {}
     evaluated.update({r["hash"]: r for r in stored.values()})
@@ -556,8 +538,7 @@ def run_search(label, weights, ctx, evaluated):
 
 
 class Context(Distillation):
-    """Stage 1: the run folder (or the resumed one); data, teacher and rows (finetune.Distillation); the search space,
-    the accuracy floor and the probe set: what every candidate's training and scoring reads."""
+    """Stage 1: run folder, data, teacher and rows (finetune.Distillation); search space, accuracy floor, probe set."""
 
     def __init__(self, args):
         args = validate(args)
