@@ -7,7 +7,6 @@ input from the entropies of each adapter's prediction). The paper's body was una
 the section of ../shared/specs/adapter_mixup.md ("spec §x") and every reconstructed choice is a flag."""
 import argparse
 import copy
-import csv
 import itertools
 import math
 import os
@@ -19,71 +18,74 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import bench
 import common
 import offline
-from attacks import evaluate_model, evaluate_robustness, print_summary
-from common import (UsageError, add_common_args, auroc, check_range, count_params, finetune,
-                    finish_run, fingerprint, fingerprint_tensors, load_model, load_task, parse_attacks,
-                    results_template, rows_accuracy, rows_loader, set_seed, start_run, texts_of, usage_errors)
+from attacks import print_summary
+from common import (UsageError, add_common_args, auroc, check_range, count_params, finish_run, fingerprint,
+                    fingerprint_tensors, load_model, load_task, parse_attacks, results_template, rows_accuracy,
+                    set_seed, start_run, texts_of, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
 ADAPTER_INIT_STD = 1e-2  # W_down ~ N(0, 0.01^2), W_up = 0: every adapter starts as the identity (Houlsby et al.)
 ADV_VAL_SHARE = 0.1  # share of each D_adv,k held out as adversarial validation (spec §3.3, step 4)
 INDEPENDENT_SEED_OFFSET = 1000  # --transfer-source independent: a clean adapter trained under --seed + this
-CACHE_VERSION = 3  # bumped when what a cache holds changes (2: generation seeded per example, complete keys;
-# 3: the clean adapter's key holds its initial weights)
+CACHE_VERSION = 3  # bumped when what a cache holds changes (history: docs/adapter_mixup.md, deviation 11)
 CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eval_examples", "dev_size",
              "max_seq_length", "batch_size", "eval_batch_size", "lr", "epochs", "weight_decay", "warmup", "bf16",
              "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
-RANGES = {"reduction_factor": (1, None, False), "adv_train_examples": (1, None, False), "adv_epochs": (0, None, True),
-          "temperature": (0, None, True), "beta_grid_step": (0, 1, True), "curve_attack_examples": (0, None, False),
-          "bench_steps": (1, None, False), "gate_examples": (0, None, False), "beta_attack_examples": (0, None, False),
-          "adv_lr": (0, None, True), "full_lr": (0, None, True), "full_epochs": (0, None, True)}  # low, high, low open
+# The method's flags (each in detail: docs/adapter_mixup.md): flag, default, type or choices, range or None, help.
+# A range is (low, high, low open), checked by validate().
+FLAGS = [
+    ("--adapter-type", "houlsby", ["houlsby", "pfeiffer"], None,
+     "houlsby: after attention and after FFN; pfeiffer: after FFN only (spec §3.2)"),
+    ("--reduction-factor", 16, int, (1, None, False), "bottleneck = hidden / r (spec §3.2: r = 16)"),
+    ("--adapter-activation", "relu", list(ACTIVATIONS), None, "adapter nonlinearity"),
+    ("--train-attacks", "textfooler", str, None, "known attacks a_1..a_m, comma-separated: one adversarial "
+     "adapter phi_k each (spec §3.3)"),
+    ("--adv-train-examples", 5000, int, (1, None, False), "seeded train subset attacked per known attack"),
+    ("--adv-epochs", 5, float, (0, None, True), "epochs of each adversarial adapter (spec §3.4: 5-10)"),
+    ("--adv-lr", None, float, (0, None, True), "learning rate of adversarial adapters (default --lr)"),
+    ("--cache-dir", None, str, None, "clean-adapter checkpoints and adversarial JSONL caches, reused and resumed "
+     "(default OUTPUT_DIR/adpmixup_cache)"),
+    ("--beta", "dynamic", str, None, "the clean adapter's weight: a number in [0, 1] (v1, fixed), 'dev' (v1, the "
+     "best grid point on dev) or 'dynamic' (v2, per input); the main row"),
+    ("--dynamic-rule", "inverse-entropy", ["inverse-entropy", "softmax", "min-entropy"], None,
+     "v2 beta(x) (spec §3.6): ∝ 1/(H_k+eps) (A), softmax(-H/tau), or min-entropy grid point (B)"),
+    ("--temperature", 1.0, float, (0, None, True), "tau of the softmax rule (unless --v2-grid)"),
+    ("--head-start", 0.0, float, None, "the clean adapter's head start b in v2 (unless --v2-grid): softmax scores "
+     "-H_k/tau + b, inverse-entropy scores x (1 + b)"),
+    ("--v2-grid", "", str, None, "tau:b pairs tried for v2 on the adaptive dev objective, e.g. 0.5:0,1:1 (needs "
+     "--beta-attack-examples)"),
+    ("--beta-attack-examples", 0, int, (0, None, False), "if > 0, v1's beta and v2's tau:b are chosen on (dev acc "
+     "+ mean dev Aua) / 2, the known attacks run afresh on this many dev sentences"),
+    ("--beta-grid-step", 0.1, float, (0, 1, True), "step of the v1 grid / beta curve / simplex grid"),
+    ("--curve-attack-examples", 0, int, (0, None, False), "if > 0, every --attacks recipe on this many test "
+     "examples at each beta of the curve"),
+    ("--gate-examples", 100, int, (0, None, False), "dev sentences of the gate: each phi_k and phi_0 attacked with "
+     "a_k (0: no gate)"),
+    ("--transfer-source", "clean", ["clean", "independent"], None, "transfer sets attacked on phi_0 (it scores 0 "
+     "on them) or on an independent clean adapter (--seed + 1000)"),
+    ("--baseline", "none", ["none", "full-at"], None,
+     "full-at: also fully fine-tune the backbone on clean + the same adversarial data"),
+    ("--full-lr", 2e-5, float, (0, None, True), "learning rate of the full-at baseline"),
+    ("--full-epochs", 3, float, (0, None, True), "epochs of the full-at baseline"),
+    ("--bench-steps", 5, int, (1, None, False), "timed optimiser steps per model in --bench"),
+]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, METHOD, lr=3e-4, epochs=10, attacks="textfooler,pwws,bert-attack,textbugger,deepwordbug")
     g = p.add_argument_group("AdpMixup (each flag in detail: docs/adapter_mixup.md)")
-    g.add_argument("--adapter-type", default="houlsby", choices=["houlsby", "pfeiffer"],
-                   help="houlsby: after attention and after FFN; pfeiffer: after FFN only (spec §3.2)")
-    g.add_argument("--reduction-factor", type=int, default=16, help="bottleneck = hidden / r (spec §3.2: r = 16)")
-    g.add_argument("--adapter-activation", default="relu", choices=list(ACTIVATIONS), help="adapter nonlinearity")
-    g.add_argument("--train-attacks", default="textfooler", help="known attacks a_1..a_m, comma-separated: one "
-                   "adversarial adapter phi_k each (spec §3.3)")
-    g.add_argument("--adv-train-examples", type=int, default=5000, help="seeded train subset attacked per known attack")
-    g.add_argument("--adv-epochs", type=float, default=5, help="epochs of each adversarial adapter (spec §3.4: 5-10)")
-    g.add_argument("--adv-lr", type=float, default=None, help="learning rate of adversarial adapters (default --lr)")
-    g.add_argument("--cache-dir", default=None, help="clean-adapter checkpoints and adversarial JSONL caches, reused "
-                   "and resumed (default OUTPUT_DIR/adpmixup_cache)")
+    for flag, default, kind, _, help in FLAGS:
+        choices = kind if isinstance(kind, list) else None
+        g.add_argument(flag, default=default, type=None if choices else kind, choices=choices, help=help)
     g.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags): attacks "
                    "finished in its CSVs are read back, the clean adapter and adversarial data from --cache-dir")
-    g.add_argument("--beta", default="dynamic", help="the clean adapter's weight: a number in [0, 1] (v1, fixed), "
-                   "'dev' (v1, the best grid point on dev) or 'dynamic' (v2, per input); the main row")
-    g.add_argument("--dynamic-rule", default="inverse-entropy", choices=["inverse-entropy", "softmax", "min-entropy"],
-                   help="v2 beta(x) (spec §3.6): ∝ 1/(H_k+eps) (A), softmax(-H/tau), or min-entropy grid point (B)")
-    g.add_argument("--temperature", type=float, default=1.0, help="tau of the softmax rule (unless --v2-grid)")
-    g.add_argument("--head-start", type=float, default=0.0, help="the clean adapter's head start b in v2 (unless "
-                   "--v2-grid): softmax scores -H_k/tau + b, inverse-entropy scores x (1 + b)")
-    g.add_argument("--v2-grid", default="", help="tau:b pairs tried for v2 on the adaptive dev objective, e.g. "
-                   "0.5:0,1:1 (needs --beta-attack-examples)")
-    g.add_argument("--beta-attack-examples", type=int, default=0, help="if > 0, v1's beta and v2's tau:b are chosen on "
-                   "(dev acc + mean dev Aua) / 2, the known attacks run afresh on this many dev sentences")
-    g.add_argument("--beta-grid-step", type=float, default=0.1, help="step of the v1 grid / beta curve / simplex grid")
-    g.add_argument("--curve-attack-examples", type=int, default=0, help="if > 0, every --attacks recipe on this many "
-                   "test examples at each beta of the curve")
-    g.add_argument("--gate-examples", type=int, default=100, help="dev sentences of the gate: each phi_k and phi_0 "
-                   "attacked with a_k (0: no gate)")
-    g.add_argument("--transfer-source", default="clean", choices=["clean", "independent"], help="transfer sets "
-                   "attacked on phi_0 (it scores 0 on them) or on an independent clean adapter (--seed + 1000)")
-    g.add_argument("--baseline", default="none", choices=["none", "full-at"],
-                   help="full-at: also fully fine-tune the backbone on clean + the same adversarial data")
-    g.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of the full-at baseline")
-    g.add_argument("--full-epochs", type=float, default=3, help="epochs of the full-at baseline")
     g.add_argument("--bench", action="store_true", help="print training cost vs full AT and inference passes; exit")
-    g.add_argument("--bench-steps", type=int, default=5, help="timed optimiser steps per model in --bench")
     return p.parse_args(argv)
 
 
@@ -98,9 +100,9 @@ def validate(args):
         except ValueError:
             raise UsageError(f"--beta must be a number in [0, 1], 'dev' or 'dynamic', got '{args.beta}'")
         check_range("beta", args.beta, 0, 1)
-    for name, (low, high, low_open) in RANGES.items():
-        if getattr(args, name) is not None:  # --adv-lr None: --lr
-            check_range(name.replace("_", "-"), getattr(args, name), low, high, low_open=low_open)
+    for flag, _, _, (low, high, low_open), _ in (f for f in FLAGS if f[3]):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:  # --adv-lr None: --lr
+            check_range(flag[2:], getattr(args, flag[2:].replace("-", "_")), low, high, low_open=low_open)
     if abs(round(1 / args.beta_grid_step) * args.beta_grid_step - 1) > 1e-6:
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     try:
@@ -318,18 +320,15 @@ def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run,
     set_seed(seed)  # each slot trains the same whether or not earlier stages came from the cache
     mixture.use([k])
     train_only(model, k)
-    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, seed)
-    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
-    stats = finetune(model, train_loader, dev_loader, run, epochs, lr, args.weight_decay, args.warmup, tag=tag,
-                     params=adapter_params(model, k))
+    stats = attacks.finetune_rows(model, tokenizer, data, train_rows, dev_rows, run, args, epochs, lr, tag, seed,
+                                  params=adapter_params(model, k))
     train_only(model, -1)
     return stats
 
 
 def trainable_share(model, backbone_total) -> dict:
-    """What one adapter slot trains (its adapters + its head copy) as a share of the frozen backbone. The head copy
-    holds the pooler dense (BERT's pooler, RoBERTa's head dense: hidden^2 + hidden), a large part of the total, so
-    the share is also given without it."""
+    """One adapter slot's trainable parameters (adapters + head copy) as a share of the frozen backbone, also
+    without the head's pooler dense (hidden^2 + hidden, a large part: deviation 5)."""
     owner, name = head_layers(model)[0]
     pooler = sum(p.numel() for p in getattr(owner, name).linears[0].parameters())
     per_adapter = sum(p.numel() for p in adapter_params(model, 0))
@@ -364,6 +363,10 @@ class Experiment:
         self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(self.data, ds), ds["label"])) for ds in
                                                           (self.data.train, self.data.dev, self.data.test)]
         os.makedirs(args.cache_dir, exist_ok=True)
+        share = self.extra["trainable_share"] = trainable_share(self.model, self.backbone["total"])
+        print(f"[{METHOD}] backbone {self.backbone['total']:,} params (frozen); one adapter set + head "
+              f"{share['per_adapter']:,} ({share['pct_of_backbone']:.2f}% of the backbone, incl. the pooler dense "
+              f"{share['pooler']:,}; {share['pct_without_pooler']:.2f}% without)", flush=True)
 
     def predictor(self, names, beta=None):
         return MixupPredictor(self.model, self.tokenizer, self.mixture, [self.adapter_slots[n] for n in names], beta,
@@ -376,9 +379,14 @@ class Experiment:
     def weights_id(self, name):
         return fingerprint_tensors(adapter_state(self.model, self.adapter_slots[name]))
 
+    def adversarial_rows(self, kind, name, source, samples):
+        """Recipe `name` on samples against adapter `source`, cached; (counts, successful rows)."""
+        return attacks.adversarial_rows(kind, name, self.predictor([source]), self.weights_id(source), samples,
+                                        self.data.text_columns, self.args.cache_dir, self.args, self.resources,
+                                        CACHE_VERSION, f"the {source} adapter")
+
     def dev_robust(self, name, predict, n) -> list:
-        """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict` (one
-        keyed CSV per predictor in the run folder: a resumed run reads it back)."""
+        """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict`."""
         return attacks.attack_seeded_rows(predict, name, self.dev_rows, n, self.args, self.run, self.resources,
                                           self.data.text_columns, "dev")
 
@@ -402,18 +410,6 @@ def clean_adapter(ex, name, seed):
     return stats
 
 
-def attack_source(ex, kind, name, source, samples):
-    """Stage 2 (and the transfer sets): attack `name` on samples against adapter `source`, cached as JSONL under a key
-    of all the records depend on; returns (counts, successful rows)."""
-    key = attacks.adversarial_key(name, ex.weights_id(source), samples, ex.args, ex.resources, CACHE_VERSION)
-    summary, kept = attacks.adversarial_set(name, ex.predictor([source]), samples, ex.data.text_columns,
-                                            os.path.join(ex.args.cache_dir, f"{kind}_{name}_{key}.jsonl"), ex.args,
-                                            ex.resources)
-    print(f"[{kind} {name}] against the {source} adapter: {summary['successful']} successful / {summary['failed']} "
-          f"failed / {summary['skipped']} skipped of {summary['attacked']} ({summary['seconds']:.0f}s)", flush=True)
-    return summary, kept
-
-
 def adversarial_data(ex, rng):
     """Stage 2: D_adv,k = successful attacks a_k on phi_0 over a seeded train subset, gold labels kept (spec §3.3);
     10 % of each held out as adversarial validation. Returns (adv_train, adv_val) by attack."""
@@ -421,7 +417,7 @@ def adversarial_data(ex, rng):
     samples = [ex.train_rows[i] for i in np.sort(rng.choice(len(ex.train_rows), size=n, replace=False))]
     adv_train, adv_val, ex.extra["adversarial_data"], ex.wall["adversarial_generation"] = {}, {}, {}, 0.0
     for name in ex.args.known:
-        summary, kept = attack_source(ex, "adv", name, "clean", samples)
+        summary, kept = ex.adversarial_rows("adv", name, "clean", samples)
         ex.extra["adversarial_data"][name] = summary
         ex.wall["adversarial_generation"] += summary["seconds"]
         if not kept:
@@ -436,22 +432,20 @@ def adversarial_data(ex, rng):
     return adv_train, adv_val
 
 
-def transfer_sets(ex):
-    """With --transfer-source independent: every --attacks recipe on the seeded test sample against the independent
-    clean adapter, transfer sets that no evaluated row, phi_0 included, was attacked with (issue 16, Deliver 3).
-    Else None: stage 6 takes phi_0's own successful test attacks."""
+def independent_transfer(ex):
+    """Stage 2, --transfer-source independent: every --attacks recipe on the test sample against the independent
+    clean adapter, sets no evaluated row was attacked with (deviation 14). Else None: stage 6 takes phi_0's own."""
     ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
     if ex.args.transfer_source != "independent":
         return None
-    samples = attacks.attack_sample(ex.data, ex.args.attack_examples, ex.args.attack_seed)
     info = ex.extra["transfer_source"] = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
                                           "adapter": ex.weights_id("independent"),
                                           "clean_adapter": ex.weights_id("clean"), "sets": {},
                                           "dev_accuracy": rows_accuracy(ex.predictor(["independent"]), ex.dev_rows)}
-    transfer_rows = {}
-    for name in parse_attacks(ex.args.attacks):
-        info["sets"][name], transfer_rows[name] = attack_source(ex, "transfer", name, "independent", samples)
-    return transfer_rows
+    info["sets"], rows = attacks.transfer_rows(
+        ex.predictor(["independent"]), ex.weights_id("independent"), ex.data, ex.args.cache_dir, ex.args,
+        ex.resources, CACHE_VERSION, "the independent adapter")
+    return rows
 
 
 def adversarial_adapters(ex, rng, adv_train, adv_val):
@@ -484,22 +478,18 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
 
 
 def adapter_gate(ex, name) -> dict:
-    """Does the adversarial adapter phi_k resist its own attack a_k better than phi_0? Both attacked afresh (not the
-    transfer examples phi_0 failed on by construction) on the same seeded dev sentences; paired interval. The mix
-    can only help if phi_k passes."""
-    robust = {who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
-              for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))}
-    delta, low, high = attacks.paired_interval(robust["adversarial"], robust["clean"], seed=ex.args.attack_seed)
-    n = len(robust["clean"])
-    gate = {"n": n, "aua_clean": 100.0 * np.mean(robust["clean"]),
-            "aua_adversarial": 100.0 * np.mean(robust["adversarial"]), "delta": delta, "ci": [low, high],
-            "passed": low > 0}
+    """Does phi_k resist its own attack a_k better than phi_0, both attacked afresh on the same seeded dev sentences,
+    beyond the paired interval? The mix can only help if it does (deviation 6)."""
+    gate = attacks.robustness_gain({who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
+                                    for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))},
+                                   seed=ex.args.attack_seed)
+    verdict = f"{gate['delta']:+.1f} [{gate['ci'][0]:+.1f}, {gate['ci'][1]:+.1f}]"
     print(f"[gate {name}] dev Aua under {name}: phi_0 {gate['aua_clean']:.1f}% vs adversarial adapter "
-          f"{gate['aua_adversarial']:.1f}% (n={n}): {delta:+.1f} [{low:+.1f}, {high:+.1f}] -> "
+          f"{gate['aua_adversarial']:.1f}% (n={gate['n']}): {verdict} -> "
           f"{'passed' if gate['passed'] else 'NOT passed'}", flush=True)
     if not gate["passed"]:
         ex.warnings.append(f"the {name} adversarial adapter is not more robust than the clean adapter under {name} "
-                           f"on dev beyond the paired interval ({delta:+.1f} [{low:+.1f}, {high:+.1f}] points, n={n}): "
+                           f"on dev beyond the paired interval ({verdict} points, n={gate['n']}): "
                            f"mixing it in cannot be expected to help")
     return gate
 
@@ -529,7 +519,8 @@ def choose_v1(ex, known, adv_val):
         if args.curve_attack_examples and parse_attacks(args.attacks):
             curve_args = copy.copy(args)
             curve_args.attack_examples = args.curve_attack_examples
-            robust = evaluate_robustness(predict, ex.data, curve_args, ex.run, f"curve{beta:g}_", ex.resources)
+            robust = attacks.evaluate_robustness(predict, ex.data, curve_args, ex.run, f"curve{beta:g}_",
+                                                 ex.resources)
             point.update({f"aua_{a}": v["aua"] for a, v in robust.items() if "error" not in v})
         curve.append(point)
         ex.run.log({f"charts/beta_curve_{k}": v for k, v in point.items() if k != "beta"}, int(round(beta * 100)))
@@ -544,10 +535,7 @@ def choose_v1(ex, known, adv_val):
         merge_adapters(ex.model, slots, [1 / len(slots)] * len(slots), ex.adapter_slots["soup"])
     ex.extra["beta_curve"] = {"points": curve, "csv": "beta_curve.csv"}  # plotted by report.py
     if curve:
-        with open(os.path.join(ex.run.dir, "beta_curve.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(curve[0]))
-            writer.writeheader()
-            writer.writerows(curve)
+        attacks.write_csv(os.path.join(ex.run.dir, "beta_curve.csv"), curve)
     return beta_v1
 
 
@@ -567,8 +555,8 @@ def tune_v2(ex, known):
 
 
 def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
-    """Stage 6: every predictor attacked as a whole (spec §7), scored on the transfer sets (made against phi_0 from
-    its own attacks, unless given: the independent source), profiled. Returns the results rows."""
+    """Stage 6: every predictor attacked as a whole (spec §7), scored on the transfer sets (phi_0's own successful
+    attacks unless given), profiled. Returns the results rows and the transfer sets."""
     args, mix = ex.args, ["clean"] + [f"adv-{a}" for a in known]
     generation, mixing = ["clean_adapter", "adversarial_generation"], ["adversarial_adapters"]
     specs = [("clean", "clean adapter", ex.predictor(["clean"]), ["clean_adapter"])]
@@ -579,29 +567,17 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
                   ("ensemble", "output ensemble (control)", ex.predictor(mix, "ensemble"), generation + mixing),
                   ("v1", f"AdpMixup v1 (beta={beta_v1:g})", ex.predictor(["v1"]), generation + mixing),
                   ("v2", f"AdpMixup v2 ({args.dynamic_rule})", ex.predictor(mix, "dynamic"), generation + mixing)]
-    share, rows = ex.extra["trainable_share"], []
-    attacked = {}  # weights fingerprint -> (row key, attacks): v1 at a grid end or at 1/(m+1) is another row's weights
+    share, rows, attacked = ex.extra["trainable_share"], [], {}  # attacked: weights fingerprint -> (row, attacks)
     for key, setting, predict, cost in specs:
         start, stored = time.time(), len(mix) if key in ("soup", "v1", "v2", "ensemble") else 1
         row = {"key": key, "setting": setting, "passes_per_example": predict.passes,
                "params": {"trainable": stored * share["per_adapter"], "total": ex.backbone["total"] + stored *
                           share["per_adapter"], "trainable_pct_of_backbone": stored * share["pct_of_backbone"],
-                          "trainable_pct_without_pooler": stored * share["pct_without_pooler"]},
-               "dev_accuracy": rows_accuracy(predict, ex.dev_rows),
-               "clean_accuracy": rows_accuracy(predict, ex.test_rows)}
-        print(f"[eval {key}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
-        weights = ex.weights_id(key) if key in ex.adapter_slots else None  # None: v2 and ensemble mix per input
-        if weights in attacked:  # bit-identical weights and seeded attacks: the same results
-            print(f"[eval {key}] same weights as the {attacked[weights][0]} row: its attack results reused", flush=True)
-            row["attacks"] = copy.deepcopy(attacked[weights][1])
-        else:
-            row["attacks"] = evaluate_robustness(predict, ex.data, args, ex.run, f"{key}_", ex.resources, row=row)
-            if weights is not None:
-                attacked[weights] = (key, row["attacks"])
-        mark_known(row, known)
-        if key == "clean" and transfer_rows is None:  # phi_0's successful test attacks (single-text tasks only)
-            transfer_rows = attacks.successful_rows(ex.run.dir, row["attacks"], ex.data)
-        row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
+                          "trainable_pct_without_pooler": stored * share["pct_without_pooler"]}}
+        # v1 at a grid end or at 1/(m+1) is another row's weights; v2 and the ensemble mix per input (no weights)
+        weights = ex.weights_id(key) if key in ex.adapter_slots else None
+        transfer_rows = attacks.evaluate_row(row, predict, args, ex.run, ex.data, ex.resources, ex.dev_rows,
+                                             ex.test_rows, known, transfer_rows, attacked, weights)
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
     if known:
@@ -609,14 +585,6 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
                                         transfer_rows or {a: adv_val[a] for a in known},
                                         "test transfer sets" if transfer_rows else "train-side adversarial validation")
     return rows, transfer_rows
-
-
-def mark_known(row, known):
-    for name, metrics in row["attacks"].items():
-        metrics["known"] = name in known
-    for group, flag in (("known", True), ("unknown", False)):
-        auas = [m["aua"] for m in row["attacks"].values() if m["known"] == flag and "error" not in m]
-        row[f"aua_{group}_mean"] = float(np.mean(auas)) if auas else None
 
 
 def profile(predict, mix, clean_texts, adversarial, source):
@@ -638,27 +606,13 @@ def profile(predict, mix, clean_texts, adversarial, source):
     return out
 
 
-def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
+def full_at_baseline(ex, adv_train, adv_val, known, transfer_rows):
     """Stage 6 (--baseline full-at): a fresh backbone fully fine-tuned on the same clean + adversarial rows."""
-    args, data, run = ex.args, ex.data, ex.run
-    set_seed(args.seed)  # its head and dropout draw from the RNG: the same model whether earlier stages were cached
-    model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
-                                  os.path.join(args.output_dir, ".tiny-bert"))
-    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, args.seed)
-    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
-    stats = finetune(model, train_loader, dev_loader, run, args.full_epochs, args.full_lr, args.weight_decay,
-                     args.warmup, tag="full_at")
-    ex.wall["full_at"] = stats["seconds"]
-    start, n = time.time(), count_params(model)["total"]
-    row = {"key": "full-at", "setting": "full AT (clean+adv)", "passes_per_example": 1,
-           "params": {"trainable": n, "trainable_pct_of_backbone": 100.0, "total": n}}
-    evaluate_model(model, tokenizer, data, args, run, row, "full-at_", resources=ex.resources)
-    mark_known(row, known)
-    predict = attacks.Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
-    row["dev_accuracy"] = rows_accuracy(predict, ex.dev_rows)
-    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
-    row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": stats["seconds"],
-                         "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": time.time() - start}
+    row, ex.wall["full_at"], evaluation = attacks.full_at_row(
+        ex.args, ex.data, ex.run, ex.resources, ex.train_rows + [r for n in known for r in adv_train[n]],
+        ex.dev_rows + [r for n in known for r in adv_val[n]], ex.dev_rows, known, transfer_rows)
+    row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": ex.wall["full_at"],
+                         "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": evaluation}
     return row
 
 
@@ -666,16 +620,10 @@ def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
 def main(args, resources=None):
     validate(args)
     if args.bench:  # training cost vs full AT, inference passes; exit
-        from bench import bench_adapter_mixup
-
-        return bench_adapter_mixup(args)
+        return bench.bench_adapter_mixup(args)
     ex = Experiment(args, resources)
-    share = ex.extra["trainable_share"] = trainable_share(ex.model, ex.backbone["total"])
-    print(f"[{METHOD}] backbone {ex.backbone['total']:,} params (frozen); one adapter set + head "
-          f"{share['per_adapter']:,} ({share['pct_of_backbone']:.2f}% of the backbone, incl. the pooler dense "
-          f"{share['pooler']:,}; {share['pct_without_pooler']:.2f}% without)", flush=True)
 
-    # ---- Stage 1: data + clean adapter phi_0 (and the independent transfer source) on D_tr, best on dev; cached
+    # ---- Stage 1: clean adapter phi_0 (and the independent transfer source) on D_tr, best on dev; cached
     print("=== Stage 1: clean adapter ===", flush=True)
     train_stats = {"clean": clean_adapter(ex, "clean", args.seed)}
     ex.wall["clean_adapter"] = train_stats["clean"]["seconds"]
@@ -687,7 +635,7 @@ def main(args, resources=None):
     rng = np.random.default_rng(args.seed)
     adv_train, adv_val = adversarial_data(ex, rng)
     known = list(adv_train)  # attacks that have an adversarial adapter
-    transfer_rows = transfer_sets(ex)  # None: read from phi_0's own attacks in stage 6
+    transfer_rows = independent_transfer(ex)  # None: read from phi_0's own attacks in stage 6
 
     # ---- Stage 3: adversarial adapters phi_k from phi_0 (spec §3.4 step 2), the gate, the AT adapter baseline
     print("=== Stage 3: adversarial adapters ===", flush=True)
@@ -706,8 +654,7 @@ def main(args, resources=None):
     print("=== Stage 6: evaluation ===", flush=True)
     rows, transfer_rows = evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows)
     if args.baseline == "full-at":
-        rows.append(full_at_baseline(ex, ex.train_rows + [r for n in known for r in adv_train[n]],
-                                     ex.dev_rows + [r for n in known for r in adv_val[n]], known, transfer_rows))
+        rows.append(full_at_baseline(ex, adv_train, adv_val, known, transfer_rows))
     return finish(ex, rows, known, beta_v1, train_stats)
 
 

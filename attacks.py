@@ -2,6 +2,7 @@
 # predictor on one seeded sample of the test split; per-example seeds, CSV rows written as they finish (a killed run
 # resumes), the configuration and per-example outcomes recorded next to every number so report.py compares like with
 # like and pairs rows example by example. Methods call evaluate_model (or evaluate_robustness for a custom predictor).
+import copy
 import csv
 import io
 import json
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
-                    adversarial_backward, append_jsonl, fingerprint, make_loader, open_jsonl, parse_attacks,
-                    parse_shard, predict_labels, read_jsonl, set_seed, texts_of, tokenize, write_json_atomic)
+                    adversarial_backward, append_jsonl, count_params, finetune, fingerprint, load_model, make_loader,
+                    open_jsonl, parse_attacks, parse_shard, predict_labels, read_jsonl, rows_accuracy, rows_loader,
+                    set_seed, texts_of, tokenize, write_json_atomic)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -483,19 +485,36 @@ def generate_adversarial(name: str, predict: Callable, samples: list, column_nam
     return [records[i] for i in range(len(samples))]
 
 
-def adversarial_set(name: str, predict: Callable, samples: list, column_names: tuple, path: str, args,
-                    resources=None) -> tuple:
-    """generate_adversarial, summarised: (counts, success rate, cache path and seconds; the successful examples as
-    (perturbed input, label) rows)."""
+def adversarial_rows(kind: str, name: str, predict: Callable, weights: str, samples: list, column_names: tuple,
+                     cache_dir: str, args, resources=None, version: int = 0, against: str = "the model") -> tuple:
+    """generate_adversarial cached as {cache_dir}/{kind}_{name}_{adversarial_key}.jsonl (`weights`: the fingerprint
+    of the attacked predictor's weights), summarised: (counts, success rate, cache path and seconds; the successful
+    examples as (perturbed input, label) rows)."""
+    key = adversarial_key(name, weights, samples, args, resources, version)
+    path = os.path.join(cache_dir, f"{kind}_{name}_{key}.jsonl")
     start, records = time.time(), generate_adversarial(name, predict, samples, column_names, path, args, resources)
     counts = {s: sum(r["status"] == s for r in records) for s in ("successful", "failed", "skipped")}
     summary = {**counts, "attacked": len(records), "cache": path,
                "seconds": sum(r.get("seconds", 0.0) for r in records),  # the generation cost, also from the cache
                "seconds_this_run": time.time() - start,
                "success_rate": 100.0 * counts["successful"] / max(1, counts["successful"] + counts["failed"])}
+    print(f"[{kind} {name}] against {against}: {summary['successful']} successful / {summary['failed']} failed / "
+          f"{summary['skipped']} skipped of {summary['attacked']} ({summary['seconds']:.0f}s)", flush=True)
     pair = len(column_names) > 1
     return summary, [(tuple(r["perturbed"]) if pair else r["perturbed"], r["label"]) for r in records
                      if r["status"] == "successful"]
+
+
+def transfer_rows(predict: Callable, weights: str, data: TaskData, cache_dir: str, args, resources=None,
+                  version: int = 0, against: str = "the model") -> tuple:
+    """Fixed adversarial test inputs made against `predict`: every --attacks recipe on the seeded test sample, cached
+    as adversarial_rows ("transfer" files). Returns ({recipe: counts}, {recipe: successful rows})."""
+    samples = attack_sample(data, args.attack_examples, args.attack_seed)
+    counts, rows = {}, {}
+    for name in parse_attacks(args.attacks):
+        counts[name], rows[name] = adversarial_rows("transfer", name, predict, weights, samples, data.text_columns,
+                                                    cache_dir, args, resources, version, against)
+    return counts, rows
 
 
 def successful_rows(run_dir: str, robust: dict, data: TaskData) -> dict:
@@ -590,6 +609,88 @@ def saved_row(path: str, label: str, evaluate: Callable) -> dict:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json_atomic(path, row)
     return row
+
+
+# ---- Several predictors of one run as results rows (adapter_mixup.py; any script that evaluates more than one) -----
+def write_csv(path: str, rows: list):
+    """A list of dicts with the same keys as a CSV with a header (e.g. a curve report.py plots)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def finetune_rows(model, tokenizer, data: TaskData, train_rows: list, dev_rows: list, run: Run, args, epochs: float,
+                  lr: float, tag: str, seed: Optional[int] = None, params=None) -> dict:
+    """common.finetune on (input, label) rows, batches shuffled under `seed` (default --seed), the best state on
+    dev_rows kept. The global RNG (dropout, fresh heads) is the caller's to seed."""
+    seed = args.seed if seed is None else seed
+    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, seed)
+    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
+    return finetune(model, train_loader, dev_loader, run, epochs, lr, args.weight_decay, args.warmup, tag=tag,
+                    params=params)
+
+
+def mark_known(row: dict, known: list):
+    """Tag each attack of a results row as known (one the method trained on) or not; the mean Aua of each group."""
+    for name, metrics in row["attacks"].items():
+        metrics["known"] = name in known
+    for group, flag in (("known", True), ("unknown", False)):
+        auas = [m["aua"] for m in row["attacks"].values() if m["known"] == flag and "error" not in m]
+        row[f"aua_{group}_mean"] = float(np.mean(auas)) if auas else None
+
+
+def evaluate_row(row: dict, predict: Callable, args, run: Run, data: TaskData, resources, dev_rows: list,
+                 test_rows: list, known: list, transfer: Optional[dict], attacked: dict, weights=None) -> dict:
+    """Fill the results row of a whole predictor: clean dev and test accuracy, every --attacks recipe (known or not),
+    accuracy on the transfer sets. A `weights` fingerprint already in `attacked` ({weights: (row key, attacks)})
+    is a bit-identical predictor: the seeded attacks' results are copied, not run again. transfer None: this row's
+    successful attacks become the transfer sets. Returns the transfer sets."""
+    row.update(dev_accuracy=rows_accuracy(predict, dev_rows), clean_accuracy=rows_accuracy(predict, test_rows))
+    print(f"[eval {row['key']}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
+    if weights in attacked:
+        print(f"[eval {row['key']}] same weights as the {attacked[weights][0]} row: its attack results reused",
+              flush=True)
+        row["attacks"] = copy.deepcopy(attacked[weights][1])
+    else:
+        row["attacks"] = evaluate_robustness(predict, data, args, run, f"{row['key']}_", resources, row=row)
+        if weights is not None:
+            attacked[weights] = (row["key"], row["attacks"])
+    mark_known(row, known)
+    if transfer is None:  # the first row's own successful test attacks (single-text tasks only)
+        transfer = successful_rows(run.dir, row["attacks"], data)
+    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer.items() if s}
+    return transfer
+
+
+def full_at_row(args, data: TaskData, run: Run, resources, train_rows: list, dev_rows: list, clean_dev_rows: list,
+                known: list, transfer: dict) -> tuple:
+    """The full adversarial-training baseline: a fresh --model fully fine-tuned (--full-lr, --full-epochs) on clean +
+    adversarial train_rows, selected on dev_rows, evaluated as evaluate_row does. Returns (row, training seconds,
+    evaluation seconds)."""
+    set_seed(args.seed)  # its head and dropout draw from the RNG: the same model whether earlier stages were cached
+    model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
+                                  os.path.join(args.output_dir, ".tiny-bert"))
+    stats = finetune_rows(model, tokenizer, data, train_rows, dev_rows, run, args, args.full_epochs, args.full_lr,
+                          "full_at")
+    start, n = time.time(), count_params(model)["total"]
+    row = {"key": "full-at", "setting": "full AT (clean+adv)", "passes_per_example": 1,
+           "params": {"trainable": n, "trainable_pct_of_backbone": 100.0, "total": n}}
+    evaluate_model(model, tokenizer, data, args, run, row, "full-at_", resources=resources)
+    mark_known(row, known)
+    predict = Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
+    row["dev_accuracy"] = rows_accuracy(predict, clean_dev_rows)
+    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer.items() if s}
+    return row, stats["seconds"], time.time() - start
+
+
+def robustness_gain(robust: dict, seed: int = 0) -> dict:
+    """Two predictors' robust flags on the same examples ({name: flags}, the reference first): n, the Aua of each
+    (aua_<name>), the paired delta (second - first) with its 95 % bootstrap interval, passed = the interval > 0."""
+    (reference, before), (other, after) = robust.items()
+    delta, low, high = paired_interval(after, before, seed=seed)
+    return {"n": len(before), f"aua_{reference}": 100.0 * np.mean(before), f"aua_{other}": 100.0 * np.mean(after),
+            "delta": delta, "ci": [low, high], "passed": low > 0}
 
 
 def print_summary(rows: list):
