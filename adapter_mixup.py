@@ -21,10 +21,9 @@ import attacks
 import bench
 import common
 import offline
-from attacks import print_summary
-from common import (UsageError, add_common_args, auroc, check_range, count_params, finish_run, fingerprint,
-                    fingerprint_tensors, load_model, load_task, parse_attacks, results_template, rows_accuracy,
-                    set_seed, start_run, texts_of, usage_errors)
+from common import (UsageError, add_common_args, check_range, count_params, fingerprint, fingerprint_tensors,
+                    load_model, load_task, parse_attacks, results_template, rows_accuracy, set_seed, start_run,
+                    texts_of, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
@@ -36,43 +35,36 @@ CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eva
              "max_seq_length", "batch_size", "eval_batch_size", "lr", "epochs", "weight_decay", "warmup", "bf16",
              "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
-# The method's flags (each in detail: docs/adapter_mixup.md): flag, default, type or choices, range or None, help.
-# A range is (low, high, low open), checked by validate().
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, FRACTION = (0, None, True), (0, None, False), (1, None, False), (0, 1, True)
+# The method's flags (each in detail: docs/adapter_mixup.md): flag, default, type / choices / argparse keywords,
+# range (low, high, low open) checked by validate, help with the paper's symbol
 FLAGS = [
-    ("--adapter-type", "houlsby", ["houlsby", "pfeiffer"], None,
-     "houlsby: after attention and after FFN; pfeiffer: after FFN only (spec §3.2)"),
-    ("--reduction-factor", 16, int, (1, None, False), "bottleneck = hidden / r (spec §3.2: r = 16)"),
+    ("--adapter-type", "houlsby", ["houlsby", "pfeiffer"], None, "after attention and FFN, or FFN only (spec §3.2)"),
+    ("--reduction-factor", 16, int, AT_LEAST_ONE, "bottleneck = hidden / r (spec §3.2)"),
     ("--adapter-activation", "relu", list(ACTIVATIONS), None, "adapter nonlinearity"),
-    ("--train-attacks", "textfooler", str, None, "known attacks a_1..a_m, comma-separated: one adversarial "
-     "adapter phi_k each (spec §3.3)"),
-    ("--adv-train-examples", 5000, int, (1, None, False), "seeded train subset attacked per known attack"),
-    ("--adv-epochs", 5, float, (0, None, True), "epochs of each adversarial adapter (spec §3.4: 5-10)"),
-    ("--adv-lr", None, float, (0, None, True), "learning rate of adversarial adapters (default --lr)"),
-    ("--cache-dir", None, str, None, "clean-adapter checkpoints and adversarial JSONL caches, reused and resumed "
-     "(default OUTPUT_DIR/adpmixup_cache)"),
-    ("--beta", "dynamic", str, None, "the clean adapter's weight: a number in [0, 1] (v1, fixed), 'dev' (v1, the "
-     "best grid point on dev) or 'dynamic' (v2, per input); the main row"),
+    ("--train-attacks", "textfooler", str, None, "known attacks a_1..a_m: one adversarial adapter phi_k each (§3.3)"),
+    ("--adv-train-examples", 5000, int, AT_LEAST_ONE, "seeded train subset attacked per known attack"),
+    ("--adv-epochs", 5, float, POSITIVE, "epochs of each adversarial adapter (spec §3.4: 5-10)"),
+    ("--adv-lr", None, float, POSITIVE, "learning rate of the adversarial adapters (default --lr)"),
+    ("--cache-dir", None, str, None, "clean adapters and adversarial data, reused (default OUTPUT_DIR/adpmixup_cache)"),
+    ("--resume", None, {"metavar": "RUN_DIR"}, None, "continue this run folder in place (same flags)"),
+    ("--beta", "dynamic", str, None, "phi_0's weight: in [0, 1] (v1), 'dev' (v1 chosen on dev), 'dynamic' (v2)"),
     ("--dynamic-rule", "inverse-entropy", ["inverse-entropy", "softmax", "min-entropy"], None,
      "v2 beta(x) (spec §3.6): ∝ 1/(H_k+eps) (A), softmax(-H/tau), or min-entropy grid point (B)"),
-    ("--temperature", 1.0, float, (0, None, True), "tau of the softmax rule (unless --v2-grid)"),
-    ("--head-start", 0.0, float, None, "the clean adapter's head start b in v2 (unless --v2-grid): softmax scores "
-     "-H_k/tau + b, inverse-entropy scores x (1 + b)"),
-    ("--v2-grid", "", str, None, "tau:b pairs tried for v2 on the adaptive dev objective, e.g. 0.5:0,1:1 (needs "
-     "--beta-attack-examples)"),
-    ("--beta-attack-examples", 0, int, (0, None, False), "if > 0, v1's beta and v2's tau:b are chosen on (dev acc "
-     "+ mean dev Aua) / 2, the known attacks run afresh on this many dev sentences"),
-    ("--beta-grid-step", 0.1, float, (0, 1, True), "step of the v1 grid / beta curve / simplex grid"),
-    ("--curve-attack-examples", 0, int, (0, None, False), "if > 0, every --attacks recipe on this many test "
-     "examples at each beta of the curve"),
-    ("--gate-examples", 100, int, (0, None, False), "dev sentences of the gate: each phi_k and phi_0 attacked with "
-     "a_k (0: no gate)"),
-    ("--transfer-source", "clean", ["clean", "independent"], None, "transfer sets attacked on phi_0 (it scores 0 "
-     "on them) or on an independent clean adapter (--seed + 1000)"),
-    ("--baseline", "none", ["none", "full-at"], None,
-     "full-at: also fully fine-tune the backbone on clean + the same adversarial data"),
-    ("--full-lr", 2e-5, float, (0, None, True), "learning rate of the full-at baseline"),
-    ("--full-epochs", 3, float, (0, None, True), "epochs of the full-at baseline"),
-    ("--bench-steps", 5, int, (1, None, False), "timed optimiser steps per model in --bench"),
+    ("--temperature", 1.0, float, POSITIVE, "tau of the softmax rule (unless --v2-grid)"),
+    ("--head-start", 0.0, float, None, "phi_0's head start b in v2 (unless --v2-grid)"),
+    ("--v2-grid", "", str, None, "tau:b pairs tried for v2 on the adaptive dev objective, e.g. 0.5:0,1:1"),
+    ("--beta-attack-examples", 0, int, NON_NEGATIVE, "> 0: v1 and v2 chosen on (dev acc + dev Aua) / 2, on this many"),
+    ("--beta-grid-step", 0.1, float, FRACTION, "step of the v1 grid, the beta curve and the simplex grid"),
+    ("--curve-attack-examples", 0, int, NON_NEGATIVE, "> 0: every --attacks recipe on this many at each beta"),
+    ("--gate-examples", 100, int, NON_NEGATIVE, "dev sentences of the gate: phi_k vs phi_0 under a_k (0: no gate)"),
+    ("--transfer-source", "clean", ["clean", "independent"], None, "transfer sets attacked on phi_0 or an "
+     "independent clean adapter (--seed + 1000)"),
+    ("--baseline", "none", ["none", "full-at"], None, "full-at: also fine-tune the whole backbone on the same data"),
+    ("--full-lr", 2e-5, float, POSITIVE, "learning rate of the full-at baseline"),
+    ("--full-epochs", 3, float, POSITIVE, "epochs of the full-at baseline"),
+    ("--bench", False, {"action": "store_true"}, None, "print training cost vs full AT and inference passes; exit"),
+    ("--bench-steps", 5, int, AT_LEAST_ONE, "timed optimiser steps per model in --bench"),
 ]
 
 
@@ -81,11 +73,8 @@ def parse_args(argv=None):
     add_common_args(p, METHOD, lr=3e-4, epochs=10, attacks="textfooler,pwws,bert-attack,textbugger,deepwordbug")
     g = p.add_argument_group("AdpMixup (each flag in detail: docs/adapter_mixup.md)")
     for flag, default, kind, _, help in FLAGS:
-        choices = kind if isinstance(kind, list) else None
-        g.add_argument(flag, default=default, type=None if choices else kind, choices=choices, help=help)
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags): attacks "
-                   "finished in its CSVs are read back, the clean adapter and adversarial data from --cache-dir")
-    g.add_argument("--bench", action="store_true", help="print training cost vs full AT and inference passes; exit")
+        options = kind if isinstance(kind, dict) else {"choices": kind} if isinstance(kind, list) else {"type": kind}
+        g.add_argument(flag, default=default, help=help, **options)
     return p.parse_args(argv)
 
 
@@ -101,8 +90,9 @@ def validate(args):
             raise UsageError(f"--beta must be a number in [0, 1], 'dev' or 'dynamic', got '{args.beta}'")
         check_range("beta", args.beta, 0, 1)
     for flag, _, _, (low, high, low_open), _ in (f for f in FLAGS if f[3]):
-        if getattr(args, flag[2:].replace("-", "_")) is not None:  # --adv-lr None: --lr
-            check_range(flag[2:], getattr(args, flag[2:].replace("-", "_")), low, high, low_open=low_open)
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:  # --adv-lr None: --lr
+            check_range(flag[2:], value, low, high, low_open=low_open)
     if abs(round(1 / args.beta_grid_step) * args.beta_grid_step - 1) > 1e-6:
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     try:
@@ -114,11 +104,9 @@ def validate(args):
     if args.v2_pairs and not args.beta_attack_examples:
         raise UsageError("--v2-grid tunes v2 on the adaptive dev objective: give --beta-attack-examples > 0")
     if args.transfer_source == "independent" and not parse_attacks(args.attacks):
-        raise UsageError("--transfer-source independent attacks the test sample with every --attacks recipe: "
-                         "give --attacks")
+        raise UsageError("--transfer-source independent attacks the test sample with --attacks: give some recipes")
     if args.pgd_radius > 0:
-        raise UsageError("--pgd-radius is not supported by adapter_mixup.py: the adapter rows are attacked through "
-                         "the mixing predictor (text attacks only); drop the flag")
+        raise UsageError("--pgd-radius is not supported (text attacks on the mixing predictor only): drop the flag")
     args.adv_lr = args.adv_lr or args.lr
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "adpmixup_cache")
 
@@ -172,8 +160,8 @@ class BottleneckAdapter(nn.Module):
 
 
 def head_layers(model):
-    """(owner, attribute) of the linear maps of the classification head: BERT pooler dense (+tanh) and classifier,
-    or RoBERTa's dense (+tanh) and out_proj. Each adapter slot gets its own copy."""
+    """(owner, attribute) of the head's linear maps, copied per slot: BERT's pooler dense and classifier, or RoBERTa's
+    dense and out_proj (deviation 5)."""
     if getattr(getattr(model, "bert", None), "pooler", None) is not None:
         return [(model.bert.pooler, "dense"), (model, "classifier")]
     if hasattr(getattr(model, "classifier", None), "out_proj"):
@@ -182,8 +170,7 @@ def head_layers(model):
 
 
 def add_adapters(model, n_slots, adapter_type, reduction_factor, activation) -> Mixture:
-    """Freeze theta_0; insert n_slots adapter weight sets in every layer and n_slots heads; all slots start equal.
-    Each adapter sits after a sub-layer's frozen output projection, before the residual + LayerNorm."""
+    """Freeze theta_0; n_slots equal adapter sets after the sub-layers' output projections and n_slots heads (§3.2)."""
     model.requires_grad_(False)
     mixture, hidden = Mixture(), model.config.hidden_size
     layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
@@ -238,8 +225,7 @@ def merge_adapters(model, slots, beta, dst):
 
 @torch.no_grad()
 def reinit_adapter(model, k, seed):
-    """Slot k drawn afresh under `seed`: every W_down ~ N(0, 0.01^2) and the classifier ~ N(0, initializer_range^2)
-    (W_up = 0 and the pretrained pooler as in every slot), so it shares no random draw with phi_0."""
+    """Slot k's W_down and classifier drawn afresh under `seed`: no random draw shared with phi_0 (deviation 14)."""
     gen, classifier = torch.Generator().manual_seed(seed), mixed_linears(model)[-1].linears[k]
     downs = [(m.down.linears[k].weight, ADAPTER_INIT_STD) for m in model.modules() if isinstance(m, BottleneckAdapter)]
     for weight, std in downs + [(classifier.weight, model.config.initializer_range)]:
@@ -249,9 +235,8 @@ def reinit_adapter(model, k, seed):
 
 # ---- The predictor: list[str] -> logits, beta included, so attacks query the whole defence (spec §3.7) ---------------
 def dynamic_beta(entropies, rule="inverse-entropy", temperature=1.0, head_start=0.0):
-    """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6); column 0 is the clean
-    adapter, given a head start b (deviation: with adapters that are small tweaks of phi_0 all H_k are alike and
-    the rule without it returns the uniform soup on every input)."""
+    """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6); column 0, the clean adapter,
+    gets the head start b (deviation 3: without it, adapters close to phi_0 give the uniform soup on every input)."""
     if rule == "inverse-entropy":  # variant A: s_k = 1/(H_k + eps), beta_k = s_k / sum_j s_j
         scores = 1.0 / (entropies + ENTROPY_EPS)
         scores = torch.cat([scores[:, :1] * (1.0 + head_start), scores[:, 1:]], 1)
@@ -327,8 +312,7 @@ def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run,
 
 
 def trainable_share(model, backbone_total) -> dict:
-    """One adapter slot's trainable parameters (adapters + head copy) as a share of the frozen backbone, also
-    without the head's pooler dense (hidden^2 + hidden, a large part: deviation 5)."""
+    """One slot's trainable parameters (adapters + head) as a share of the backbone, also without the pooler dense."""
     owner, name = head_layers(model)[0]
     pooler = sum(p.numel() for p in getattr(owner, name).linears[0].parameters())
     per_adapter = sum(p.numel() for p in adapter_params(model, 0))
@@ -433,8 +417,7 @@ def adversarial_data(ex, rng):
 
 
 def independent_transfer(ex):
-    """Stage 2, --transfer-source independent: every --attacks recipe on the test sample against the independent
-    clean adapter, sets no evaluated row was attacked with (deviation 14). Else None: stage 6 takes phi_0's own."""
+    """Stage 2: the transfer sets made against the independent clean adapter (deviation 14); else None (phi_0's)."""
     ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
     if ex.args.transfer_source != "independent":
         return None
@@ -478,8 +461,7 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
 
 
 def adapter_gate(ex, name) -> dict:
-    """Does phi_k resist its own attack a_k better than phi_0, both attacked afresh on the same seeded dev sentences,
-    beyond the paired interval? The mix can only help if it does (deviation 6)."""
+    """Does phi_k resist a_k better than phi_0 on the same dev sentences, beyond the paired interval? (deviation 6)"""
     gate = attacks.robustness_gain({who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
                                     for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))},
                                    seed=ex.args.attack_seed)
@@ -517,11 +499,8 @@ def choose_v1(ex, known, adv_val):
         if args.beta_attack_examples:  # the adaptive objective: the known attacks afresh on dev, at this beta
             point.update(adaptive_objective(ex, predict, point["dev_clean"], known))
         if args.curve_attack_examples and parse_attacks(args.attacks):
-            curve_args = copy.copy(args)
-            curve_args.attack_examples = args.curve_attack_examples
-            robust = attacks.evaluate_robustness(predict, ex.data, curve_args, ex.run, f"curve{beta:g}_",
-                                                 ex.resources)
-            point.update({f"aua_{a}": v["aua"] for a, v in robust.items() if "error" not in v})
+            point.update(attacks.aua_on(predict, ex.data, args, ex.run, f"curve{beta:g}_", ex.resources,
+                                        args.curve_attack_examples))
         curve.append(point)
         ex.run.log({f"charts/beta_curve_{k}": v for k, v in point.items() if k != "beta"}, int(round(beta * 100)))
         print(f"[stage 4] beta {beta:.2f}: " + "  ".join(f"{k} {v:.1f}" for k, v in point.items() if k != "beta"),
@@ -554,9 +533,9 @@ def tune_v2(ex, known):
     ex.extra["v2_tuning"] = {"tried": tried, "tau": pick["tau"], "head_start": pick["head_start"]}
 
 
-def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
-    """Stage 6: every predictor attacked as a whole (spec §7), scored on the transfer sets (phi_0's own successful
-    attacks unless given), profiled. Returns the results rows and the transfer sets."""
+def evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows):
+    """Stage 6: every predictor attacked as a whole (spec §7) and scored on the transfer sets (phi_0's own successful
+    attacks unless given); v2 profiled; the full-AT baseline on the same clean + adversarial rows. Returns the rows."""
     args, mix = ex.args, ["clean"] + [f"adv-{a}" for a in known]
     generation, mixing = ["clean_adapter", "adversarial_generation"], ["adversarial_adapters"]
     specs = [("clean", "clean adapter", ex.predictor(["clean"]), ["clean_adapter"])]
@@ -581,39 +560,18 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
     if known:
-        ex.extra["profiling"] = profile(ex.predictor(mix, "dynamic"), mix, [t for t, _ in ex.test_rows],
-                                        transfer_rows or {a: adv_val[a] for a in known},
-                                        "test transfer sets" if transfer_rows else "train-side adversarial validation")
-    return rows, transfer_rows
-
-
-def profile(predict, mix, clean_texts, adversarial, source):
-    """Which known attack each input most resembles (argmax_{k>=1} beta_k) and detection AUROC of 1 - beta_0."""
-    _, clean_beta = predict.run(clean_texts)
-    out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
-    scores = []
-    for name, rows in ((name, rows) for name, rows in adversarial.items() if rows):
-        _, beta = predict.run([t for t, _ in rows])
-        attributed = [mix[1 + k] if beta[i, 0] < beta[i, 1 + k] else "clean"
-                      for i, k in enumerate(beta[:, 1:].argmax(1))]
-        out["by_attack"][name] = {"n": len(rows), "mean_beta_clean": float(beta[:, 0].mean()),
-                                  "attributed": {s: attributed.count(s) for s in mix}}
-        scores.append(1 - beta[:, 0])
-    if scores:
-        out["detection_auroc"] = auroc(1 - clean_beta[:, 0], np.concatenate(scores))
-        print(f"[profile] detection AUROC (1 - beta_clean, clean vs adversarial {source}): "
-              f"{out['detection_auroc']:.3f}", flush=True)
-    return out
-
-
-def full_at_baseline(ex, adv_train, adv_val, known, transfer_rows):
-    """Stage 6 (--baseline full-at): a fresh backbone fully fine-tuned on the same clean + adversarial rows."""
-    row, ex.wall["full_at"], evaluation = attacks.full_at_row(
-        ex.args, ex.data, ex.run, ex.resources, ex.train_rows + [r for n in known for r in adv_train[n]],
-        ex.dev_rows + [r for n in known for r in adv_val[n]], ex.dev_rows, known, transfer_rows)
-    row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": ex.wall["full_at"],
-                         "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": evaluation}
-    return row
+        adversarial = transfer_rows or {a: adv_val[a] for a in known}  # none made (pair task or no --attacks)
+        ex.extra["profiling"] = attacks.mixing_profile(ex.predictor(mix, "dynamic"), mix, [t for t, _ in ex.test_rows],
+                                                       adversarial, "test transfer sets" if transfer_rows else
+                                                       "train-side adversarial validation")
+    if args.baseline == "full-at":
+        row, ex.wall["full_at"], evaluation = attacks.full_at_row(
+            args, ex.data, ex.run, ex.resources, ex.train_rows + [r for n in known for r in adv_train[n]],
+            ex.dev_rows + [r for n in known for r in adv_val[n]], ex.dev_rows, known, transfer_rows)
+        row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": ex.wall["full_at"],
+                             "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": evaluation}
+        rows.append(row)
+    return rows
 
 
 # ---- Main: the algorithm (spec §3.8) in six stages -------------------------------------------------------------------
@@ -650,33 +608,23 @@ def main(args, resources=None):
         print("=== Stage 5: v2 tuning ===", flush=True)
         tune_v2(ex, known)
 
-    # ---- Stage 6: every predictor attacked as a whole (spec §7), transfer sets, profiling; full-AT baseline
+    # ---- Stage 6: every predictor attacked as a whole (spec §7), transfer sets, profiling; the full-AT baseline
     print("=== Stage 6: evaluation ===", flush=True)
-    rows, transfer_rows = evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows)
-    if args.baseline == "full-at":
-        rows.append(full_at_baseline(ex, adv_train, adv_val, known, transfer_rows))
+    rows = evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows)
     return finish(ex, rows, known, beta_v1, train_stats)
 
 
 def finish(ex, rows, known, beta_v1, train_stats):
-    """results.json: the main row (v2 for --beta dynamic, else v1; the clean adapter when no attack is known) on top,
-    every row and what the stages recorded under extra; the summary table and the warnings."""
-    args, share, results = ex.args, ex.extra["trainable_share"], ex.results
+    """results.json: the main row on top (v2 for --beta dynamic, else v1; clean if no attack is known), all in extra."""
+    args, share = ex.args, ex.extra["trainable_share"]
     main_row = next(r for r in rows if r["key"] == (("v2" if args.beta == "dynamic" else "v1") if known else "clean"))
-    results.update(setting=main_row["setting"], params={"total": main_row["params"]["total"],
-                   "non_embedding": ex.backbone["non_embedding"] + main_row["params"]["trainable"]},
-                   dev_accuracy=main_row["dev_accuracy"], clean_accuracy=main_row["clean_accuracy"],
-                   attacks=main_row["attacks"])
     ex.extra.update(rows=rows, beta_v1=beta_v1, known_attacks=known, unknown_attacks=[
         a for a in parse_attacks(args.attacks) if a not in known], training=train_stats, warnings=ex.warnings,
         per_adapter_set_params=share["per_adapter"], backbone_params=ex.backbone,
         adapter={"type": args.adapter_type, "reduction_factor": args.reduction_factor,
                  "activation": args.adapter_activation})
-    finish_run(ex.run, results)
-    print_summary([(r["setting"][:27], r) for r in rows])
-    for w in ex.warnings:
-        print(f"warning: {w}")
-    return results
+    return attacks.finish_rows(ex.run, ex.results, rows, main_row,
+                               ex.backbone["non_embedding"] + main_row["params"]["trainable"], ex.warnings)
 
 
 if __name__ == "__main__":

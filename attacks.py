@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
-                    adversarial_backward, append_jsonl, count_params, finetune, fingerprint, load_model, make_loader,
-                    open_jsonl, parse_attacks, parse_shard, predict_labels, read_jsonl, rows_accuracy, rows_loader,
-                    set_seed, texts_of, tokenize, write_json_atomic)
+                    adversarial_backward, append_jsonl, auroc, count_params, finetune, finish_run, fingerprint,
+                    load_model, make_loader, open_jsonl, parse_attacks, parse_shard, predict_labels, read_jsonl,
+                    rows_accuracy, rows_loader, set_seed, texts_of, tokenize, write_json_atomic)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -631,6 +631,15 @@ def finetune_rows(model, tokenizer, data: TaskData, train_rows: list, dev_rows: 
                     params=params)
 
 
+def aua_on(predict: Callable, data: TaskData, args, run: Run, prefix: str, resources, n: int) -> dict:
+    """{aua_<recipe>: Aua} of every --attacks recipe on a seeded sample of n test examples (e.g. a point of a curve);
+    a recipe that raised is left out."""
+    sample_args = copy.copy(args)
+    sample_args.attack_examples = n
+    robust = evaluate_robustness(predict, data, sample_args, run, prefix, resources)
+    return {f"aua_{a}": v["aua"] for a, v in robust.items() if "error" not in v}
+
+
 def mark_known(row: dict, known: list):
     """Tag each attack of a results row as known (one the method trained on) or not; the mean Aua of each group."""
     for name, metrics in row["attacks"].items():
@@ -693,6 +702,41 @@ def robustness_gain(robust: dict, seed: int = 0) -> dict:
             "delta": delta, "ci": [low, high], "passed": low > 0}
 
 
+def mixing_profile(predict, names: list, clean_texts: list, adversarial: dict, source: str) -> dict:
+    """For a predictor that mixes components per input (predict.run(texts) -> (logits, weights), column 0 the clean
+    component, names[k] component k): which component each adversarial input most resembles (the largest weight
+    among k >= 1, or "clean" when column 0 is larger) per attack, and the detection AUROC of 1 - weight_0 between
+    clean_texts and the adversarial {attack: (input, label) rows} from `source`."""
+    _, clean_beta = predict.run(clean_texts)
+    out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
+    scores = []
+    for name, rows in ((name, rows) for name, rows in adversarial.items() if rows):
+        _, beta = predict.run([t for t, _ in rows])
+        attributed = [names[1 + k] if beta[i, 0] < beta[i, 1 + k] else "clean"
+                      for i, k in enumerate(beta[:, 1:].argmax(1))]
+        out["by_attack"][name] = {"n": len(rows), "mean_beta_clean": float(beta[:, 0].mean()),
+                                  "attributed": {s: attributed.count(s) for s in names}}
+        scores.append(1 - beta[:, 0])
+    if scores:
+        out["detection_auroc"] = auroc(1 - clean_beta[:, 0], np.concatenate(scores))
+        print(f"[profile] detection AUROC (1 - beta_clean, clean vs adversarial {source}): "
+              f"{out['detection_auroc']:.3f}", flush=True)
+    return out
+
+
+def finish_rows(run: Run, results: dict, rows: list, main_row: dict, non_embedding: int, warnings: list) -> dict:
+    """The final results.json of a run with several predictor rows (in results["extra"]["rows"]): `main_row` on top
+    (its setting, params with `non_embedding`, dev and test accuracy, attacks); the summary table, the warnings."""
+    results.update(setting=main_row["setting"], params={"total": main_row["params"]["total"],
+                   "non_embedding": non_embedding}, dev_accuracy=main_row["dev_accuracy"],
+                   clean_accuracy=main_row["clean_accuracy"], attacks=main_row["attacks"])
+    finish_run(run, results)
+    print_summary([(r["setting"][:27], r) for r in rows])
+    for w in warnings:
+        print(f"warning: {w}")
+    return results
+
+
 def print_summary(rows: list):
     """A small table of (name, results.json dict) rows: clean accuracy and Aua/Suc per attack."""
     attacks = sorted({a for _, r in rows for a in r.get("attacks", {})})
@@ -723,8 +767,7 @@ def main(argv=None):
     import argparse
     import sys
 
-    from common import (add_common_args, finish_run, load_model, load_task, results_template, start_run,
-                        usage_errors, validate_common_args)
+    from common import add_common_args, load_task, results_template, start_run, usage_errors, validate_common_args
 
     parser = argparse.ArgumentParser(description="Attack a saved checkpoint (save_pretrained folder: fine-tune, "
                                      "FreeLB or robust-ticket models) under the shared protocol, without training.")
