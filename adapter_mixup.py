@@ -1,10 +1,9 @@
 # Adapters Mixup: Mixing Parameter-Efficient Adapters to Enhance the Adversarial Robustness of Fine-tuned Pre-trained
 # Text Classifiers (EMNLP 2024, arXiv 2401.10111); usage, caches, what is logged, deviations: docs/adapter_mixup.md
-"""AdpMixup (Nguyen & Le). A frozen PLM theta_0 gets bottleneck adapters; one adapter phi_0 is trained on clean
-data, one phi_k per known attack on its adversarial examples (warm-started from phi_0), and prediction uses the
-convex combination phi_mix = sum_k beta_k phi_k of all adapter tensors and heads (v1: one fixed beta; v2: beta per
-input from the entropies of each adapter's prediction). The paper's body was unavailable: equations are cited by
-the section of ../shared/specs/adapter_mixup.md ("spec §x") and every reconstructed choice is a flag."""
+"""AdpMixup (Nguyen & Le). A frozen PLM theta_0 with a clean adapter phi_0 and one adversarial adapter phi_k per known
+attack, predicting with phi_mix = sum_k beta_k phi_k of all adapter tensors and heads (v1: one beta; v2: beta per
+input from each adapter's prediction entropy). The paper's body was unavailable: "spec §x" cites the sections of
+../shared/specs/adapter_mixup.md, and every reconstructed choice is a flag."""
 import argparse
 import copy
 import itertools
@@ -322,8 +321,7 @@ def trainable_share(model, backbone_total) -> dict:
 
 # ---- The stages of the algorithm (spec §3.8); main() at the end calls them in order ----------------------------------
 class Experiment:
-    """What every stage shares: the run, the data as (text, label) rows, the frozen model with one adapter slot per
-    predictor (adapter_slots: name -> index), and the results being filled in."""
+    """What the stages share: run, (text, label) rows, the model with one adapter slot per predictor, the results."""
 
     def __init__(self, args, resources):
         self.args, self.run = args, start_run(args, METHOD, also_attacks=args.known, resume=args.resume,
@@ -432,8 +430,7 @@ def independent_transfer(ex):
 
 
 def adversarial_adapters(ex, rng, adv_train, adv_val):
-    """Stage 3: phi_k from phi_0 on D_adv,k + an equal clean sample (spec §3.4 step 2), each checked by the gate; the
-    AT adapter baseline. Returns the training stats by slot."""
+    """Stage 3: phi_k from phi_0 on D_adv,k + as many clean rows (spec §3.4 step 2), the gate, the AT adapter."""
     args, stats = ex.args, {}
     ex.wall["adversarial_adapters"] = 0.0
     for name in adv_train:
