@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import attacks
 import bench
 import common
-import offline
 from common import (UsageError, add_common_args, check_range, count_params, fingerprint, fingerprint_tensors,
                     load_model, load_task, parse_attacks, results_template, rows_accuracy, set_seed, start_run,
                     texts_of, usage_errors)
@@ -326,9 +325,7 @@ class Experiment:
     def __init__(self, args, resources):
         self.args, self.run = args, start_run(args, METHOD, also_attacks=args.known, resume=args.resume,
                                               free=("resume", "attack_workers", "attacks"))  # the training attacks too
-        if resources is None and args.attack_substitutes:  # offline TextFooler/TextBugger stand-ins, built once
-            resources = offline.offline_attack_resources(args.attack_substitutes)
-        self.resources, self.data = resources, load_task(args)
+        self.resources, self.data = attacks.attack_resources(args, resources), load_task(args)  # built once
         self.model, self.tokenizer = load_model(args.model, self.data.num_labels, args.max_seq_length,
                                                 os.path.join(args.output_dir, ".tiny-bert"))
         self.backbone = count_params(self.model)

@@ -292,6 +292,14 @@ def _spawned_worker(predict, recipe, samples, column_names, indices, attack_seed
     raise SystemExit(_attack_share(attack, samples, column_names, indices, attack_seed, conn))
 
 
+def attack_resources(args, resources=None):
+    """`resources` if given, else the offline stand-ins that --attack-substitutes names (built once per call), else
+    None (the recipes' own resources)."""
+    if resources is None and getattr(args, "attack_substitutes", None):
+        return offline.offline_attack_resources(args.attack_substitutes)
+    return resources
+
+
 def recipe_resources(recipe: dict):
     """The resources a spawned worker attacks with: rebuilt from --attack-substitutes, else the pickled object."""
     if recipe.get("substitutes"):
@@ -542,8 +550,7 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
         run.track(prefix, row)
     if not names:
         return metrics  # --attacks none: TextAttack is never imported
-    if resources is None and getattr(args, "attack_substitutes", None):
-        resources = offline.offline_attack_resources(args.attack_substitutes)
+    resources = attack_resources(args, resources)
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
     shard = parse_shard(getattr(args, "attack_shard", None))
     indices = range(shard[0], len(samples), shard[1]) if shard else None
