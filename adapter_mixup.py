@@ -1,13 +1,11 @@
 # Adapters Mixup: Mixing Parameter-Efficient Adapters to Enhance the Adversarial Robustness of Fine-tuned Pre-trained
 # Text Classifiers (EMNLP 2024, arXiv 2401.10111); usage, caches, what is logged, deviations: docs/adapter_mixup.md
-"""AdpMixup (Nguyen & Le). A frozen PLM theta_0 gets bottleneck adapters; one adapter phi_0 is trained on clean
-data, one phi_k per known attack on its adversarial examples (warm-started from phi_0), and prediction uses the
-convex combination phi_mix = sum_k beta_k phi_k of all adapter tensors and heads (v1: one fixed beta; v2: beta per
-input from the entropies of each adapter's prediction). The paper's body was unavailable: equations are cited by
-the section of ../shared/specs/adapter_mixup.md ("spec §x") and every reconstructed choice is a flag."""
+"""AdpMixup (Nguyen & Le). A frozen PLM theta_0 with a clean adapter phi_0 and one adversarial adapter phi_k per known
+attack, predicting with phi_mix = sum_k beta_k phi_k of all adapter tensors and heads (v1: one beta; v2: beta per
+input from each adapter's prediction entropy). The paper's body was unavailable: "spec §x" cites the sections of
+../shared/specs/adapter_mixup.md, and every reconstructed choice is a flag."""
 import argparse
 import copy
-import csv
 import itertools
 import math
 import os
@@ -19,71 +17,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import bench
 import common
-import offline
-from attacks import evaluate_model, evaluate_robustness, print_summary
-from common import (UsageError, add_common_args, auroc, check_range, count_params, finetune,
-                    finish_run, fingerprint, fingerprint_tensors, load_model, load_task, parse_attacks,
-                    results_template, rows_accuracy, rows_loader, set_seed, start_run, texts_of, usage_errors)
+from common import (UsageError, add_common_args, check_range, count_params, fingerprint, fingerprint_tensors,
+                    load_model, load_task, parse_attacks, results_template, rows_accuracy, set_seed, start_run,
+                    texts_of, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
 ADAPTER_INIT_STD = 1e-2  # W_down ~ N(0, 0.01^2), W_up = 0: every adapter starts as the identity (Houlsby et al.)
 ADV_VAL_SHARE = 0.1  # share of each D_adv,k held out as adversarial validation (spec §3.3, step 4)
 INDEPENDENT_SEED_OFFSET = 1000  # --transfer-source independent: a clean adapter trained under --seed + this
-CACHE_VERSION = 3  # bumped when what a cache holds changes (2: generation seeded per example, complete keys;
-# 3: the clean adapter's key holds its initial weights)
+CACHE_VERSION = 3  # bumped when what a cache holds changes (history: docs/adapter_mixup.md, deviation 11)
 CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eval_examples", "dev_size",
              "max_seq_length", "batch_size", "eval_batch_size", "lr", "epochs", "weight_decay", "warmup", "bf16",
              "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
-RANGES = {"reduction_factor": (1, None, False), "adv_train_examples": (1, None, False), "adv_epochs": (0, None, True),
-          "temperature": (0, None, True), "beta_grid_step": (0, 1, True), "curve_attack_examples": (0, None, False),
-          "bench_steps": (1, None, False), "gate_examples": (0, None, False), "beta_attack_examples": (0, None, False),
-          "adv_lr": (0, None, True), "full_lr": (0, None, True), "full_epochs": (0, None, True)}  # low, high, low open
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, FRACTION = (0, None, True), (0, None, False), (1, None, False), (0, 1, True)
+# The method's flags (each in detail: docs/adapter_mixup.md): flag, default, type / choices / argparse keywords,
+# range (low, high, low open) checked by validate, help with the paper's symbol
+FLAGS = [
+    ("--adapter-type", "houlsby", ["houlsby", "pfeiffer"], None, "after attention and FFN, or FFN only (spec §3.2)"),
+    ("--reduction-factor", 16, int, AT_LEAST_ONE, "bottleneck = hidden / r (spec §3.2)"),
+    ("--adapter-activation", "relu", list(ACTIVATIONS), None, "adapter nonlinearity"),
+    ("--train-attacks", "textfooler", str, None, "known attacks a_1..a_m: one adversarial adapter phi_k each (§3.3)"),
+    ("--adv-train-examples", 5000, int, AT_LEAST_ONE, "seeded train subset attacked per known attack"),
+    ("--adv-epochs", 5, float, POSITIVE, "epochs of each adversarial adapter (spec §3.4: 5-10)"),
+    ("--adv-lr", None, float, POSITIVE, "learning rate of the adversarial adapters (default --lr)"),
+    ("--cache-dir", None, str, None, "clean adapters and adversarial data, reused (default OUTPUT_DIR/adpmixup_cache)"),
+    ("--resume", None, {"metavar": "RUN_DIR"}, None, "continue this run folder in place (same flags)"),
+    ("--beta", "dynamic", str, None, "phi_0's weight: in [0, 1] (v1), 'dev' (v1 chosen on dev), 'dynamic' (v2)"),
+    ("--dynamic-rule", "inverse-entropy", ["inverse-entropy", "softmax", "min-entropy"], None,
+     "v2 beta(x) (spec §3.6): ∝ 1/(H_k+eps) (A), softmax(-H/tau), or min-entropy grid point (B)"),
+    ("--temperature", 1.0, float, POSITIVE, "tau of the softmax rule (unless --v2-grid)"),
+    ("--head-start", 0.0, float, None, "phi_0's head start b in v2 (unless --v2-grid)"),
+    ("--v2-grid", "", str, None, "tau:b pairs tried for v2 on the adaptive dev objective, e.g. 0.5:0,1:1"),
+    ("--beta-attack-examples", 0, int, NON_NEGATIVE, "> 0: v1 and v2 chosen on (dev acc + dev Aua) / 2, on this many"),
+    ("--beta-grid-step", 0.1, float, FRACTION, "step of the v1 grid, the beta curve and the simplex grid"),
+    ("--curve-attack-examples", 0, int, NON_NEGATIVE, "> 0: every --attacks recipe on this many at each beta"),
+    ("--gate-examples", 100, int, NON_NEGATIVE, "dev sentences of the gate: phi_k vs phi_0 under a_k (0: no gate)"),
+    ("--transfer-source", "clean", ["clean", "independent"], None, "transfer sets attacked on phi_0 or an "
+     "independent clean adapter (--seed + 1000)"),
+    ("--baseline", "none", ["none", "full-at"], None, "full-at: also fine-tune the whole backbone on the same data"),
+    ("--full-lr", 2e-5, float, POSITIVE, "learning rate of the full-at baseline"),
+    ("--full-epochs", 3, float, POSITIVE, "epochs of the full-at baseline"),
+    ("--bench", False, {"action": "store_true"}, None, "print training cost vs full AT and inference passes; exit"),
+    ("--bench-steps", 5, int, AT_LEAST_ONE, "timed optimiser steps per model in --bench"),
+]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, METHOD, lr=3e-4, epochs=10, attacks="textfooler,pwws,bert-attack,textbugger,deepwordbug")
     g = p.add_argument_group("AdpMixup (each flag in detail: docs/adapter_mixup.md)")
-    g.add_argument("--adapter-type", default="houlsby", choices=["houlsby", "pfeiffer"],
-                   help="houlsby: after attention and after FFN; pfeiffer: after FFN only (spec §3.2)")
-    g.add_argument("--reduction-factor", type=int, default=16, help="bottleneck = hidden / r (spec §3.2: r = 16)")
-    g.add_argument("--adapter-activation", default="relu", choices=list(ACTIVATIONS), help="adapter nonlinearity")
-    g.add_argument("--train-attacks", default="textfooler", help="known attacks a_1..a_m, comma-separated: one "
-                   "adversarial adapter phi_k each (spec §3.3)")
-    g.add_argument("--adv-train-examples", type=int, default=5000, help="seeded train subset attacked per known attack")
-    g.add_argument("--adv-epochs", type=float, default=5, help="epochs of each adversarial adapter (spec §3.4: 5-10)")
-    g.add_argument("--adv-lr", type=float, default=None, help="learning rate of adversarial adapters (default --lr)")
-    g.add_argument("--cache-dir", default=None, help="clean-adapter checkpoints and adversarial JSONL caches, reused "
-                   "and resumed (default OUTPUT_DIR/adpmixup_cache)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags): attacks "
-                   "finished in its CSVs are read back, the clean adapter and adversarial data from --cache-dir")
-    g.add_argument("--beta", default="dynamic", help="the clean adapter's weight: a number in [0, 1] (v1, fixed), "
-                   "'dev' (v1, the best grid point on dev) or 'dynamic' (v2, per input); the main row")
-    g.add_argument("--dynamic-rule", default="inverse-entropy", choices=["inverse-entropy", "softmax", "min-entropy"],
-                   help="v2 beta(x) (spec §3.6): ∝ 1/(H_k+eps) (A), softmax(-H/tau), or min-entropy grid point (B)")
-    g.add_argument("--temperature", type=float, default=1.0, help="tau of the softmax rule (unless --v2-grid)")
-    g.add_argument("--head-start", type=float, default=0.0, help="the clean adapter's head start b in v2 (unless "
-                   "--v2-grid): softmax scores -H_k/tau + b, inverse-entropy scores x (1 + b)")
-    g.add_argument("--v2-grid", default="", help="tau:b pairs tried for v2 on the adaptive dev objective, e.g. "
-                   "0.5:0,1:1 (needs --beta-attack-examples)")
-    g.add_argument("--beta-attack-examples", type=int, default=0, help="if > 0, v1's beta and v2's tau:b are chosen on "
-                   "(dev acc + mean dev Aua) / 2, the known attacks run afresh on this many dev sentences")
-    g.add_argument("--beta-grid-step", type=float, default=0.1, help="step of the v1 grid / beta curve / simplex grid")
-    g.add_argument("--curve-attack-examples", type=int, default=0, help="if > 0, every --attacks recipe on this many "
-                   "test examples at each beta of the curve")
-    g.add_argument("--gate-examples", type=int, default=100, help="dev sentences of the gate: each phi_k and phi_0 "
-                   "attacked with a_k (0: no gate)")
-    g.add_argument("--transfer-source", default="clean", choices=["clean", "independent"], help="transfer sets "
-                   "attacked on phi_0 (it scores 0 on them) or on an independent clean adapter (--seed + 1000)")
-    g.add_argument("--baseline", default="none", choices=["none", "full-at"],
-                   help="full-at: also fully fine-tune the backbone on clean + the same adversarial data")
-    g.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of the full-at baseline")
-    g.add_argument("--full-epochs", type=float, default=3, help="epochs of the full-at baseline")
-    g.add_argument("--bench", action="store_true", help="print training cost vs full AT and inference passes; exit")
-    g.add_argument("--bench-steps", type=int, default=5, help="timed optimiser steps per model in --bench")
+    for flag, default, kind, _, help in FLAGS:
+        options = kind if isinstance(kind, dict) else {"choices": kind} if isinstance(kind, list) else {"type": kind}
+        g.add_argument(flag, default=default, help=help, **options)
     return p.parse_args(argv)
 
 
@@ -98,9 +87,10 @@ def validate(args):
         except ValueError:
             raise UsageError(f"--beta must be a number in [0, 1], 'dev' or 'dynamic', got '{args.beta}'")
         check_range("beta", args.beta, 0, 1)
-    for name, (low, high, low_open) in RANGES.items():
-        if getattr(args, name) is not None:  # --adv-lr None: --lr
-            check_range(name.replace("_", "-"), getattr(args, name), low, high, low_open=low_open)
+    for flag, _, _, (low, high, low_open), _ in (f for f in FLAGS if f[3]):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:  # --adv-lr None: --lr
+            check_range(flag[2:], value, low, high, low_open=low_open)
     if abs(round(1 / args.beta_grid_step) * args.beta_grid_step - 1) > 1e-6:
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     try:
@@ -112,11 +102,9 @@ def validate(args):
     if args.v2_pairs and not args.beta_attack_examples:
         raise UsageError("--v2-grid tunes v2 on the adaptive dev objective: give --beta-attack-examples > 0")
     if args.transfer_source == "independent" and not parse_attacks(args.attacks):
-        raise UsageError("--transfer-source independent attacks the test sample with every --attacks recipe: "
-                         "give --attacks")
+        raise UsageError("--transfer-source independent attacks the test sample with --attacks: give some recipes")
     if args.pgd_radius > 0:
-        raise UsageError("--pgd-radius is not supported by adapter_mixup.py: the adapter rows are attacked through "
-                         "the mixing predictor (text attacks only); drop the flag")
+        raise UsageError("--pgd-radius is not supported (text attacks on the mixing predictor only): drop the flag")
     args.adv_lr = args.adv_lr or args.lr
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "adpmixup_cache")
 
@@ -170,8 +158,8 @@ class BottleneckAdapter(nn.Module):
 
 
 def head_layers(model):
-    """(owner, attribute) of the linear maps of the classification head: BERT pooler dense (+tanh) and classifier,
-    or RoBERTa's dense (+tanh) and out_proj. Each adapter slot gets its own copy."""
+    """(owner, attribute) of the head's linear maps, copied per slot: BERT's pooler dense and classifier, or RoBERTa's
+    dense and out_proj (deviation 5)."""
     if getattr(getattr(model, "bert", None), "pooler", None) is not None:
         return [(model.bert.pooler, "dense"), (model, "classifier")]
     if hasattr(getattr(model, "classifier", None), "out_proj"):
@@ -180,8 +168,7 @@ def head_layers(model):
 
 
 def add_adapters(model, n_slots, adapter_type, reduction_factor, activation) -> Mixture:
-    """Freeze theta_0; insert n_slots adapter weight sets in every layer and n_slots heads; all slots start equal.
-    Each adapter sits after a sub-layer's frozen output projection, before the residual + LayerNorm."""
+    """Freeze theta_0; n_slots equal adapter sets after the sub-layers' output projections and n_slots heads (§3.2)."""
     model.requires_grad_(False)
     mixture, hidden = Mixture(), model.config.hidden_size
     layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
@@ -236,8 +223,7 @@ def merge_adapters(model, slots, beta, dst):
 
 @torch.no_grad()
 def reinit_adapter(model, k, seed):
-    """Slot k drawn afresh under `seed`: every W_down ~ N(0, 0.01^2) and the classifier ~ N(0, initializer_range^2)
-    (W_up = 0 and the pretrained pooler as in every slot), so it shares no random draw with phi_0."""
+    """Slot k's W_down and classifier drawn afresh under `seed`: no random draw shared with phi_0 (deviation 14)."""
     gen, classifier = torch.Generator().manual_seed(seed), mixed_linears(model)[-1].linears[k]
     downs = [(m.down.linears[k].weight, ADAPTER_INIT_STD) for m in model.modules() if isinstance(m, BottleneckAdapter)]
     for weight, std in downs + [(classifier.weight, model.config.initializer_range)]:
@@ -247,9 +233,8 @@ def reinit_adapter(model, k, seed):
 
 # ---- The predictor: list[str] -> logits, beta included, so attacks query the whole defence (spec §3.7) ---------------
 def dynamic_beta(entropies, rule="inverse-entropy", temperature=1.0, head_start=0.0):
-    """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6); column 0 is the clean
-    adapter, given a head start b (deviation: with adapters that are small tweaks of phi_0 all H_k are alike and
-    the rule without it returns the uniform soup on every input)."""
+    """(B, S) prediction entropies H_k -> (B, S) coefficients on the simplex (spec §3.6); column 0, the clean adapter,
+    gets the head start b (deviation 3: without it, adapters close to phi_0 give the uniform soup on every input)."""
     if rule == "inverse-entropy":  # variant A: s_k = 1/(H_k + eps), beta_k = s_k / sum_j s_j
         scores = 1.0 / (entropies + ENTROPY_EPS)
         scores = torch.cat([scores[:, :1] * (1.0 + head_start), scores[:, 1:]], 1)
@@ -318,18 +303,14 @@ def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run,
     set_seed(seed)  # each slot trains the same whether or not earlier stages came from the cache
     mixture.use([k])
     train_only(model, k)
-    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, seed)
-    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
-    stats = finetune(model, train_loader, dev_loader, run, epochs, lr, args.weight_decay, args.warmup, tag=tag,
-                     params=adapter_params(model, k))
+    stats = attacks.finetune_rows(model, tokenizer, data, train_rows, dev_rows, run, args, epochs, lr, tag, seed,
+                                  params=adapter_params(model, k))
     train_only(model, -1)
     return stats
 
 
 def trainable_share(model, backbone_total) -> dict:
-    """What one adapter slot trains (its adapters + its head copy) as a share of the frozen backbone. The head copy
-    holds the pooler dense (BERT's pooler, RoBERTa's head dense: hidden^2 + hidden), a large part of the total, so
-    the share is also given without it."""
+    """One slot's trainable parameters (adapters + head) as a share of the backbone, also without the pooler dense."""
     owner, name = head_layers(model)[0]
     pooler = sum(p.numel() for p in getattr(owner, name).linears[0].parameters())
     per_adapter = sum(p.numel() for p in adapter_params(model, 0))
@@ -339,15 +320,12 @@ def trainable_share(model, backbone_total) -> dict:
 
 # ---- The stages of the algorithm (spec §3.8); main() at the end calls them in order ----------------------------------
 class Experiment:
-    """What every stage shares: the run, the data as (text, label) rows, the frozen model with one adapter slot per
-    predictor (adapter_slots: name -> index), and the results being filled in."""
+    """What the stages share: run, (text, label) rows, the model with one adapter slot per predictor, the results."""
 
     def __init__(self, args, resources):
         self.args, self.run = args, start_run(args, METHOD, also_attacks=args.known, resume=args.resume,
                                               free=("resume", "attack_workers", "attacks"))  # the training attacks too
-        if resources is None and args.attack_substitutes:  # offline TextFooler/TextBugger stand-ins, built once
-            resources = offline.offline_attack_resources(args.attack_substitutes)
-        self.resources, self.data = resources, load_task(args)
+        self.resources, self.data = attacks.attack_resources(args, resources), load_task(args)  # built once
         self.model, self.tokenizer = load_model(args.model, self.data.num_labels, args.max_seq_length,
                                                 os.path.join(args.output_dir, ".tiny-bert"))
         self.backbone = count_params(self.model)
@@ -364,6 +342,10 @@ class Experiment:
         self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(self.data, ds), ds["label"])) for ds in
                                                           (self.data.train, self.data.dev, self.data.test)]
         os.makedirs(args.cache_dir, exist_ok=True)
+        share = self.extra["trainable_share"] = trainable_share(self.model, self.backbone["total"])
+        print(f"[{METHOD}] backbone {self.backbone['total']:,} params (frozen); one adapter set + head "
+              f"{share['per_adapter']:,} ({share['pct_of_backbone']:.2f}% of the backbone, incl. the pooler dense "
+              f"{share['pooler']:,}; {share['pct_without_pooler']:.2f}% without)", flush=True)
 
     def predictor(self, names, beta=None):
         return MixupPredictor(self.model, self.tokenizer, self.mixture, [self.adapter_slots[n] for n in names], beta,
@@ -376,9 +358,14 @@ class Experiment:
     def weights_id(self, name):
         return fingerprint_tensors(adapter_state(self.model, self.adapter_slots[name]))
 
+    def adversarial_rows(self, kind, name, source, samples):
+        """Recipe `name` on samples against adapter `source`, cached; (counts, successful rows)."""
+        return attacks.adversarial_rows(kind, name, self.predictor([source]), self.weights_id(source), samples,
+                                        self.data.text_columns, self.args.cache_dir, self.args, self.resources,
+                                        CACHE_VERSION, f"the {source} adapter")
+
     def dev_robust(self, name, predict, n) -> list:
-        """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict` (one
-        keyed CSV per predictor in the run folder: a resumed run reads it back)."""
+        """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict`."""
         return attacks.attack_seeded_rows(predict, name, self.dev_rows, n, self.args, self.run, self.resources,
                                           self.data.text_columns, "dev")
 
@@ -402,18 +389,6 @@ def clean_adapter(ex, name, seed):
     return stats
 
 
-def attack_source(ex, kind, name, source, samples):
-    """Stage 2 (and the transfer sets): attack `name` on samples against adapter `source`, cached as JSONL under a key
-    of all the records depend on; returns (counts, successful rows)."""
-    key = attacks.adversarial_key(name, ex.weights_id(source), samples, ex.args, ex.resources, CACHE_VERSION)
-    summary, kept = attacks.adversarial_set(name, ex.predictor([source]), samples, ex.data.text_columns,
-                                            os.path.join(ex.args.cache_dir, f"{kind}_{name}_{key}.jsonl"), ex.args,
-                                            ex.resources)
-    print(f"[{kind} {name}] against the {source} adapter: {summary['successful']} successful / {summary['failed']} "
-          f"failed / {summary['skipped']} skipped of {summary['attacked']} ({summary['seconds']:.0f}s)", flush=True)
-    return summary, kept
-
-
 def adversarial_data(ex, rng):
     """Stage 2: D_adv,k = successful attacks a_k on phi_0 over a seeded train subset, gold labels kept (spec §3.3);
     10 % of each held out as adversarial validation. Returns (adv_train, adv_val) by attack."""
@@ -421,7 +396,7 @@ def adversarial_data(ex, rng):
     samples = [ex.train_rows[i] for i in np.sort(rng.choice(len(ex.train_rows), size=n, replace=False))]
     adv_train, adv_val, ex.extra["adversarial_data"], ex.wall["adversarial_generation"] = {}, {}, {}, 0.0
     for name in ex.args.known:
-        summary, kept = attack_source(ex, "adv", name, "clean", samples)
+        summary, kept = ex.adversarial_rows("adv", name, "clean", samples)
         ex.extra["adversarial_data"][name] = summary
         ex.wall["adversarial_generation"] += summary["seconds"]
         if not kept:
@@ -436,27 +411,23 @@ def adversarial_data(ex, rng):
     return adv_train, adv_val
 
 
-def transfer_sets(ex):
-    """With --transfer-source independent: every --attacks recipe on the seeded test sample against the independent
-    clean adapter, transfer sets that no evaluated row, phi_0 included, was attacked with (issue 16, Deliver 3).
-    Else None: stage 6 takes phi_0's own successful test attacks."""
+def independent_transfer(ex):
+    """Stage 2: the transfer sets made against the independent clean adapter (deviation 14); else None (phi_0's)."""
     ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
     if ex.args.transfer_source != "independent":
         return None
-    samples = attacks.attack_sample(ex.data, ex.args.attack_examples, ex.args.attack_seed)
     info = ex.extra["transfer_source"] = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
                                           "adapter": ex.weights_id("independent"),
                                           "clean_adapter": ex.weights_id("clean"), "sets": {},
                                           "dev_accuracy": rows_accuracy(ex.predictor(["independent"]), ex.dev_rows)}
-    transfer_rows = {}
-    for name in parse_attacks(ex.args.attacks):
-        info["sets"][name], transfer_rows[name] = attack_source(ex, "transfer", name, "independent", samples)
-    return transfer_rows
+    info["sets"], rows = attacks.transfer_rows(
+        ex.predictor(["independent"]), ex.weights_id("independent"), ex.data, ex.args.cache_dir, ex.args,
+        ex.resources, CACHE_VERSION, "the independent adapter")
+    return rows
 
 
 def adversarial_adapters(ex, rng, adv_train, adv_val):
-    """Stage 3: phi_k from phi_0 on D_adv,k + an equal clean sample (spec §3.4 step 2), each checked by the gate; the
-    AT adapter baseline. Returns the training stats by slot."""
+    """Stage 3: phi_k from phi_0 on D_adv,k + as many clean rows (spec §3.4 step 2), the gate, the AT adapter."""
     args, stats = ex.args, {}
     ex.wall["adversarial_adapters"] = 0.0
     for name in adv_train:
@@ -484,22 +455,17 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
 
 
 def adapter_gate(ex, name) -> dict:
-    """Does the adversarial adapter phi_k resist its own attack a_k better than phi_0? Both attacked afresh (not the
-    transfer examples phi_0 failed on by construction) on the same seeded dev sentences; paired interval. The mix
-    can only help if phi_k passes."""
-    robust = {who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
-              for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))}
-    delta, low, high = attacks.paired_interval(robust["adversarial"], robust["clean"], seed=ex.args.attack_seed)
-    n = len(robust["clean"])
-    gate = {"n": n, "aua_clean": 100.0 * np.mean(robust["clean"]),
-            "aua_adversarial": 100.0 * np.mean(robust["adversarial"]), "delta": delta, "ci": [low, high],
-            "passed": low > 0}
+    """Does phi_k resist a_k better than phi_0 on the same dev sentences, beyond the paired interval? (deviation 6)"""
+    gate = attacks.robustness_gain({who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
+                                    for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))},
+                                   seed=ex.args.attack_seed)
+    verdict = f"{gate['delta']:+.1f} [{gate['ci'][0]:+.1f}, {gate['ci'][1]:+.1f}]"
     print(f"[gate {name}] dev Aua under {name}: phi_0 {gate['aua_clean']:.1f}% vs adversarial adapter "
-          f"{gate['aua_adversarial']:.1f}% (n={n}): {delta:+.1f} [{low:+.1f}, {high:+.1f}] -> "
+          f"{gate['aua_adversarial']:.1f}% (n={gate['n']}): {verdict} -> "
           f"{'passed' if gate['passed'] else 'NOT passed'}", flush=True)
     if not gate["passed"]:
         ex.warnings.append(f"the {name} adversarial adapter is not more robust than the clean adapter under {name} "
-                           f"on dev beyond the paired interval ({delta:+.1f} [{low:+.1f}, {high:+.1f}] points, n={n}): "
+                           f"on dev beyond the paired interval ({verdict} points, n={gate['n']}): "
                            f"mixing it in cannot be expected to help")
     return gate
 
@@ -527,10 +493,8 @@ def choose_v1(ex, known, adv_val):
         if args.beta_attack_examples:  # the adaptive objective: the known attacks afresh on dev, at this beta
             point.update(adaptive_objective(ex, predict, point["dev_clean"], known))
         if args.curve_attack_examples and parse_attacks(args.attacks):
-            curve_args = copy.copy(args)
-            curve_args.attack_examples = args.curve_attack_examples
-            robust = evaluate_robustness(predict, ex.data, curve_args, ex.run, f"curve{beta:g}_", ex.resources)
-            point.update({f"aua_{a}": v["aua"] for a, v in robust.items() if "error" not in v})
+            point.update(attacks.aua_on(predict, ex.data, args, ex.run, f"curve{beta:g}_", ex.resources,
+                                        args.curve_attack_examples))
         curve.append(point)
         ex.run.log({f"charts/beta_curve_{k}": v for k, v in point.items() if k != "beta"}, int(round(beta * 100)))
         print(f"[stage 4] beta {beta:.2f}: " + "  ".join(f"{k} {v:.1f}" for k, v in point.items() if k != "beta"),
@@ -544,10 +508,7 @@ def choose_v1(ex, known, adv_val):
         merge_adapters(ex.model, slots, [1 / len(slots)] * len(slots), ex.adapter_slots["soup"])
     ex.extra["beta_curve"] = {"points": curve, "csv": "beta_curve.csv"}  # plotted by report.py
     if curve:
-        with open(os.path.join(ex.run.dir, "beta_curve.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(curve[0]))
-            writer.writeheader()
-            writer.writerows(curve)
+        attacks.write_csv(os.path.join(ex.run.dir, "beta_curve.csv"), curve)
     return beta_v1
 
 
@@ -566,9 +527,9 @@ def tune_v2(ex, known):
     ex.extra["v2_tuning"] = {"tried": tried, "tau": pick["tau"], "head_start": pick["head_start"]}
 
 
-def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
-    """Stage 6: every predictor attacked as a whole (spec §7), scored on the transfer sets (made against phi_0 from
-    its own attacks, unless given: the independent source), profiled. Returns the results rows."""
+def evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows):
+    """Stage 6: every predictor attacked as a whole (spec §7) and scored on the transfer sets (phi_0's own successful
+    attacks unless given); v2 profiled; the full-AT baseline on the same clean + adversarial rows. Returns the rows."""
     args, mix = ex.args, ["clean"] + [f"adv-{a}" for a in known]
     generation, mixing = ["clean_adapter", "adversarial_generation"], ["adversarial_adapters"]
     specs = [("clean", "clean adapter", ex.predictor(["clean"]), ["clean_adapter"])]
@@ -579,103 +540,42 @@ def evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows):
                   ("ensemble", "output ensemble (control)", ex.predictor(mix, "ensemble"), generation + mixing),
                   ("v1", f"AdpMixup v1 (beta={beta_v1:g})", ex.predictor(["v1"]), generation + mixing),
                   ("v2", f"AdpMixup v2 ({args.dynamic_rule})", ex.predictor(mix, "dynamic"), generation + mixing)]
-    share, rows = ex.extra["trainable_share"], []
-    attacked = {}  # weights fingerprint -> (row key, attacks): v1 at a grid end or at 1/(m+1) is another row's weights
+    share, rows, attacked = ex.extra["trainable_share"], [], {}  # attacked: weights fingerprint -> (row, attacks)
     for key, setting, predict, cost in specs:
         start, stored = time.time(), len(mix) if key in ("soup", "v1", "v2", "ensemble") else 1
         row = {"key": key, "setting": setting, "passes_per_example": predict.passes,
                "params": {"trainable": stored * share["per_adapter"], "total": ex.backbone["total"] + stored *
                           share["per_adapter"], "trainable_pct_of_backbone": stored * share["pct_of_backbone"],
-                          "trainable_pct_without_pooler": stored * share["pct_without_pooler"]},
-               "dev_accuracy": rows_accuracy(predict, ex.dev_rows),
-               "clean_accuracy": rows_accuracy(predict, ex.test_rows)}
-        print(f"[eval {key}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
-        weights = ex.weights_id(key) if key in ex.adapter_slots else None  # None: v2 and ensemble mix per input
-        if weights in attacked:  # bit-identical weights and seeded attacks: the same results
-            print(f"[eval {key}] same weights as the {attacked[weights][0]} row: its attack results reused", flush=True)
-            row["attacks"] = copy.deepcopy(attacked[weights][1])
-        else:
-            row["attacks"] = evaluate_robustness(predict, ex.data, args, ex.run, f"{key}_", ex.resources, row=row)
-            if weights is not None:
-                attacked[weights] = (key, row["attacks"])
-        mark_known(row, known)
-        if key == "clean" and transfer_rows is None:  # phi_0's successful test attacks (single-text tasks only)
-            transfer_rows = attacks.successful_rows(ex.run.dir, row["attacks"], ex.data)
-        row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
+                          "trainable_pct_without_pooler": stored * share["pct_without_pooler"]}}
+        # v1 at a grid end or at 1/(m+1) is another row's weights; v2 and the ensemble mix per input (no weights)
+        weights = ex.weights_id(key) if key in ex.adapter_slots else None
+        transfer_rows = attacks.evaluate_row(row, predict, args, ex.run, ex.data, ex.resources, ex.dev_rows,
+                                             ex.test_rows, known, transfer_rows, attacked, weights)
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
     if known:
-        ex.extra["profiling"] = profile(ex.predictor(mix, "dynamic"), mix, [t for t, _ in ex.test_rows],
-                                        transfer_rows or {a: adv_val[a] for a in known},
-                                        "test transfer sets" if transfer_rows else "train-side adversarial validation")
-    return rows, transfer_rows
-
-
-def mark_known(row, known):
-    for name, metrics in row["attacks"].items():
-        metrics["known"] = name in known
-    for group, flag in (("known", True), ("unknown", False)):
-        auas = [m["aua"] for m in row["attacks"].values() if m["known"] == flag and "error" not in m]
-        row[f"aua_{group}_mean"] = float(np.mean(auas)) if auas else None
-
-
-def profile(predict, mix, clean_texts, adversarial, source):
-    """Which known attack each input most resembles (argmax_{k>=1} beta_k) and detection AUROC of 1 - beta_0."""
-    _, clean_beta = predict.run(clean_texts)
-    out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
-    scores = []
-    for name, rows in ((name, rows) for name, rows in adversarial.items() if rows):
-        _, beta = predict.run([t for t, _ in rows])
-        attributed = [mix[1 + k] if beta[i, 0] < beta[i, 1 + k] else "clean"
-                      for i, k in enumerate(beta[:, 1:].argmax(1))]
-        out["by_attack"][name] = {"n": len(rows), "mean_beta_clean": float(beta[:, 0].mean()),
-                                  "attributed": {s: attributed.count(s) for s in mix}}
-        scores.append(1 - beta[:, 0])
-    if scores:
-        out["detection_auroc"] = auroc(1 - clean_beta[:, 0], np.concatenate(scores))
-        print(f"[profile] detection AUROC (1 - beta_clean, clean vs adversarial {source}): "
-              f"{out['detection_auroc']:.3f}", flush=True)
-    return out
-
-
-def full_at_baseline(ex, train_rows, dev_rows, known, transfer_rows):
-    """Stage 6 (--baseline full-at): a fresh backbone fully fine-tuned on the same clean + adversarial rows."""
-    args, data, run = ex.args, ex.data, ex.run
-    set_seed(args.seed)  # its head and dropout draw from the RNG: the same model whether earlier stages were cached
-    model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
-                                  os.path.join(args.output_dir, ".tiny-bert"))
-    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, args.seed)
-    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
-    stats = finetune(model, train_loader, dev_loader, run, args.full_epochs, args.full_lr, args.weight_decay,
-                     args.warmup, tag="full_at")
-    ex.wall["full_at"] = stats["seconds"]
-    start, n = time.time(), count_params(model)["total"]
-    row = {"key": "full-at", "setting": "full AT (clean+adv)", "passes_per_example": 1,
-           "params": {"trainable": n, "trainable_pct_of_backbone": 100.0, "total": n}}
-    evaluate_model(model, tokenizer, data, args, run, row, "full-at_", resources=ex.resources)
-    mark_known(row, known)
-    predict = attacks.Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
-    row["dev_accuracy"] = rows_accuracy(predict, ex.dev_rows)
-    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer_rows.items() if s}
-    row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": stats["seconds"],
-                         "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": time.time() - start}
-    return row
+        adversarial = transfer_rows or {a: adv_val[a] for a in known}  # none made (pair task or no --attacks)
+        ex.extra["profiling"] = attacks.mixing_profile(ex.predictor(mix, "dynamic"), mix, [t for t, _ in ex.test_rows],
+                                                       adversarial, "test transfer sets" if transfer_rows else
+                                                       "train-side adversarial validation")
+    if args.baseline == "full-at":
+        row, ex.wall["full_at"], evaluation = attacks.full_at_row(
+            args, ex.data, ex.run, ex.resources, ex.train_rows + [r for n in known for r in adv_train[n]],
+            ex.dev_rows + [r for n in known for r in adv_val[n]], ex.dev_rows, known, transfer_rows)
+        row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": ex.wall["full_at"],
+                             "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": evaluation}
+        rows.append(row)
+    return rows
 
 
 # ---- Main: the algorithm (spec §3.8) in six stages -------------------------------------------------------------------
 def main(args, resources=None):
     validate(args)
     if args.bench:  # training cost vs full AT, inference passes; exit
-        from bench import bench_adapter_mixup
-
-        return bench_adapter_mixup(args)
+        return bench.bench_adapter_mixup(args)
     ex = Experiment(args, resources)
-    share = ex.extra["trainable_share"] = trainable_share(ex.model, ex.backbone["total"])
-    print(f"[{METHOD}] backbone {ex.backbone['total']:,} params (frozen); one adapter set + head "
-          f"{share['per_adapter']:,} ({share['pct_of_backbone']:.2f}% of the backbone, incl. the pooler dense "
-          f"{share['pooler']:,}; {share['pct_without_pooler']:.2f}% without)", flush=True)
 
-    # ---- Stage 1: data + clean adapter phi_0 (and the independent transfer source) on D_tr, best on dev; cached
+    # ---- Stage 1: clean adapter phi_0 (and the independent transfer source) on D_tr, best on dev; cached
     print("=== Stage 1: clean adapter ===", flush=True)
     train_stats = {"clean": clean_adapter(ex, "clean", args.seed)}
     ex.wall["clean_adapter"] = train_stats["clean"]["seconds"]
@@ -687,7 +587,7 @@ def main(args, resources=None):
     rng = np.random.default_rng(args.seed)
     adv_train, adv_val = adversarial_data(ex, rng)
     known = list(adv_train)  # attacks that have an adversarial adapter
-    transfer_rows = transfer_sets(ex)  # None: read from phi_0's own attacks in stage 6
+    transfer_rows = independent_transfer(ex)  # None: read from phi_0's own attacks in stage 6
 
     # ---- Stage 3: adversarial adapters phi_k from phi_0 (spec §3.4 step 2), the gate, the AT adapter baseline
     print("=== Stage 3: adversarial adapters ===", flush=True)
@@ -702,34 +602,23 @@ def main(args, resources=None):
         print("=== Stage 5: v2 tuning ===", flush=True)
         tune_v2(ex, known)
 
-    # ---- Stage 6: every predictor attacked as a whole (spec §7), transfer sets, profiling; full-AT baseline
+    # ---- Stage 6: every predictor attacked as a whole (spec §7), transfer sets, profiling; the full-AT baseline
     print("=== Stage 6: evaluation ===", flush=True)
-    rows, transfer_rows = evaluate_rows(ex, known, beta_v1, adv_val, transfer_rows)
-    if args.baseline == "full-at":
-        rows.append(full_at_baseline(ex, ex.train_rows + [r for n in known for r in adv_train[n]],
-                                     ex.dev_rows + [r for n in known for r in adv_val[n]], known, transfer_rows))
+    rows = evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows)
     return finish(ex, rows, known, beta_v1, train_stats)
 
 
 def finish(ex, rows, known, beta_v1, train_stats):
-    """results.json: the main row (v2 for --beta dynamic, else v1; the clean adapter when no attack is known) on top,
-    every row and what the stages recorded under extra; the summary table and the warnings."""
-    args, share, results = ex.args, ex.extra["trainable_share"], ex.results
+    """results.json: the main row on top (v2 for --beta dynamic, else v1; clean if no attack is known), all in extra."""
+    args, share = ex.args, ex.extra["trainable_share"]
     main_row = next(r for r in rows if r["key"] == (("v2" if args.beta == "dynamic" else "v1") if known else "clean"))
-    results.update(setting=main_row["setting"], params={"total": main_row["params"]["total"],
-                   "non_embedding": ex.backbone["non_embedding"] + main_row["params"]["trainable"]},
-                   dev_accuracy=main_row["dev_accuracy"], clean_accuracy=main_row["clean_accuracy"],
-                   attacks=main_row["attacks"])
     ex.extra.update(rows=rows, beta_v1=beta_v1, known_attacks=known, unknown_attacks=[
         a for a in parse_attacks(args.attacks) if a not in known], training=train_stats, warnings=ex.warnings,
         per_adapter_set_params=share["per_adapter"], backbone_params=ex.backbone,
         adapter={"type": args.adapter_type, "reduction_factor": args.reduction_factor,
                  "activation": args.adapter_activation})
-    finish_run(ex.run, results)
-    print_summary([(r["setting"][:27], r) for r in rows])
-    for w in ex.warnings:
-        print(f"warning: {w}")
-    return results
+    return attacks.finish_rows(ex.run, ex.results, rows, main_row,
+                               ex.backbone["non_embedding"] + main_row["params"]["trainable"], ex.warnings)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # predictor on one seeded sample of the test split; per-example seeds, CSV rows written as they finish (a killed run
 # resumes), the configuration and per-example outcomes recorded next to every number so report.py compares like with
 # like and pairs rows example by example. Methods call evaluate_model (or evaluate_robustness for a custom predictor).
+import copy
 import csv
 import io
 import json
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
-                    adversarial_backward, append_jsonl, fingerprint, make_loader, open_jsonl, parse_attacks,
-                    parse_shard, predict_labels, read_jsonl, set_seed, texts_of, tokenize, write_json_atomic)
+                    adversarial_backward, append_jsonl, auroc, count_params, finetune, finish_run, fingerprint,
+                    load_model, make_loader, open_jsonl, parse_attacks, parse_shard, predict_labels, read_jsonl,
+                    rows_accuracy, rows_loader, set_seed, texts_of, tokenize, write_json_atomic)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -290,6 +292,14 @@ def _spawned_worker(predict, recipe, samples, column_names, indices, attack_seed
     raise SystemExit(_attack_share(attack, samples, column_names, indices, attack_seed, conn))
 
 
+def attack_resources(args, resources=None):
+    """`resources` if given, else the offline stand-ins that --attack-substitutes names (built once per call), else
+    None (the recipes' own resources)."""
+    if resources is None and getattr(args, "attack_substitutes", None):
+        return offline.offline_attack_resources(args.attack_substitutes)
+    return resources
+
+
 def recipe_resources(recipe: dict):
     """The resources a spawned worker attacks with: rebuilt from --attack-substitutes, else the pickled object."""
     if recipe.get("substitutes"):
@@ -483,19 +493,36 @@ def generate_adversarial(name: str, predict: Callable, samples: list, column_nam
     return [records[i] for i in range(len(samples))]
 
 
-def adversarial_set(name: str, predict: Callable, samples: list, column_names: tuple, path: str, args,
-                    resources=None) -> tuple:
-    """generate_adversarial, summarised: (counts, success rate, cache path and seconds; the successful examples as
-    (perturbed input, label) rows)."""
+def adversarial_rows(kind: str, name: str, predict: Callable, weights: str, samples: list, column_names: tuple,
+                     cache_dir: str, args, resources=None, version: int = 0, against: str = "the model") -> tuple:
+    """generate_adversarial cached as {cache_dir}/{kind}_{name}_{adversarial_key}.jsonl (`weights`: the fingerprint
+    of the attacked predictor's weights), summarised: (counts, success rate, cache path and seconds; the successful
+    examples as (perturbed input, label) rows)."""
+    key = adversarial_key(name, weights, samples, args, resources, version)
+    path = os.path.join(cache_dir, f"{kind}_{name}_{key}.jsonl")
     start, records = time.time(), generate_adversarial(name, predict, samples, column_names, path, args, resources)
     counts = {s: sum(r["status"] == s for r in records) for s in ("successful", "failed", "skipped")}
     summary = {**counts, "attacked": len(records), "cache": path,
                "seconds": sum(r.get("seconds", 0.0) for r in records),  # the generation cost, also from the cache
                "seconds_this_run": time.time() - start,
                "success_rate": 100.0 * counts["successful"] / max(1, counts["successful"] + counts["failed"])}
+    print(f"[{kind} {name}] against {against}: {summary['successful']} successful / {summary['failed']} failed / "
+          f"{summary['skipped']} skipped of {summary['attacked']} ({summary['seconds']:.0f}s)", flush=True)
     pair = len(column_names) > 1
     return summary, [(tuple(r["perturbed"]) if pair else r["perturbed"], r["label"]) for r in records
                      if r["status"] == "successful"]
+
+
+def transfer_rows(predict: Callable, weights: str, data: TaskData, cache_dir: str, args, resources=None,
+                  version: int = 0, against: str = "the model") -> tuple:
+    """Fixed adversarial test inputs made against `predict`: every --attacks recipe on the seeded test sample, cached
+    as adversarial_rows ("transfer" files). Returns ({recipe: counts}, {recipe: successful rows})."""
+    samples = attack_sample(data, args.attack_examples, args.attack_seed)
+    counts, rows = {}, {}
+    for name in parse_attacks(args.attacks):
+        counts[name], rows[name] = adversarial_rows("transfer", name, predict, weights, samples, data.text_columns,
+                                                    cache_dir, args, resources, version, against)
+    return counts, rows
 
 
 def successful_rows(run_dir: str, robust: dict, data: TaskData) -> dict:
@@ -523,8 +550,7 @@ def evaluate_robustness(predict: Callable, data: TaskData, args, run: Run, prefi
         run.track(prefix, row)
     if not names:
         return metrics  # --attacks none: TextAttack is never imported
-    if resources is None and getattr(args, "attack_substitutes", None):
-        resources = offline.offline_attack_resources(args.attack_substitutes)
+    resources = attack_resources(args, resources)
     samples = attack_sample(data, args.attack_examples, args.attack_seed)
     shard = parse_shard(getattr(args, "attack_shard", None))
     indices = range(shard[0], len(samples), shard[1]) if shard else None
@@ -592,6 +618,132 @@ def saved_row(path: str, label: str, evaluate: Callable) -> dict:
     return row
 
 
+# ---- Several predictors of one run as results rows (adapter_mixup.py; any script that evaluates more than one) -----
+def write_csv(path: str, rows: list):
+    """A list of dicts with the same keys as a CSV with a header (e.g. a curve report.py plots)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def finetune_rows(model, tokenizer, data: TaskData, train_rows: list, dev_rows: list, run: Run, args, epochs: float,
+                  lr: float, tag: str, seed: Optional[int] = None, params=None) -> dict:
+    """common.finetune on (input, label) rows, batches shuffled under `seed` (default --seed), the best state on
+    dev_rows kept. The global RNG (dropout, fresh heads) is the caller's to seed."""
+    seed = args.seed if seed is None else seed
+    train_loader = rows_loader(data, train_rows, tokenizer, args.max_seq_length, args.batch_size, True, seed)
+    dev_loader = rows_loader(data, dev_rows, tokenizer, args.max_seq_length, args.eval_batch_size, False, args.seed)
+    return finetune(model, train_loader, dev_loader, run, epochs, lr, args.weight_decay, args.warmup, tag=tag,
+                    params=params)
+
+
+def aua_on(predict: Callable, data: TaskData, args, run: Run, prefix: str, resources, n: int) -> dict:
+    """{aua_<recipe>: Aua} of every --attacks recipe on a seeded sample of n test examples (e.g. a point of a curve);
+    a recipe that raised is left out."""
+    sample_args = copy.copy(args)
+    sample_args.attack_examples = n
+    robust = evaluate_robustness(predict, data, sample_args, run, prefix, resources)
+    return {f"aua_{a}": v["aua"] for a, v in robust.items() if "error" not in v}
+
+
+def mark_known(row: dict, known: list):
+    """Tag each attack of a results row as known (one the method trained on) or not; the mean Aua of each group."""
+    for name, metrics in row["attacks"].items():
+        metrics["known"] = name in known
+    for group, flag in (("known", True), ("unknown", False)):
+        auas = [m["aua"] for m in row["attacks"].values() if m["known"] == flag and "error" not in m]
+        row[f"aua_{group}_mean"] = float(np.mean(auas)) if auas else None
+
+
+def evaluate_row(row: dict, predict: Callable, args, run: Run, data: TaskData, resources, dev_rows: list,
+                 test_rows: list, known: list, transfer: Optional[dict], attacked: dict, weights=None) -> dict:
+    """Fill the results row of a whole predictor: clean dev and test accuracy, every --attacks recipe (known or not),
+    accuracy on the transfer sets. A `weights` fingerprint already in `attacked` ({weights: (row key, attacks)})
+    is a bit-identical predictor: the seeded attacks' results are copied, not run again. transfer None: this row's
+    successful attacks become the transfer sets. Returns the transfer sets."""
+    row.update(dev_accuracy=rows_accuracy(predict, dev_rows), clean_accuracy=rows_accuracy(predict, test_rows))
+    print(f"[eval {row['key']}] clean test accuracy {row['clean_accuracy']:.2f}%", flush=True)
+    if weights in attacked:
+        print(f"[eval {row['key']}] same weights as the {attacked[weights][0]} row: its attack results reused",
+              flush=True)
+        row["attacks"] = copy.deepcopy(attacked[weights][1])
+    else:
+        row["attacks"] = evaluate_robustness(predict, data, args, run, f"{row['key']}_", resources, row=row)
+        if weights is not None:
+            attacked[weights] = (row["key"], row["attacks"])
+    mark_known(row, known)
+    if transfer is None:  # the first row's own successful test attacks (single-text tasks only)
+        transfer = successful_rows(run.dir, row["attacks"], data)
+    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer.items() if s}
+    return transfer
+
+
+def full_at_row(args, data: TaskData, run: Run, resources, train_rows: list, dev_rows: list, clean_dev_rows: list,
+                known: list, transfer: dict) -> tuple:
+    """The full adversarial-training baseline: a fresh --model fully fine-tuned (--full-lr, --full-epochs) on clean +
+    adversarial train_rows, selected on dev_rows, evaluated as evaluate_row does. Returns (row, training seconds,
+    evaluation seconds)."""
+    set_seed(args.seed)  # its head and dropout draw from the RNG: the same model whether earlier stages were cached
+    model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
+                                  os.path.join(args.output_dir, ".tiny-bert"))
+    stats = finetune_rows(model, tokenizer, data, train_rows, dev_rows, run, args, args.full_epochs, args.full_lr,
+                          "full_at")
+    start, n = time.time(), count_params(model)["total"]
+    row = {"key": "full-at", "setting": "full AT (clean+adv)", "passes_per_example": 1,
+           "params": {"trainable": n, "trainable_pct_of_backbone": 100.0, "total": n}}
+    evaluate_model(model, tokenizer, data, args, run, row, "full-at_", resources=resources)
+    mark_known(row, known)
+    predict = Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
+    row["dev_accuracy"] = rows_accuracy(predict, clean_dev_rows)
+    row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer.items() if s}
+    return row, stats["seconds"], time.time() - start
+
+
+def robustness_gain(robust: dict, seed: int = 0) -> dict:
+    """Two predictors' robust flags on the same examples ({name: flags}, the reference first): n, the Aua of each
+    (aua_<name>), the paired delta (second - first) with its 95 % bootstrap interval, passed = the interval > 0."""
+    (reference, before), (other, after) = robust.items()
+    delta, low, high = paired_interval(after, before, seed=seed)
+    return {"n": len(before), f"aua_{reference}": 100.0 * np.mean(before), f"aua_{other}": 100.0 * np.mean(after),
+            "delta": delta, "ci": [low, high], "passed": low > 0}
+
+
+def mixing_profile(predict, names: list, clean_texts: list, adversarial: dict, source: str) -> dict:
+    """For a predictor that mixes components per input (predict.run(texts) -> (logits, weights), column 0 the clean
+    component, names[k] component k): which component each adversarial input most resembles (the largest weight
+    among k >= 1, or "clean" when column 0 is larger) per attack, and the detection AUROC of 1 - weight_0 between
+    clean_texts and the adversarial {attack: (input, label) rows} from `source`."""
+    _, clean_beta = predict.run(clean_texts)
+    out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
+    scores = []
+    for name, rows in ((name, rows) for name, rows in adversarial.items() if rows):
+        _, beta = predict.run([t for t, _ in rows])
+        attributed = [names[1 + k] if beta[i, 0] < beta[i, 1 + k] else "clean"
+                      for i, k in enumerate(beta[:, 1:].argmax(1))]
+        out["by_attack"][name] = {"n": len(rows), "mean_beta_clean": float(beta[:, 0].mean()),
+                                  "attributed": {s: attributed.count(s) for s in names}}
+        scores.append(1 - beta[:, 0])
+    if scores:
+        out["detection_auroc"] = auroc(1 - clean_beta[:, 0], np.concatenate(scores))
+        print(f"[profile] detection AUROC (1 - beta_clean, clean vs adversarial {source}): "
+              f"{out['detection_auroc']:.3f}", flush=True)
+    return out
+
+
+def finish_rows(run: Run, results: dict, rows: list, main_row: dict, non_embedding: int, warnings: list) -> dict:
+    """The final results.json of a run with several predictor rows (in results["extra"]["rows"]): `main_row` on top
+    (its setting, params with `non_embedding`, dev and test accuracy, attacks); the summary table, the warnings."""
+    results.update(setting=main_row["setting"], params={"total": main_row["params"]["total"],
+                   "non_embedding": non_embedding}, dev_accuracy=main_row["dev_accuracy"],
+                   clean_accuracy=main_row["clean_accuracy"], attacks=main_row["attacks"])
+    finish_run(run, results)
+    print_summary([(r["setting"][:27], r) for r in rows])
+    for w in warnings:
+        print(f"warning: {w}")
+    return results
+
+
 def print_summary(rows: list):
     """A small table of (name, results.json dict) rows: clean accuracy and Aua/Suc per attack."""
     attacks = sorted({a for _, r in rows for a in r.get("attacks", {})})
@@ -622,8 +774,7 @@ def main(argv=None):
     import argparse
     import sys
 
-    from common import (add_common_args, finish_run, load_model, load_task, results_template, start_run,
-                        usage_errors, validate_common_args)
+    from common import add_common_args, load_task, results_template, start_run, usage_errors, validate_common_args
 
     parser = argparse.ArgumentParser(description="Attack a saved checkpoint (save_pretrained folder: fine-tune, "
                                      "FreeLB or robust-ticket models) under the shared protocol, without training.")

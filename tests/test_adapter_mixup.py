@@ -227,7 +227,7 @@ def test_v1_at_a_grid_end_reuses_that_adapters_attacks_instead_of_attacking_agai
             f.write("perturbed_text,ground_truth,result\n")
         metrics = dict(clean=90.0, aua=float(len(attacked)), suc=50.0, avg_queries=10.0, csv=f"{prefix}pwws.csv")
         return {"pwws": metrics}
-    monkeypatch.setattr(am, "evaluate_robustness", fake_robustness)
+    monkeypatch.setattr(attacks, "evaluate_robustness", fake_robustness)
     rows = {r["key"]: r for r in am.main(quick_args(tmp_path, "--beta", "1.0"))["extra"]["rows"]}
     assert "v1_" not in attacked and "soup_" in attacked and "v2_" in attacked
     assert rows["v1"]["attacks"] == rows["clean"]["attacks"] != rows["soup"]["attacks"]
@@ -382,7 +382,7 @@ def test_independent_transfer_source_is_another_adapter_than_phi0_and_is_cached(
         return fake(name, predict, samples, columns, path, args, resources)
 
     monkeypatch.setattr(attacks, "generate_adversarial", spy)
-    monkeypatch.setattr(am, "evaluate_robustness", lambda *a, **k: {})
+    monkeypatch.setattr(attacks, "evaluate_robustness", lambda *a, **k: {})
     flags = ["--transfer-source", "independent", "--attacks", "deepwordbug", "--attack-examples", "8"]
     results = am.main(quick_args(tmp_path, *flags))
     (adv,) = [c for c in calls if c[0].startswith("adv_")]  # the training data: attacked on phi_0

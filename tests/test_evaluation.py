@@ -467,3 +467,18 @@ def test_a_forked_attack_worker_reads_wordnet_through_its_own_file(monkeypatch):
     assert reader.recv() > 0
     worker.join()
     assert [os.lseek(fd, 0, os.SEEK_CUR) for fd in fds] == before  # the child's seeks did not move the parent's files
+
+
+# ------------------------------------------------------------------------------------------ rows of several predictors
+def test_robustness_gain_pairs_two_predictors_on_the_same_examples():
+    gain = attacks.robustness_gain({"clean": [True, False, False, False], "adversarial": [True, True, True, False]})
+    assert list(gain) == ["n", "aua_clean", "aua_adversarial", "delta", "ci", "passed"]
+    assert gain["n"] == 4 and gain["aua_clean"] == 25.0 and gain["aua_adversarial"] == 75.0 and gain["delta"] == 50.0
+    assert gain["ci"][0] <= 50.0 <= gain["ci"][1] and gain["passed"] == (gain["ci"][0] > 0)
+
+
+def test_mark_known_splits_the_mean_aua_and_skips_failed_recipes():
+    row = {"attacks": {"pwws": {"aua": 10.0}, "deepwordbug": {"aua": 30.0}, "pruthi": {"error": "boom"}}}
+    attacks.mark_known(row, ["pwws"])
+    assert row["attacks"]["pwws"]["known"] and not row["attacks"]["pruthi"]["known"]
+    assert row["aua_known_mean"] == 10.0 and row["aua_unknown_mean"] == 30.0
