@@ -192,7 +192,8 @@ if [ "$mode" = cpu-real ]; then  # measured (results/sst2-minilm-cpu-ticket), no
   echo "  ~45-50 min (results/sst2-minilm-cpu-rosearch), early_bird_adv: its search on all 66,849 training sentences"
   echo "  ~2-2.6 h (1,045 FreeLB K=5 steps at 6.4-9 s) + the ticket and both dense baselines on 2,000 (~1 h);"
   echo "  freelb ~20-25 min (126 K=5 steps at 6.5-9 s + the attacks, from the measured step cost, not timed as a row);"
-  echo "  adapter_mixup is not yet timed in its current regime (estimated, not measured: 3.5-4 h)."
+  echo "  adapter_mixup with --attack-workers 2 (both cores) and PWWS + DeepWordBug: 2.2-2.5 h per seed (2 seeds measured,"
+  echo "  results/sst2-minilm-cpu-adpmixup); its default unknown attack Pruthi on the 8 rows is not timed yet."
 fi
 echo "run_all: mode=$mode task=$task model=$model attacks=$attacks seeds=[$seeds] -> $out"
 for seed in $seeds; do
