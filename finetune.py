@@ -1,6 +1,7 @@
 # Dense baselines of the comparison: plain fine-tuning, and FreeLB adversarial training (Zhu et al., ICLR 2020,
 # arXiv 1909.11764) with --adv-steps > 0 — README.md section "Baselines". Also what a distillation method
-# (rosearch.py) starts from: the cached fine-tuned teacher and its logits, and the rows it compares (Distillation).
+# (rosearch.py) starts from: the cached fine-tuned teacher and its logits, a dev probe set under attack, and the rows
+# it compares (Distillation).
 import argparse
 import hashlib
 import json
@@ -11,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from attacks import evaluate_model, print_summary, saved_row
+from attacks import (Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack,
+                     saved_row, stratified_indices)
 from bench import speed_vs_teacher
 from common import (add_adversary_args, add_common_args, adversary_from_args, count_params, finetune, finish_run,
                     load_model, load_task, make_loader, results_template, save_atomic, start_run, texts_of, tokenize,
@@ -99,9 +101,9 @@ def add_distillation_args(parser, method: str):
 
 
 class Distillation:
-    """A distillation run's teacher side and its comparison rows. The teacher: cached_teacher under --cache-dir
-    (--teacher DIR, else --model fine-tuned; the raw --model when `raw`), with its tokenizer, {train, dev} tokenized
-    with teacher logits, its dev accuracy (%) and seconds, a dev loader and the attack resources."""
+    """A distillation run's teacher side, its probe set and its comparison rows. The teacher: cached_teacher under
+    --cache-dir (--teacher DIR, else --model fine-tuned; the raw --model when `raw`), with its tokenizer, {train, dev}
+    tokenized with teacher logits, its dev accuracy (%) and seconds, a dev loader and the attack resources."""
 
     def __init__(self, args, method: str, run, raw: bool = False):
         self.args, self.method, self.run, self.data = args, method, run, load_task(args)
@@ -110,6 +112,33 @@ class Distillation:
             args, self.data, run, cache, args.teacher, raw)
         self.resources = offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None
         self.dev_loader = make_loader(self.encoded["dev"], self.tokenizer, args.eval_batch_size, False)
+
+    def set_probe(self, n: int, seed: int, recipe: str, pgd_radius: float):
+        """The fixed probe set of probe_accuracy: n dev sentences, as evenly per label as dev allows (seeded,
+        attacks.stratified_indices), attacked by `recipe`: a TextAttack recipe, built once, or embedding-PGD ("pgd")."""
+        indices = stratified_indices(self.data.dev["label"], n, seed)
+        dev = self.data.dev.select(indices)
+        self.probe_samples = list(zip(texts_of(self.data, dev), dev["label"]))
+        self.probe_loader = make_loader(self.encoded["dev"].select(indices), self.tokenizer, self.args.eval_batch_size,
+                                        False)
+        self.probe_recipe, self.probe_pgd_radius = recipe, pgd_radius
+        self.probe_predict = self.probe_attack = None  # the Predictor of the model being probed; its attack
+
+    def probe_accuracy(self, model) -> tuple:
+        """(accuracy under attack on the probe set, % of its clean-correct sentences the attack did not fool: None
+        under pgd), both in %."""
+        args, run = self.args, self.run
+        if self.probe_recipe == "pgd":
+            aua = pgd_accuracy(model, self.probe_loader, run.device, self.probe_pgd_radius, autocast=run.autocast)
+            return 100.0 * aua, None
+        self.probe_predict = Predictor(model, self.tokenizer, args.max_seq_length, args.eval_batch_size, run.device,
+                                       run.autocast)
+        if self.probe_attack is None:  # built once; it queries whichever model is being probed
+            self.probe_attack = build_attack(self.probe_recipe, callable_wrapper(lambda t: self.probe_predict(t)),
+                                             self.resources, args.attack_query_budget, args.attack_max_modify_rate,
+                                             args.eval_batch_size)
+        summary, _ = run_attack(self.probe_attack, self.probe_samples, self.data.text_columns, None, desc="probe")
+        return summary["aua"], 100.0 - summary["suc"]
 
     def row(self, name: str, setting: str, model, dev_accuracy: float, extra: Optional[dict] = None) -> dict:
         """A results row of `model`, evaluated like every row (attacks.evaluate_model, CSVs prefixed `{name}_`),

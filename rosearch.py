@@ -16,12 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import (Predictor, build_attack, callable_wrapper, pgd_accuracy, read_records, run_attack,
-                     stratified_indices)
+from attacks import read_records
 from bench import bench_rosearch
 from common import (ATTACK_RECIPES, UsageError, add_common_args, append_jsonl, check_range, check_ranges,
                     count_params, finetune, make_loader, parse_choices, predict_labels, save_atomic, set_seed,
-                    start_run, texts_of, usage_errors, validate_common_args)
+                    start_run, usage_errors, validate_common_args)
 from finetune import Distillation, add_distillation_args
 
 METHOD = "rosearch"
@@ -442,22 +441,6 @@ def load_student(path: str, teacher, with_record=False):
     return (student, saved["record"]) if with_record else student
 
 
-def robustness(student, ctx) -> dict:
-    """R on the fixed probe set: accuracy under --fitness-attack (TextAttack recipe, built once) or embedding PGD."""
-    args, run = ctx.args, ctx.run
-    if args.fitness_attack == "pgd":
-        aua = pgd_accuracy(student, ctx.probe_loader, run.device, args.probe_pgd_radius, autocast=run.autocast)
-        return {"R": 100.0 * aua, "probe_not_fooled": None}
-    ctx.probe_predict = Predictor(student, ctx.tokenizer, args.max_seq_length, args.eval_batch_size, run.device,
-                                  run.autocast)
-    if ctx.probe_attack is None:  # built once; it queries whichever student is being probed
-        ctx.probe_attack = build_attack(args.fitness_attack, callable_wrapper(lambda t: ctx.probe_predict(t)),
-                                        ctx.resources, args.attack_query_budget, args.attack_max_modify_rate,
-                                        args.eval_batch_size)
-    summary, _ = run_attack(ctx.probe_attack, ctx.probe_samples, ctx.data.text_columns, None, desc="probe")
-    return {"R": summary["aua"], "probe_not_fooled": 100.0 - summary["suc"]}  # % of clean-correct ones that held
-
-
 def train_and_score(genotype, ctx, epochs, tag):
     """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
     seed = int(hashlib.sha1(f"{ctx.args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
@@ -470,9 +453,11 @@ def train_and_score(genotype, ctx, epochs, tag):
                    loss_fn=kd_loss(ctx.args.kd_alpha, ctx.args.kd_temperature), tag=tag)
     kd_seconds, start = time.time() - start, time.time()
     predicted, _ = predict_labels(student, ctx.dev_loader, ctx.run.device, ctx.run.autocast)
-    score, params = robustness(student, ctx), student_params(genotype, ctx.space)  # = count_params(student) (tested)
+    r, not_fooled = ctx.probe_accuracy(student)  # R: accuracy under --fitness-attack on the fixed probe set (§5)
+    params = student_params(genotype, ctx.space)  # = count_params(student) (tested)
     ratio = compression(params, ctx.space)
-    record = {"A": 100.0 * fit["dev_accuracy"], **score, "E": 1.0 / ratio[ctx.space.basis],
+    record = {"A": 100.0 * fit["dev_accuracy"], "R": r, "probe_not_fooled": not_fooled,
+              "E": 1.0 / ratio[ctx.space.basis],
               "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
               "flops_per_token": student_flops(genotype, ctx.space, ctx.args.max_seq_length),
               "majority_share": float(np.bincount(predicted).max() / len(predicted)),
@@ -555,11 +540,7 @@ class Context(Distillation):
                            args.compression_basis, args.min_compression)
         check_space(self.space)
         self.floor = args.accuracy_floor * self.teacher_dev  # in %
-        probe = stratified_indices(self.data.dev["label"], args.probe_examples, args.probe_seed)  # seeded, per label
-        dev = self.data.dev.select(probe)
-        self.probe_samples = list(zip(texts_of(self.data, dev), dev["label"]))
-        self.probe_loader = make_loader(self.encoded["dev"].select(probe), self.tokenizer, args.eval_batch_size, False)
-        self.probe_predict = self.probe_attack = None  # the Predictor of the student being probed; its attack
+        self.set_probe(args.probe_examples, args.probe_seed, args.fitness_attack, args.probe_pgd_radius)
         self.trained_candidates = 0  # candidates KD-trained in this process (a resume replays the stored ones)
 
 
