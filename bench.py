@@ -205,7 +205,7 @@ def bench_rosearch(args):
     examples and a DeepWordBug probe on 100 dev sentences: CPU-friendly."""
     import random
 
-    from rosearch import Context, random_genotype, train_and_score
+    from rosearch import Context, train_and_score
 
     args.max_train_examples = args.max_train_examples or 1000
     args.max_eval_examples = args.max_eval_examples or 200
@@ -213,7 +213,7 @@ def bench_rosearch(args):
     args.probe_examples = args.probe_examples or 100
     ctx = Context(args)
     rng = random.Random(args.seed)
-    records = [train_and_score(random_genotype(ctx.space, rng), ctx, args.proxy_epochs, "bench")
+    records = [train_and_score(ctx.space.random_genotype(rng), ctx, args.proxy_epochs, "bench")
                for _ in range(args.bench_candidates)]
     kd, pr = np.mean([r["kd_seconds"] for _, r in records]), np.mean([r["probe_seconds"] for _, r in records])
     texts = texts_of(ctx.data, ctx.data.dev)[: args.speed_examples]

@@ -237,21 +237,65 @@ class Space:
     min_compression: float = 4.6
     _params: dict = field(default_factory=dict, repr=False)
 
+    def params(self, genotype) -> dict:
+        """count_params of the student, from a meta-device build (no memory, no init)."""
+        key = genotype_hash(genotype)
+        if key not in self._params:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in Student(genotype, None, **self.student).parameters())
+            h = genotype["hidden"]
+            if self.student.get("folded"):  # P (d x H + H) folded into the tables: rows x H
+                tables = self.embedding_tables // self.student["embed_dim"] * h  # the teacher's rows, H wide
+                n += tables - (self.student["embed_dim"] * h + h)
+            else:
+                n, tables = n + self.embedding_params, self.embedding_tables
+            self._params[key] = {"total": n, "non_embedding": n - tables}
+        return self._params[key]
 
-def student_params(genotype, space: Space) -> dict:
-    """count_params of the student, from a meta-device build (no memory, no init)."""
-    key = genotype_hash(genotype)
-    if key not in space._params:
-        with torch.device("meta"):
-            n = sum(p.numel() for p in Student(genotype, None, **space.student).parameters())
+    def compression(self, params: dict) -> dict:
+        return {k: self.teacher_params[k] / max(params[k], 1) for k in ("total", "non_embedding")}
+
+    def within_budget(self, genotype) -> bool:
+        return self.compression(self.params(genotype))[self.basis] >= self.min_compression
+
+    def is_valid(self, genotype) -> bool:
+        cells = genotype.get("cells", [])
+        if genotype.get("hidden") not in self.hidden_choices or not self.min_cells <= len(cells) <= self.max_cells:
+            return False
+        edges_ok = (len(node) == EDGES_PER_NODE and all(0 <= inp < INPUTS + j and op in self.ops for inp, op in node)
+                    for cell in cells for j, node in enumerate(cell))
+        return all(len(cell) == NODES for cell in cells) and all(edges_ok)
+
+    def random_cell(self, rng: random.Random) -> list:
+        return [[[rng.randrange(INPUTS + j), rng.choice(self.ops)] for _ in range(EDGES_PER_NODE)]
+                for j in range(NODES)]
+
+    def random_genotype(self, rng: random.Random) -> dict:
+        return {"hidden": rng.choice(self.hidden_choices),
+                "cells": [self.random_cell(rng) for _ in range(rng.randint(self.min_cells, self.max_cells))]}
+
+    def flops(self, genotype, seq_len: int) -> int:
+        """Analytic forward FLOPs per token past the embeddings (2 x multiply-adds; what counts: docs/rosearch.md)."""
         h = genotype["hidden"]
-        if space.student.get("folded"):  # P (d x H + H) folded into the tables: rows x H
-            tables = space.embedding_tables // space.student["embed_dim"] * h  # the teacher's rows, H wide
-            n += tables - (space.student["embed_dim"] * h + h)
-        else:
-            n, tables = n + space.embedding_params, space.embedding_tables
-        space._params[key] = {"total": n, "non_embedding": n - tables}
-    return space._params[key]
+        total = 0 if self.student.get("folded") else 2 * self.student["embed_dim"] * h
+        for cell in genotype["cells"]:
+            for _, op in (edge for node in cell for edge in node):
+                kind, kernel, _ = OPS[op]
+                total += {"conv": 2 * h * h * kernel, "attention": 2 * (4 * h * h + 2 * seq_len * h),
+                          "max": 3 * h, "avg": 3 * h}.get(kind, 0)
+            total += 2 * NODES * h * h if self.student.get("combine") == "concat" else 2 * NODES * h
+        return total
+
+    def check(self):
+        """The cheapest genotype (fewest cells, smallest width, cheapest op) must meet the budget."""
+        h, k = self.hidden_choices[0], self.min_cells
+        candidates = ({"hidden": h, "cells": [[[[0, op]] * EDGES_PER_NODE] * NODES] * k} for op in self.ops)
+        smallest = min(candidates, key=lambda g: self.params(g)[self.basis])
+        if not self.within_budget(smallest):
+            raise UsageError(f"no genotype meets --min-compression {self.min_compression}: the smallest student has "
+                             f"{self.params(smallest)[self.basis]:,} {self.basis} params vs "
+                             f"{self.teacher_params[self.basis]:,} in the teacher; lower --min-compression/--hidden/"
+                             f"--min-cells or use --compression-basis non_embedding")
 
 
 @torch.no_grad()
@@ -269,45 +313,6 @@ def fold_embeddings(student):
     return student
 
 
-def student_flops(genotype, space: Space, seq_len: int) -> int:
-    """Analytic forward FLOPs per token past the embeddings (2 x multiply-adds; what counts: docs/rosearch.md)."""
-    h = genotype["hidden"]
-    total = 0 if space.student.get("folded") else 2 * space.student["embed_dim"] * h
-    for cell in genotype["cells"]:
-        for _, op in (edge for node in cell for edge in node):
-            kind, kernel, _ = OPS[op]
-            total += {"conv": 2 * h * h * kernel, "attention": 2 * (4 * h * h + 2 * seq_len * h),
-                      "max": 3 * h, "avg": 3 * h}.get(kind, 0)
-        total += 2 * NODES * h * h if space.student.get("combine") == "concat" else 2 * NODES * h
-    return total
-
-
-def compression(params: dict, space: Space) -> dict:
-    return {k: space.teacher_params[k] / max(params[k], 1) for k in ("total", "non_embedding")}
-
-
-def within_budget(genotype, space: Space) -> bool:
-    return compression(student_params(genotype, space), space)[space.basis] >= space.min_compression
-
-
-def is_valid(genotype, space: Space) -> bool:
-    cells = genotype.get("cells", [])
-    if genotype.get("hidden") not in space.hidden_choices or not space.min_cells <= len(cells) <= space.max_cells:
-        return False
-    edges_ok = (len(node) == EDGES_PER_NODE and all(0 <= inp < INPUTS + j and op in space.ops for inp, op in node)
-                for cell in cells for j, node in enumerate(cell))
-    return all(len(cell) == NODES for cell in cells) and all(edges_ok)
-
-
-def random_cell(space, rng):
-    return [[[rng.randrange(INPUTS + j), rng.choice(space.ops)] for _ in range(EDGES_PER_NODE)] for j in range(NODES)]
-
-
-def random_genotype(space: Space, rng: random.Random):
-    return {"hidden": rng.choice(space.hidden_choices),
-            "cells": [random_cell(space, rng) for _ in range(rng.randint(space.min_cells, space.max_cells))]}
-
-
 def mutate(genotype, space: Space, rng: random.Random):
     """One of: resample an op, re-wire an input, depth K +- 1, width one step (§3.3)."""
     child = copy.deepcopy(genotype)
@@ -323,7 +328,7 @@ def mutate(genotype, space: Space, rng: random.Random):
         edge[0] = rng.choice([i for i in range(INPUTS + j) if i != edge[0]])
     elif kind == "depth":
         grow = len(child["cells"]) == space.min_cells or (len(child["cells"]) < space.max_cells and rng.random() < 0.5)
-        child["cells"] = child["cells"] + [random_cell(space, rng)] if grow else child["cells"][:-1]
+        child["cells"] = child["cells"] + [space.random_cell(rng)] if grow else child["cells"][:-1]
     else:
         i = space.hidden_choices.index(child["hidden"])
         i = rng.choice([k for k in (i - 1, i + 1) if 0 <= k < len(space.hidden_choices)])
@@ -335,18 +340,6 @@ def crossover(a, b, rng: random.Random):
     """Uniform node-wise crossover; depth from the first parent, width from either (§3.3, optional)."""
     cells = [[copy.deepcopy(rng.choice([na, nb])) for na, nb in zip(ca, cb)] for ca, cb in zip(a["cells"], b["cells"])]
     return {"hidden": rng.choice([a["hidden"], b["hidden"]]), "cells": cells + copy.deepcopy(a["cells"][len(cells):])}
-
-
-def check_space(space: Space):
-    """The cheapest genotype (fewest cells, smallest width, cheapest op) must meet the budget."""
-    candidates = ({"hidden": space.hidden_choices[0], "cells": [[[[0, op]] * EDGES_PER_NODE] * NODES] * space.min_cells}
-                  for op in space.ops)
-    smallest = min(candidates, key=lambda g: student_params(g, space)[space.basis])
-    if not within_budget(smallest, space):
-        raise UsageError(f"no genotype meets --min-compression {space.min_compression}: the smallest student has "
-                         f"{student_params(smallest, space)[space.basis]:,} {space.basis} params vs "
-                         f"{space.teacher_params[space.basis]:,} in the teacher; lower --min-compression/--hidden/"
-                         f"--min-cells or use --compression-basis non_embedding")
 
 
 # ---- Fitness (§5.4, reconstructed): F = w_r R + w_a A + w_e 100 (1 - E / E_max); R, A in %, E = student/teacher
@@ -368,7 +361,7 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=lambda 
     stored, population, history, seen = stored or {}, deque(maxlen=args.population), [], set()
     for index in range(args.population + args.cycles):
         rng = random.Random(args.seed * 1_000_003 + index)
-        proposers = [("random", lambda: random_genotype(space, rng))]
+        proposers = [("random", lambda: space.random_genotype(rng))]
         if index >= args.population and not random_search:
             contenders = sorted(rng.sample(list(population), args.tournament), key=lambda r: -fitness(r, weights))
             parents = [c["genotype"] for c in contenders]
@@ -381,8 +374,8 @@ def evolve(space: Space, args, weights, evaluate, stored=None, on_record=lambda 
                                                  for i, g in enumerate(parents[1:], 1)] + proposers
         # the first proposal that is new (by hash), valid and within budget; up to MAX_REDRAWS per proposer, in order
         draws = ((how, propose()) for how, propose in proposers for _ in range(MAX_REDRAWS))
-        how, genotype = next(((how, g) for how, g in draws if genotype_hash(g) not in seen and is_valid(g, space)
-                              and within_budget(g, space)), (None, None))
+        how, genotype = next(((how, g) for how, g in draws if genotype_hash(g) not in seen and space.is_valid(g)
+                              and space.within_budget(g)), (None, None))
         if genotype is None:
             raise UsageError(f"search space exhausted at candidate {index}: no new genotype within budget after "
                              f"{MAX_REDRAWS} draws of each proposal, random ones included; lower --population/--cycles "
@@ -443,23 +436,22 @@ def load_student(path: str, teacher, with_record=False):
 
 def train_and_score(genotype, ctx, epochs, tag):
     """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
-    seed = int(hashlib.sha1(f"{ctx.args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
+    args, space = ctx.args, ctx.space
+    seed = int(hashlib.sha1(f"{args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
     set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by all searches and resumes
     student = build_student(genotype, ctx)
-    loader = make_loader(ctx.encoded["train"], ctx.tokenizer, ctx.args.student_batch_size, True, seed)
+    loader = make_loader(ctx.encoded["train"], ctx.tokenizer, args.student_batch_size, True, seed)
     start = time.time()
-    fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, ctx.args.student_lr,
-                   ctx.args.student_weight_decay, ctx.args.warmup,
-                   loss_fn=kd_loss(ctx.args.kd_alpha, ctx.args.kd_temperature), tag=tag)
+    fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, args.student_lr, args.student_weight_decay,
+                   args.warmup, loss_fn=kd_loss(args.kd_alpha, args.kd_temperature), tag=tag)
     kd_seconds, start = time.time() - start, time.time()
     predicted, _ = predict_labels(student, ctx.dev_loader, ctx.run.device, ctx.run.autocast)
     r, not_fooled = ctx.probe_accuracy(student)  # R: accuracy under --fitness-attack on the fixed probe set (§5)
-    params = student_params(genotype, ctx.space)  # = count_params(student) (tested)
-    ratio = compression(params, ctx.space)
-    record = {"A": 100.0 * fit["dev_accuracy"], "R": r, "probe_not_fooled": not_fooled,
-              "E": 1.0 / ratio[ctx.space.basis],
-              "E_max": 1.0 / ctx.space.min_compression, "params": params, "compression": ratio,
-              "flops_per_token": student_flops(genotype, ctx.space, ctx.args.max_seq_length),
+    params = space.params(genotype)  # = count_params(student) (tested)
+    ratio = space.compression(params)
+    record = {"A": 100.0 * fit["dev_accuracy"], "R": r, "probe_not_fooled": not_fooled, "E": 1.0 / ratio[space.basis],
+              "E_max": 1.0 / space.min_compression, "params": params, "compression": ratio,
+              "flops_per_token": space.flops(genotype, args.max_seq_length),
               "majority_share": float(np.bincount(predicted).max() / len(predicted)),
               "kd_seconds": kd_seconds, "probe_seconds": time.time() - start}
     return student, credit(record, ctx.floor)
@@ -538,7 +530,7 @@ class Context(Distillation):
         self.space = Space(args.ops_list, args.min_cells, args.max_cells, args.hidden_list, student,
                            count_params(self.teacher), emb["total"], emb["total"] - emb["non_embedding"],
                            args.compression_basis, args.min_compression)
-        check_space(self.space)
+        self.space.check()
         self.floor = args.accuracy_floor * self.teacher_dev  # in %
         self.set_probe(args.probe_examples, args.probe_seed, args.fitness_attack, args.probe_pgd_radius)
         self.trained_candidates = 0  # candidates KD-trained in this process (a resume replays the stored ones)

@@ -60,12 +60,12 @@ def test_genotype_json_roundtrip_and_stable_hash():
 def test_random_genotypes_valid_and_within_budget():
     space = make_space(max_cells=4, hidden=(8, 16, 32), min_compression=6.0)
     history = rs.evolve(space, evo_args(population=30, cycles=0), [0.5, 0.5, 0.0], planted_fitness(
-        rs.random_genotype(space, random.Random(0))))
+        space.random_genotype(random.Random(0))))
     assert len({r["hash"] for r in history}) == 30
     for r in history:
-        assert rs.is_valid(r["genotype"], space) and rs.within_budget(r["genotype"], space)
+        assert space.is_valid(r["genotype"]) and space.within_budget(r["genotype"])
     rng = random.Random(1)
-    assert all(rs.is_valid(rs.random_genotype(space, rng), space) for _ in range(200))
+    assert all(space.is_valid(space.random_genotype(rng)) for _ in range(200))
 
 
 def test_meta_param_count_matches_the_built_student():
@@ -79,8 +79,8 @@ def test_meta_param_count_matches_the_built_student():
     ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
                           run=SimpleNamespace(device=torch.device("cpu")))
     for seed in range(5):
-        genotype = rs.random_genotype(space, random.Random(seed))
-        assert rs.student_params(genotype, space) == count_params(rs.build_student(genotype, ctx))
+        genotype = space.random_genotype(random.Random(seed))
+        assert space.params(genotype) == count_params(rs.build_student(genotype, ctx))
 
 
 @pytest.mark.parametrize("name", list(rs.OPS))
@@ -105,7 +105,7 @@ def test_student_logits_ignore_padded_tokens_and_checkpoint_loads_back(tmp_path)
     space = rs.Space(list(rs.OPS), 1, 3, [8], {"embed_dim": 64, "num_labels": 2, "heads": 2}, count_params(teacher))
     ctx = SimpleNamespace(space=space, teacher=teacher, args=SimpleNamespace(freeze_embeddings=True),
                           run=SimpleNamespace(device=torch.device("cpu")))
-    genotype = {"hidden": 8, "cells": [rs.random_cell(space, random.Random(s)) for s in range(3)]}
+    genotype = {"hidden": 8, "cells": [space.random_cell(random.Random(s)) for s in range(3)]}
     student = rs.build_student(genotype, ctx).eval()
     ids = torch.tensor([[2, 40, 41, 42, 3, 0, 0], [2, 40, 41, 42, 3, 77, 88]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]] * 2)
@@ -123,13 +123,13 @@ def test_mutation_and_crossover_produce_valid_genotypes():
     rng = random.Random(0)
     kinds_seen = set()
     for _ in range(300):
-        a, b = rs.random_genotype(space, rng), rs.random_genotype(space, rng)
+        a, b = space.random_genotype(rng), space.random_genotype(rng)
         child = rs.mutate(a, space, rng)
-        assert rs.is_valid(child, space) and child != a
+        assert space.is_valid(child) and child != a
         kinds_seen.add((len(child["cells"]) != len(a["cells"]), child["hidden"] != a["hidden"]))
-        assert rs.is_valid(rs.mutate(rs.crossover(a, b, rng), space, rng), space)
+        assert space.is_valid(rs.mutate(rs.crossover(a, b, rng), space, rng))
     assert kinds_seen == {(False, False), (True, False), (False, True)}  # op/input, depth and width all happen
-    assert rs.is_valid(a, space) and not rs.is_valid({"hidden": 8, "cells": [[[[2, "conv3"]] * 2] * 3]}, space)
+    assert space.is_valid(a) and not space.is_valid({"hidden": 8, "cells": [[[[2, "conv3"]] * 2] * 3]})
 
 
 def test_evolution_finds_a_planted_optimum():
@@ -145,7 +145,7 @@ def test_evolution_finds_a_planted_optimum():
 
 def test_resume_after_interruption_reproduces_the_history(tmp_path, capsys):
     space = make_space(ops=SMALL_OPS, max_cells=3)
-    target = rs.random_genotype(space, random.Random(9))
+    target = space.random_genotype(random.Random(9))
     args, weights = evo_args(), [0.5, 0.5, 0.1]
     full = rs.evolve(space, args, weights, planted_fitness(target))
     path = tmp_path / "history_rosearch.jsonl"
@@ -178,7 +178,7 @@ def test_random_search_draws_the_budget_at_random_whatever_the_fitness():
     same sequence whatever the scores; its first P are RoSearch's initial population (shared evaluations)."""
     space = make_space(ops=SMALL_OPS, max_cells=3, min_compression=2.0)
     args, weights = evo_args(population=5, tournament=3, cycles=15), [0.5, 0.5, 0.0]
-    targets = [rs.random_genotype(space, random.Random(s)) for s in (1, 2)]
+    targets = [space.random_genotype(random.Random(s)) for s in (1, 2)]
     real = rs.mutate, rs.crossover
 
     def forbidden(*unused):
@@ -195,7 +195,7 @@ def test_random_search_draws_the_budget_at_random_whatever_the_fitness():
     assert calls == list(range(20)) and len(first) == 20  # exactly the budget P + C, each trained once
     assert [r["hash"] for r in first] == [r["hash"] for r in second]  # the scores never steer the proposals
     assert len({r["hash"] for r in first}) == 20 and all(r["proposal"] == "random" for r in first)
-    assert all(rs.is_valid(r["genotype"], space) and rs.within_budget(r["genotype"], space) for r in first)
+    assert all(space.is_valid(r["genotype"]) and space.within_budget(r["genotype"]) for r in first)
     evolution = rs.evolve(space, args, weights, planted_fitness(targets[0]))
     assert [r["hash"] for r in first[:5]] == [r["hash"] for r in evolution[:5]]
     assert all(r["proposal"] != "random" for r in evolution[5:])  # the evolution's own children are mutations
@@ -203,7 +203,7 @@ def test_random_search_draws_the_budget_at_random_whatever_the_fitness():
 
 def test_bad_search_spaces_are_one_line_errors(tmp_path):
     with pytest.raises(UsageError, match="no genotype meets --min-compression"):
-        rs.check_space(make_space(hidden=(64,), min_compression=1000.0))
+        make_space(hidden=(64,), min_compression=1000.0).check()
     with pytest.raises(UsageError, match="search space exhausted"):
         rs.evolve(make_space(ops=["identity"], max_cells=1, hidden=(8,)),  # 576 genotypes < P
                   evo_args(population=600, tournament=2, cycles=0), [1, 1, 0],
@@ -349,8 +349,8 @@ def test_aging_removes_the_oldest_not_the_worst():
 def test_mutated_children_stay_within_the_budget():
     space = make_space(max_cells=4, hidden=(8, 16, 32), min_compression=8.0)
     history = rs.evolve(space, evo_args(population=6, tournament=3, cycles=40), [0.5, 0.5, 0.0], planted_fitness(
-        {"hidden": 32, "cells": [rs.random_cell(space, random.Random(1)) for _ in range(4)]}))  # pulls to big ones
-    assert len(history) == 46 and all(rs.within_budget(r["genotype"], space) for r in history)
+        {"hidden": 32, "cells": [space.random_cell(random.Random(1)) for _ in range(4)]}))  # pulls to big ones
+    assert len(history) == 46 and all(space.within_budget(r["genotype"]) for r in history)
     assert any(r["proposal"] == "mutation" for r in history[6:])
 
 
@@ -387,8 +387,8 @@ def test_flops_count_convs_by_kernel_and_width():
     cell = [[[0, "conv3"], [1, "identity"]], [[2, "conv7"], [0, "identity"]], [[3, "identity"], [1, "identity"]]]
     small, big = {"hidden": 8, "cells": [cell]}, {"hidden": 16, "cells": [cell, cell]}
     per_cell = 2 * 8 * 8 * 3 + 2 * 8 * 8 * 7 + 2 * 3 * 8  # two convs + the weighted-sum merge
-    assert rs.student_flops(small, space, 32) == 2 * 16 * 8 + per_cell
-    assert rs.student_flops(big, space, 32) == 2 * 16 * 16 + 2 * (2 * 16 * 16 * 3 + 2 * 16 * 16 * 7 + 2 * 3 * 16)
+    assert space.flops(small, 32) == 2 * 16 * 8 + per_cell
+    assert space.flops(big, 32) == 2 * 16 * 16 + 2 * (2 * 16 * 16 * 3 + 2 * 16 * 16 * 7 + 2 * 3 * 16)
 
 
 def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
@@ -404,7 +404,7 @@ def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
                           run=SimpleNamespace(device=torch.device("cpu")))
     enc = dict(tokenizer(["the movie was good", "a dull and boring plot"], padding=True, return_tensors="pt"))
     for seed in range(3):
-        genotype = rs.random_genotype(space, random.Random(seed))
+        genotype = space.random_genotype(random.Random(seed))
         torch.manual_seed(seed)
         student = rs.build_student(genotype, ctx).eval()
         with torch.no_grad():
@@ -414,7 +414,7 @@ def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
         with torch.no_grad():
             after = folded(**enc)
         assert torch.allclose(before, after, atol=1e-5)
-        counted, built = rs.student_params(genotype, space), count_params(folded)
+        counted, built = space.params(genotype), count_params(folded)
         assert counted["total"] == built["total"] == sum(p.numel() for p in folded.parameters())
         assert counted["non_embedding"] == built["non_embedding"]
         assert folded.get_input_embeddings().embedding_dim == 16 and isinstance(folded.project, torch.nn.Identity)
