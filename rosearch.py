@@ -203,7 +203,7 @@ class Student(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None, **unused):
         shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         device = self.classifier.weight.device
-        if self.folded:  # LayerNorm_H(P (w + p + t)): P folds exactly into the tables (fold_embeddings)
+        if self.folded:  # LayerNorm_H(P (w + p + t)): P folds exactly into the tables (fold)
             e = self.embeddings
             words = inputs_embeds if inputs_embeds is not None else e.word_embeddings(input_ids)
             types = torch.zeros(shape, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
@@ -220,6 +220,33 @@ class Student(nn.Module):
             s0, s1 = s1, cell(s0, s1, mask)
         pooled = (s1 * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return self.classifier(self.dropout(torch.tanh(self.pooler(self.dropout(pooled)))))
+
+    @torch.no_grad()
+    def fold(self):
+        """AdaBERT's export: table x P^T, H wide (P's bias into the type table); same logits (docs/rosearch.md)."""
+        if not self.folded or isinstance(self.project, nn.Identity):
+            return self
+        e, p = self.embeddings, self.project
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            table = getattr(e, name)
+            new = nn.Embedding(table.num_embeddings, p.out_features, padding_idx=table.padding_idx)
+            new.weight.copy_(table.weight @ p.weight.T + (p.bias if name == "token_type_embeddings" else 0))
+            setattr(e, name, new.requires_grad_(False).to(table.weight.device))
+        e.LayerNorm, self.project = nn.Identity(), nn.Identity()
+        return self
+
+    def save(self, path: str, config: dict, record=None):
+        """student.pt: genotype, weights, the constructor's other arguments (Space.student) and the record."""
+        save_atomic({"genotype": self.genotype, "state_dict": self.state_dict(), "record": record, "config": config},
+                    path)
+
+    @classmethod
+    def load(cls, path: str, teacher):
+        """A saved student.pt back as (model, record); the teacher provides the embedding module's shape."""
+        saved = torch.load(path, map_location="cpu")
+        student = cls(saved["genotype"], teacher.base_model.embeddings, **saved["config"])
+        student.load_state_dict(saved["state_dict"])
+        return student, saved["record"]
 
 
 @dataclass
@@ -296,21 +323,6 @@ class Space:
                              f"{self.params(smallest)[self.basis]:,} {self.basis} params vs "
                              f"{self.teacher_params[self.basis]:,} in the teacher; lower --min-compression/--hidden/"
                              f"--min-cells or use --compression-basis non_embedding")
-
-
-@torch.no_grad()
-def fold_embeddings(student):
-    """AdaBERT's export: table x P^T, H wide (P's bias into the type table); same logits (docs/rosearch.md)."""
-    if not student.folded or isinstance(student.project, nn.Identity):
-        return student
-    e, p = student.embeddings, student.project
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        table = getattr(e, name)
-        new = nn.Embedding(table.num_embeddings, p.out_features, padding_idx=table.padding_idx)
-        new.weight.copy_(table.weight @ p.weight.T + (p.bias if name == "token_type_embeddings" else 0))
-        setattr(e, name, new.requires_grad_(False).to(table.weight.device))
-    e.LayerNorm, student.project = nn.Identity(), nn.Identity()
-    return student
 
 
 def mutate(genotype, space: Space, rng: random.Random):
@@ -421,19 +433,6 @@ def build_student(genotype, ctx):
     return student.to(ctx.run.device)
 
 
-def save_student(student, space, path, record=None):
-    save_atomic({"genotype": student.genotype, "state_dict": student.state_dict(), "record": record,
-                 "config": space.student}, path)
-
-
-def load_student(path: str, teacher, with_record=False):
-    """A saved student.pt back as a model (the teacher provides the embedding module's shape); + its record."""
-    saved = torch.load(path, map_location="cpu")
-    student = Student(saved["genotype"], teacher.base_model.embeddings, **saved["config"])
-    student.load_state_dict(saved["state_dict"])
-    return (student, saved["record"]) if with_record else student
-
-
 def train_and_score(genotype, ctx, epochs, tag):
     """KD-train one candidate from the cached logits, then A (dev accuracy) and R (probe attack): §4-5."""
     args, space = ctx.args, ctx.space
@@ -464,8 +463,8 @@ def trained(genotype, ctx, tag):
     if not os.path.isfile(path):
         student, record = train_and_score(genotype, ctx, ctx.args.final_epochs, tag)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_student(student, ctx.space, path, record)
-    student, record = load_student(path, ctx.teacher, with_record=True)
+        student.save(path, ctx.space.student, record)
+    student, record = Student.load(path, ctx.teacher)
     return student.to(ctx.run.device), record
 
 
@@ -558,11 +557,11 @@ def main(args):
             rows.append(ctx.row(name, ROWS[name], ctx.teacher, ctx.teacher_dev))
             continue
         student, best, history, cost = picked[name]
-        student = fold_embeddings(student)  # the exported student is what is counted, attacked and timed
+        student = student.fold()  # the exported student is what is counted, attacked and timed
         extra = {"genotype": student.genotype, "best": best}
         if history is not None:
             extra.update(candidates=len(history), history=f"history_{name}.jsonl")
-            save_student(student, ctx.space, os.path.join(run.dir, f"student_{name}.pt"), best)
+            student.save(os.path.join(run.dir, f"student_{name}.pt"), ctx.space.student, best)
         rows.append(ctx.row(name, ROWS[name], student, best["A"], extra))
         rows[-1]["wall_clock"]["search_and_final"] = cost  # KD + probe seconds of its candidates and finalists
     ctx.finish(rows, fitness_weights=args.weights, fitness_attack=args.fitness_attack,

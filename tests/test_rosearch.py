@@ -112,10 +112,9 @@ def test_student_logits_ignore_padded_tokens_and_checkpoint_loads_back(tmp_path)
     logits = student(input_ids=ids, attention_mask=mask)
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
     assert not any(p.requires_grad for p in student.embeddings.parameters())
-    torch.save({"genotype": genotype, "state_dict": student.state_dict(),
-                "config": {"embed_dim": 64, "num_labels": 2, "heads": 2}}, tmp_path / "student.pt")
-    back = rs.load_student(str(tmp_path / "student.pt"), teacher).eval()
-    assert torch.allclose(back(input_ids=ids, attention_mask=mask), logits)
+    student.save(str(tmp_path / "student.pt"), space.student, {"A": 50.0})
+    back, record = rs.Student.load(str(tmp_path / "student.pt"), teacher)
+    assert torch.allclose(back.eval()(input_ids=ids, attention_mask=mask), logits) and record == {"A": 50.0}
 
 
 def test_mutation_and_crossover_produce_valid_genotypes():
@@ -410,7 +409,7 @@ def test_folded_embeddings_count_exactly_and_folding_keeps_the_logits():
         with torch.no_grad():
             student.project.bias.normal_()  # a trained projection has a bias: it must fold into the type table
             before = student(**enc)
-        folded = rs.fold_embeddings(student)
+        folded = student.fold()
         with torch.no_grad():
             after = folded(**enc)
         assert torch.allclose(before, after, atol=1e-5)
