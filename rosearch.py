@@ -66,8 +66,8 @@ def parse_args(argv=None):
     s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
     e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
     e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e: weights of R, A, E in F (§5.4)")
-    e.add_argument("--fitness-attack", help=f"R's attack: {', '.join(ATTACK_RECIPES)} or pgd (embedding PGD); "
-                   "default textfooler (deepwordbug under --bench)")
+    e.add_argument("--fitness-attack", choices=["pgd", *ATTACK_RECIPES], help="R's attack: a TextAttack recipe or pgd "
+                   "(embedding PGD); default textfooler (deepwordbug under --bench)")
     e.add_argument("--probe-examples", type=int, help="N_r: stratified dev probe size; default 200 (--bench: 100)")
     e.add_argument("--accuracy-floor", type=float, default=0.9, help="no R credit below this x teacher dev accuracy")
     e.add_argument("--probe-seed", type=int, default=0, help="seed of the probe set (same for every candidate)")
@@ -102,10 +102,9 @@ def validate(args):
         raise UsageError("--hidden is a comma list of integers and --fitness-weights three numbers w_r,w_a,w_e")
     if len(args.weights) != 3 or min(args.weights) < 0 or sum(args.weights[:2]) == 0:
         raise UsageError(f"--fitness-weights needs three non-negative numbers, w_r + w_a > 0: {args.fitness_weights}")
-    for h in args.hidden_list:
-        check_range("hidden", h, 1)
-        if "attention" in args.ops_list and h % args.heads:
-            raise UsageError(f"--hidden {h} is not divisible by --heads {args.heads} (needed by the attention op)")
+    check_range("hidden", args.hidden_list[0], 1)  # the smallest
+    if "attention" in args.ops_list and any(h % args.heads for h in args.hidden_list):
+        raise UsageError(f"--hidden {args.hidden}: each width must be a multiple of --heads {args.heads} (attention)")
     check_ranges(args, ("min_cells", "population", "tournament", "probe_examples", "top_k", "bench_candidates",
                         "speed_examples", "student_batch_size", "handmade_cells"), 1)
     check_ranges(args, ("kd_temperature", "min_compression", "proxy_epochs", "final_epochs", "student_lr",
@@ -114,8 +113,6 @@ def validate(args):
     check_range("max-cells", args.max_cells, args.min_cells)
     check_range("cycles", args.cycles, 0)
     check_range("tournament", args.tournament, 1, args.population)
-    if args.fitness_attack not in ("pgd", *ATTACK_RECIPES):
-        raise UsageError(f"unknown --fitness-attack '{args.fitness_attack}'; use pgd, {', '.join(ATTACK_RECIPES)}")
     args.rows = parse_choices(args.extra_rows, list(ROWS)[1:], "--extra-rows", "row")
     return args
 

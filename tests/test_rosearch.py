@@ -214,6 +214,8 @@ def test_bad_search_spaces_are_one_line_errors(tmp_path):
                            (["--min-cells", "3", "--max-cells", "2"], "--max-cells")]:
         with pytest.raises(UsageError, match=message):
             rs.validate(rs.parse_args(["--task", "toy", "--model", "tiny", *flags]))
+    with pytest.raises(SystemExit):  # argparse's choices: one line, exit 2
+        rs.parse_args(["--task", "toy", "--model", "tiny", "--fitness-attack", "fgsm"])
     out = subprocess.run([sys.executable, "rosearch.py", "--task", "toy", "--model", "tiny", "--ops", ""], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: --ops is empty"), out.stderr
