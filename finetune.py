@@ -1,7 +1,7 @@
 # Dense baselines of the comparison: plain fine-tuning, and FreeLB adversarial training (Zhu et al., ICLR 2020,
 # arXiv 1909.11764) with --adv-steps > 0 — README.md section "Baselines". Also what a distillation method
-# (rosearch.py) starts from: the cached fine-tuned teacher and its logits, a dev probe set under attack, and the rows
-# it compares (Distillation).
+# (rosearch.py) starts from: the cached fine-tuned teacher and its logits, the KD loss and a student's KD training, a
+# dev probe set under attack, and the rows it compares (Distillation).
 import argparse
 import hashlib
 import json
@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from attacks import (Predictor, build_attack, callable_wrapper, evaluate_model, pgd_accuracy, print_summary, run_attack,
                      saved_row, stratified_indices)
@@ -92,18 +93,36 @@ def cached_teacher(args, data, run, root: str, ready: Optional[str] = None, raw:
     return teacher, tokenizer, encoded, dev_acc, time.time() - start
 
 
+def kd_loss(alpha: float, temperature: float):
+    """Logit KD on batches with the teacher_logits column (rosearch spec §4.3):
+    L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(softmax(z_t / T) || softmax(z_s / T))."""
+    def loss_fn(logits, batch):
+        logits = logits.float()
+        ce = F.cross_entropy(logits, batch["labels"])
+        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(batch["teacher_logits"] / temperature, -1),
+                      log_target=True, reduction="batchmean")
+        return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return loss_fn
+
+
 def add_distillation_args(parser, method: str):
-    """The flags Distillation reads."""
-    g = parser.add_argument_group("distillation: teacher and rows (finetune.Distillation)")
+    """The flags Distillation reads; the student's defaults are the rosearch spec's (§4.3)."""
+    g = parser.add_argument_group("distillation: teacher, student training and rows (finetune.Distillation)")
     g.add_argument("--teacher", help="folder of a fine-tuned teacher (else --model is fine-tuned with --lr/--epochs)")
     g.add_argument("--cache-dir", help=f"teacher and its cached logits (default OUTPUT_DIR/.{method}_cache)")
     g.add_argument("--speed-examples", type=int, default=256, help="dev sentences timed for inference speed")
+    g.add_argument("--kd-alpha", type=float, default=0.8, help="alpha: weight of the soft-target KL term (§4.3)")
+    g.add_argument("--kd-temperature", type=float, default=2.0, help="T: distillation temperature (§4.3)")
+    g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT, §4.3)")
+    g.add_argument("--student-weight-decay", type=float, default=3e-4, help="student weight decay (§4.3)")
+    g.add_argument("--student-batch-size", type=int, default=64, help="student batch size (§4.3)")
 
 
 class Distillation:
-    """A distillation run's teacher side, its probe set and its comparison rows. The teacher: cached_teacher under
-    --cache-dir (--teacher DIR, else --model fine-tuned; the raw --model when `raw`), with its tokenizer, {train, dev}
-    tokenized with teacher logits, its dev accuracy (%) and seconds, a dev loader and the attack resources."""
+    """A distillation run's teacher side, its students' KD training, its probe set and its comparison rows. The
+    teacher: cached_teacher under --cache-dir (--teacher DIR, else --model fine-tuned; the raw --model when `raw`),
+    with its tokenizer, {train, dev} tokenized with teacher logits, its dev accuracy (%) and seconds, a dev loader and
+    the attack resources."""
 
     def __init__(self, args, method: str, run, raw: bool = False):
         self.args, self.method, self.run, self.data = args, method, run, load_task(args)
@@ -112,6 +131,14 @@ class Distillation:
             args, self.data, run, cache, args.teacher, raw)
         self.resources = offline_attack_resources(args.attack_substitutes) if args.attack_substitutes else None
         self.dev_loader = make_loader(self.encoded["dev"], self.tokenizer, args.eval_batch_size, False)
+
+    def distill(self, student, epochs: float, seed: int, tag: str) -> dict:
+        """KD-train `student` on train (kd_loss, --kd-alpha/--kd-temperature) with common.finetune and the --student-*
+        flags (AdamW, linear schedule, best on dev), batches shuffled by `seed`; returns finetune's summary."""
+        args = self.args
+        loader = make_loader(self.encoded["train"], self.tokenizer, args.student_batch_size, True, seed)
+        return finetune(student, loader, self.dev_loader, self.run, epochs, args.student_lr, args.student_weight_decay,
+                        args.warmup, loss_fn=kd_loss(args.kd_alpha, args.kd_temperature), tag=tag)
 
     def set_probe(self, n: int, seed: int, recipe: str, pgd_radius: float):
         """The fixed probe set of probe_accuracy: n dev sentences, as evenly per label as dev allows (seeded,

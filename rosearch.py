@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from attacks import read_records
 from bench import bench_rosearch
 from common import (ATTACK_RECIPES, UsageError, add_common_args, append_jsonl, check_range, check_ranges,
-                    count_params, finetune, make_loader, parse_choices, predict_labels, save_atomic, set_seed,
-                    start_run, usage_errors, validate_common_args)
+                    count_params, parse_choices, predict_labels, save_atomic, set_seed, start_run, usage_errors,
+                    validate_common_args)
 from finetune import Distillation, add_distillation_args
 
 METHOD = "rosearch"
@@ -40,14 +40,9 @@ RESUME_FREE = ("resume", "attack_workers", "track", "speed_examples")  # flags a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RoSearch (arXiv 2106.03613), reconstructed: docs/rosearch.md")
     add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,pwws,bert-attack")
-    add_distillation_args(p, METHOD)  # --teacher, --cache-dir, --speed-examples
+    add_distillation_args(p, METHOD)  # --teacher, --cache-dir, --speed-examples, --kd-*, --student-*
     on = dict(action=argparse.BooleanOptionalAction, default=True)
-    g = p.add_argument_group("RoSearch: knowledge distillation (§4)")
-    g.add_argument("--kd-alpha", type=float, default=0.8, help="alpha: weight of the soft-target KL term (§4.3)")
-    g.add_argument("--kd-temperature", type=float, default=2.0, help="T: distillation temperature (§4.3)")
-    g.add_argument("--student-lr", type=float, default=5e-4, help="student learning rate (AdaBERT, §4.3)")
-    g.add_argument("--student-weight-decay", type=float, default=3e-4, help="student weight decay (§4.3)")
-    g.add_argument("--student-batch-size", type=int, default=64, help="student batch size (§4.3)")
+    g = p.add_argument_group("RoSearch: KD budget (§4.3; the KD loss and student optimiser: distillation group)")
     g.add_argument("--proxy-epochs", type=float, default=1.0, help="KD epochs of a candidate during search (§4.3)")
     g.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3, §4.3)")
     s = p.add_argument_group("RoSearch: search space (§2)")
@@ -412,18 +407,7 @@ def check_record(record: dict):
         raise ValueError("hash mismatch")
 
 
-# ---- Knowledge distillation from the teacher's cached logits (§4.3); the teacher: finetune.cached_teacher --------
-def kd_loss(alpha: float, temperature: float):
-    """L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(softmax(z_t / T) || softmax(z_s / T))   (§4.3)."""
-    def loss_fn(logits, batch):
-        logits = logits.float()
-        ce = F.cross_entropy(logits, batch["labels"])
-        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(batch["teacher_logits"] / temperature, -1),
-                      log_target=True, reduction="batchmean")
-        return (1 - alpha) * ce + alpha * temperature ** 2 * kl
-    return loss_fn
-
-
+# ---- Knowledge distillation from the teacher's cached logits (§4.3): finetune.Distillation.distill, kd_loss ---
 def build_student(genotype, ctx):
     student = Student(genotype, ctx.teacher.base_model.embeddings, **ctx.space.student)
     student.embeddings.requires_grad_(not ctx.args.freeze_embeddings)
@@ -435,11 +419,9 @@ def train_and_score(genotype, ctx, epochs, tag):
     args, space = ctx.args, ctx.space
     seed = int(hashlib.sha1(f"{args.seed}:{genotype_hash(genotype)}".encode()).hexdigest(), 16) % 2 ** 31
     set_seed(seed)  # a genotype's result depends only on (seed, genotype): shared by all searches and resumes
-    student = build_student(genotype, ctx)
-    loader = make_loader(ctx.encoded["train"], ctx.tokenizer, args.student_batch_size, True, seed)
-    start = time.time()
-    fit = finetune(student, loader, ctx.dev_loader, ctx.run, epochs, args.student_lr, args.student_weight_decay,
-                   args.warmup, loss_fn=kd_loss(args.kd_alpha, args.kd_temperature), tag=tag)
+    student, start = build_student(genotype, ctx), time.time()
+    # L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(softmax(z_t / T) || softmax(z_s / T))   (§4.3; finetune.kd_loss)
+    fit = ctx.distill(student, epochs, seed, tag)
     kd_seconds, start = time.time() - start, time.time()
     predicted, _ = predict_labels(student, ctx.dev_loader, ctx.run.device, ctx.run.autocast)
     r, not_fooled = ctx.probe_accuracy(student)  # R: accuracy under --fitness-attack on the fixed probe set (§5)
