@@ -42,9 +42,6 @@ def parse_args(argv=None):
     add_common_args(p, METHOD, lr=2e-5, epochs=3, attacks="textfooler,pwws,bert-attack")
     add_distillation_args(p, METHOD)  # --teacher, --cache-dir, --speed-examples, --kd-*, --student-*
     on = dict(action=argparse.BooleanOptionalAction, default=True)
-    g = p.add_argument_group("RoSearch: KD budget (§4.3; the KD loss and student optimiser: distillation group)")
-    g.add_argument("--proxy-epochs", type=float, default=1.0, help="KD epochs of a candidate during search (§4.3)")
-    g.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3, §4.3)")
     s = p.add_argument_group("RoSearch: search space (§2)")
     s.add_argument("--ops", default=",".join(op for op in OPS if op != "attention"), help=f"edge ops: {', '.join(OPS)}")
     s.add_argument("--min-cells", type=int, default=1, help="smallest number of cells K")
@@ -59,7 +56,7 @@ def parse_args(argv=None):
                    "into H-wide tables after training (AdaBERT); teacher: the teacher's embedding block, d-wide")
     s.add_argument("--dropout", type=float, default=0.1, help="dropout of the student's classifier")
     s.add_argument("--handmade-cells", type=int, default=4, help="cells of the hand-made baseline (a conv3 stack)")
-    e = p.add_argument_group("RoSearch: fitness and evolution (§3, §5)")
+    e = p.add_argument_group("RoSearch: fitness, evolution and KD budget (§3, §4.3, §5)")
     e.add_argument("--fitness-weights", default="0.5,0.5,0.05", help="w_r,w_a,w_e: weights of R, A, E in F (§5.4)")
     e.add_argument("--fitness-attack", choices=["pgd", *ATTACK_RECIPES], help="R's attack: a TextAttack recipe or pgd "
                    "(embedding PGD); default textfooler (deepwordbug under --bench)")
@@ -75,6 +72,8 @@ def parse_args(argv=None):
     e.add_argument("--cycles", type=int, default=80, help="C: evolution cycles; P + C candidates in all (§3.3)")
     e.add_argument("--crossover-prob", type=float, default=0.0, help="chance of a node-wise crossover before mutation")
     e.add_argument("--top-k", type=int, default=3, help="finalists re-trained with --final-epochs (§3.3)")
+    e.add_argument("--proxy-epochs", type=float, default=1.0, help="KD epochs of a candidate during search (§4.3)")
+    e.add_argument("--final-epochs", type=float, default=10.0, help="KD epochs of each finalist (§3.3, §4.3)")
     r = p.add_argument_group("RoSearch: rows, resume, benchmark")
     r.add_argument("--extra-rows", default="teacher,handmade", help=f"more rows, of {', '.join(list(ROWS)[1:])}; none")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder in place (same flags)")
@@ -229,8 +228,7 @@ class Student(nn.Module):
 
     def save(self, path: str, config: dict, record=None):
         """student.pt: genotype, weights, the constructor's other arguments (Space.student) and the record."""
-        save_atomic({"genotype": self.genotype, "state_dict": self.state_dict(), "record": record, "config": config},
-                    path)
+        save_atomic(dict(genotype=self.genotype, state_dict=self.state_dict(), record=record, config=config), path)
 
     @classmethod
     def load(cls, path: str, teacher):
@@ -479,7 +477,7 @@ def run_search(label, weights, ctx, evaluated):
     with open(path, "w") as log:  # the valid stored lines first (a cut last line is dropped), then each new one
         log.writelines(json.dumps(stored[i]) + "\n" for i in sorted(stored))
         history = evolve(ctx.space, args, weights, evaluate, stored, on_record, random_search=label == "random-search")
-    picked, cost = (None, None), sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # shared ones count too
+    finalists, cost = [], sum(r["kd_seconds"] + r["probe_seconds"] for r in history)  # shared ones count too
     for record in sorted(history, key=lambda r: -r["fitness"])[: args.top_k]:  # hashes are unique in a history
         student, final = trained(record["genotype"], ctx, f"final/{record['hash']}")
         cost += final["kd_seconds"] + final["probe_seconds"]
@@ -487,9 +485,8 @@ def run_search(label, weights, ctx, evaluated):
         final["fitness"] = fitness(final, weights)
         print(f"[{label} final] {record['hash']} A {final['A']:.1f} R {final['R']:.1f} F {final['fitness']:.2f}",
               flush=True)
-        if picked[1] is None or final["fitness"] > picked[1]["fitness"]:
-            picked = (student, final)
-    return (*picked, history, cost)
+        finalists.append((student, final))
+    return (*max(finalists, key=lambda f: f[1]["fitness"]), history, cost)  # the first of equal ones
 
 
 class Context(Distillation):
@@ -522,9 +519,8 @@ def main(args):
     # accuracy-only: w_r's weight moved to A; random-search: RoSearch's fitness over P + C uniform random genotypes
     searches = {"rosearch": args.weights, "accuracy-only": [0.0, args.weights[0] + args.weights[1], args.weights[2]],
                 "random-search": args.weights}
-    picked, evaluated = {}, {}
-    for name in (n for n in searches if n in wanted):
-        picked[name] = run_search(name, searches[name], ctx, evaluated)
+    evaluated = {}  # genotype hash -> its record, shared by the searches
+    picked = {name: run_search(name, w, ctx, evaluated) for name, w in searches.items() if name in wanted}
     if "handmade" in wanted:  # a residual conv3 stack: node j = conv3(previous state) + identity(previous state)
         cells = [[[[j + 1, "conv3"], [j + 1, "identity"]] for j in range(NODES)] for _ in range(args.handmade_cells)]
         student, record = trained({"hidden": args.hidden_list[0], "cells": cells}, ctx, "handmade")
