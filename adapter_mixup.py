@@ -250,7 +250,7 @@ def simplex_grid(n_slots, step):
     return torch.tensor(points, dtype=torch.float32) / n
 
 
-class MixupPredictor(attacks.Predictor):
+class MixupPredictor(attacks.MixingPredictor):
     """beta None: adapter slot slots[0] alone (a fixed mix is merged into a slot first); 'dynamic': beta(x) from the
     entropies of the S single-slot predictions (S passes batched by repeating the batch, plus the mixed pass);
     'ensemble': the control that mixes outputs, not weights: the mean of the S single slots' probabilities."""
@@ -287,14 +287,6 @@ class MixupPredictor(attacks.Predictor):
         beta = dynamic_beta(entropies, self.rule, self.args.temperature, self.args.head_start)
         self.mixture.use(self.slots, beta)
         return self.logits(enc), beta.cpu()
-
-    def run(self, texts):
-        """(logits, beta) of every text, as numpy arrays."""
-        out = [self.mix(dict(enc)) for enc in self.batches(texts)]
-        return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
-
-    def __call__(self, texts):
-        return self.run(texts)[0]
 
 
 def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run, args, epochs, lr, tag, seed=None):

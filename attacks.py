@@ -709,11 +709,23 @@ def robustness_gain(robust: dict, seed: int = 0) -> dict:
             "delta": delta, "ci": [low, high], "passed": low > 0}
 
 
+class MixingPredictor(Predictor):
+    """A predictor that mixes components per input: a subclass's mix(enc) gives (logits, weights) of one tokenised
+    batch; run(texts) both for every text as numpy arrays (mixing_profile reads the weights); attacks see the logits."""
+
+    def run(self, texts):
+        out = [self.mix(dict(enc)) for enc in self.batches(texts)]
+        return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
+
+    def __call__(self, texts):
+        return self.run(texts)[0]
+
+
 def mixing_profile(predict, names: list, clean_texts: list, adversarial: dict, source: str) -> dict:
-    """For a predictor that mixes components per input (predict.run(texts) -> (logits, weights), column 0 the clean
-    component, names[k] component k): which component each adversarial input most resembles (the largest weight
-    among k >= 1, or "clean" when column 0 is larger) per attack, and the detection AUROC of 1 - weight_0 between
-    clean_texts and the adversarial {attack: (input, label) rows} from `source`."""
+    """For a MixingPredictor (weights column 0: the clean component, names[k]: component k): which component each
+    adversarial input most resembles (the largest weight among k >= 1, or "clean" when column 0 is larger) per attack,
+    and the detection AUROC of 1 - weight_0 between clean_texts and the adversarial {attack: (input, label) rows}
+    from `source`."""
     _, clean_beta = predict.run(clean_texts)
     out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
     scores = []
