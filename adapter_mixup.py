@@ -527,17 +527,15 @@ def evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows):
                                              ex.test_rows, known, transfer_rows, attacked, weights)
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
-    if known:
-        adversarial = transfer_rows or {a: adv_val[a] for a in known}  # none made (pair task or no --attacks)
+    if known:  # v2's weights on the transfer sets, or on adv-val where none were made (a pair task, no --attacks)
+        source = "test transfer sets" if transfer_rows else "train-side adversarial validation"
         ex.extra["profiling"] = attacks.mixing_profile(ex.predictor(mix, "dynamic"), mix, [t for t, _ in ex.test_rows],
-                                                       adversarial, "test transfer sets" if transfer_rows else
-                                                       "train-side adversarial validation")
-    if args.baseline == "full-at":
-        row, ex.wall["full_at"], evaluation = attacks.full_at_row(
+                                                       transfer_rows or adv_val, source)
+    if args.baseline == "full-at":  # the whole backbone trained on the AT adapter's clean + adversarial rows
+        row, ex.wall["full_at"] = attacks.full_at_row(
             args, ex.data, ex.run, ex.resources, ex.train_rows + sum(adv_train.values(), []),
-            ex.dev_rows + sum(adv_val.values(), []), ex.dev_rows, known, transfer_rows)
-        row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": ex.wall["full_at"],
-                             "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": evaluation}
+            ex.dev_rows + sum(adv_val.values(), []), ex.dev_rows, known, transfer_rows,
+            {c: ex.wall[c] for c in ("clean_adapter", "adversarial_generation")})
         rows.append(row)
     return rows
 
