@@ -206,11 +206,8 @@ def adapter_state(model, k) -> dict:
             for n, p in m.linears[k].named_parameters()}
 
 
-@torch.no_grad()
-def load_adapter_state(model, k, state):
-    for i, m in enumerate(mixed_linears(model)):
-        for n, p in m.linears[k].named_parameters():
-            p.copy_(state[f"{i}.{n}"])
+def load_adapter_state(model, k, state):  # the keys of adapter_state: "{i}.{name}" of slot k's i-th linear map
+    nn.ModuleList(m.linears[k] for m in mixed_linears(model)).load_state_dict(state)
 
 
 @torch.no_grad()
@@ -250,7 +247,7 @@ def simplex_grid(n_slots, step):
     return torch.tensor(points, dtype=torch.float32) / n
 
 
-class MixupPredictor(attacks.Predictor):
+class MixupPredictor(attacks.MixingPredictor):
     """beta None: adapter slot slots[0] alone (a fixed mix is merged into a slot first); 'dynamic': beta(x) from the
     entropies of the S single-slot predictions (S passes batched by repeating the batch, plus the mixed pass);
     'ensemble': the control that mixes outputs, not weights: the mean of the S single slots' probabilities."""
@@ -260,12 +257,8 @@ class MixupPredictor(attacks.Predictor):
         self.mixture, self.slots, self.beta, self.args, self.rule = mixture, slots, beta, args, rule
         self.candidates = torch.eye(len(slots)) if rule != "min-entropy" or beta == "ensemble" else simplex_grid(
             len(slots), args.beta_grid_step)
-
-    @property
-    def passes(self):
-        if self.beta not in ("dynamic", "ensemble"):
-            return 1
-        return len(self.candidates) + (self.rule != "min-entropy" and self.beta == "dynamic")
+        mixing = beta in ("dynamic", "ensemble")  # one pass per candidate, and v2's mixed pass unless min-entropy
+        self.passes = len(self.candidates) + (rule != "min-entropy" and beta == "dynamic") if mixing else 1
 
     @torch.no_grad()
     def mix(self, enc):
@@ -288,19 +281,10 @@ class MixupPredictor(attacks.Predictor):
         self.mixture.use(self.slots, beta)
         return self.logits(enc), beta.cpu()
 
-    def run(self, texts):
-        """(logits, beta) of every text, as numpy arrays."""
-        out = [self.mix(dict(enc)) for enc in self.batches(texts)]
-        return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
-
-    def __call__(self, texts):
-        return self.run(texts)[0]
-
 
 def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run, args, epochs, lr, tag, seed=None):
     """Train adapter slot k (backbone frozen) on (text, label) rows; keep its best state on dev_rows."""
-    seed = args.seed if seed is None else seed
-    set_seed(seed)  # each slot trains the same whether or not earlier stages came from the cache
+    set_seed(args.seed if seed is None else seed)  # each slot trains the same whether earlier stages were cached
     mixture.use([k])
     train_only(model, k)
     stats = attacks.finetune_rows(model, tokenizer, data, train_rows, dev_rows, run, args, epochs, lr, tag, seed,
@@ -329,9 +313,8 @@ class Experiment:
         self.model, self.tokenizer = load_model(args.model, self.data.num_labels, args.max_seq_length,
                                                 os.path.join(args.output_dir, ".tiny-bert"))
         self.backbone = count_params(self.model)
-        names = ["clean"] + [f"adv-{a}" for a in args.known] + ["at", "soup", "v1", "curve"]
-        if args.transfer_source == "independent":
-            names.append("independent")  # the transfer source, last: the other slots keep their indices
+        names = ["clean"] + [f"adv-{a}" for a in args.known] + ["at", "soup", "v1", "curve"] + (
+            ["independent"] if args.transfer_source == "independent" else [])  # last: the others keep their indices
         self.adapter_slots = {name: i for i, name in enumerate(names)}
         self.mixture = add_adapters(self.model, len(self.adapter_slots), args.adapter_type, args.reduction_factor,
                                     args.adapter_activation)
@@ -357,12 +340,6 @@ class Experiment:
 
     def weights_id(self, name):
         return fingerprint_tensors(adapter_state(self.model, self.adapter_slots[name]))
-
-    def adversarial_rows(self, kind, name, source, samples):
-        """Recipe `name` on samples against adapter `source`, cached; (counts, successful rows)."""
-        return attacks.adversarial_rows(kind, name, self.predictor([source]), self.weights_id(source), samples,
-                                        self.data.text_columns, self.args.cache_dir, self.args, self.resources,
-                                        CACHE_VERSION, f"the {source} adapter")
 
     def dev_robust(self, name, predict, n) -> list:
         """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict`."""
@@ -392,11 +369,13 @@ def clean_adapter(ex, name, seed):
 def adversarial_data(ex, rng):
     """Stage 2: D_adv,k = successful attacks a_k on phi_0 over a seeded train subset, gold labels kept (spec §3.3);
     10 % of each held out as adversarial validation. Returns (adv_train, adv_val) by attack."""
-    n = min(ex.args.adv_train_examples, len(ex.train_rows))
+    args, n = ex.args, min(ex.args.adv_train_examples, len(ex.train_rows))
     samples = [ex.train_rows[i] for i in np.sort(rng.choice(len(ex.train_rows), size=n, replace=False))]
     adv_train, adv_val, ex.extra["adversarial_data"], ex.wall["adversarial_generation"] = {}, {}, {}, 0.0
-    for name in ex.args.known:
-        summary, kept = ex.adversarial_rows("adv", name, "clean", samples)
+    for name in args.known:  # cached by the attacked weights, the sample and the attack's settings
+        summary, kept = attacks.adversarial_rows("adv", name, ex.predictor(["clean"]), ex.weights_id("clean"), samples,
+                                                 ex.data.text_columns, args.cache_dir, args, ex.resources,
+                                                 CACHE_VERSION, "the clean adapter")
         ex.extra["adversarial_data"][name] = summary
         ex.wall["adversarial_generation"] += summary["seconds"]
         if not kept:
@@ -404,7 +383,7 @@ def adversarial_data(ex, rng):
                                f"no adversarial adapter for {name}")
             print(f"warning: {ex.warnings[-1]}", flush=True)
             continue
-        order = np.random.default_rng(ex.args.seed).permutation(len(kept))
+        order = np.random.default_rng(args.seed).permutation(len(kept))
         n_val = max(int(len(kept) > 1), round(ADV_VAL_SHARE * len(kept)))  # one at least, from two rows on
         adv_train[name], adv_val[name] = [kept[i] for i in order[n_val:]], [kept[i] for i in order[:n_val]]
         summary.update(kept_train=len(adv_train[name]), kept_val=len(adv_val[name]))
@@ -416,20 +395,18 @@ def independent_transfer(ex):
     ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
     if ex.args.transfer_source != "independent":
         return None
-    info = ex.extra["transfer_source"] = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
-                                          "adapter": ex.weights_id("independent"),
-                                          "clean_adapter": ex.weights_id("clean"), "sets": {},
-                                          "dev_accuracy": rows_accuracy(ex.predictor(["independent"]), ex.dev_rows)}
-    info["sets"], rows = attacks.transfer_rows(
-        ex.predictor(["independent"]), ex.weights_id("independent"), ex.data, ex.args.cache_dir, ex.args,
-        ex.resources, CACHE_VERSION, "the independent adapter")
+    source, weights = ex.predictor(["independent"]), ex.weights_id("independent")
+    ex.extra["transfer_source"] = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
+                                   "adapter": weights, "clean_adapter": ex.weights_id("clean"), "sets": {},
+                                   "dev_accuracy": rows_accuracy(source, ex.dev_rows)}
+    ex.extra["transfer_source"]["sets"], rows = attacks.transfer_rows(
+        source, weights, ex.data, ex.args.cache_dir, ex.args, ex.resources, CACHE_VERSION, "the independent adapter")
     return rows
 
 
 def adversarial_adapters(ex, rng, adv_train, adv_val):
     """Stage 3: phi_k from phi_0 on D_adv,k + as many clean rows (spec §3.4 step 2), the gate, the AT adapter."""
-    args, stats = ex.args, {}
-    ex.wall["adversarial_adapters"] = 0.0
+    args, stats, ex.wall["adversarial_adapters"] = ex.args, {}, 0.0
     for name in adv_train:
         load_adapter_state(ex.model, ex.adapter_slots[f"adv-{name}"], adapter_state(ex.model, 0))
         n = len(adv_train[name])
@@ -444,9 +421,8 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
         ex.extra["gate"] = {name: adapter_gate(ex, name) for name in adv_train}
     if adv_train:  # adversarial training of one adapter on D_tr ∪ all D_adv,k, from the same initialisation as phi_0
         load_adapter_state(ex.model, ex.adapter_slots["at"], ex.init_state)
-        stats["at"] = ex.train("at", ex.train_rows + [r for n in adv_train for r in adv_train[n]],
-                               ex.dev_rows + [r for n in adv_train for r in adv_val[n]], args.epochs, args.lr,
-                               "at_adapter")
+        at_train, at_dev = ex.train_rows + sum(adv_train.values(), []), ex.dev_rows + sum(adv_val.values(), [])
+        stats["at"] = ex.train("at", at_train, at_dev, args.epochs, args.lr, "at_adapter")
         ex.wall["at_adapter"] = stats["at"]["seconds"]
     torch.save({"slots": list(ex.adapter_slots), "args": vars(args),
                 "state": {s: adapter_state(ex.model, i) for s, i in ex.adapter_slots.items()}},
@@ -482,7 +458,7 @@ def choose_v1(ex, known, adv_val):
     (fixed, or the best grid point on dev) merged into slot v1, the uniform soup into slot soup. Returns beta_v1."""
     args, slots = ex.args, [ex.adapter_slots[s] for s in ["clean"] + [f"adv-{a}" for a in known]]
     spread = lambda beta: [beta] + [(1 - beta) / len(known)] * len(known)  # noqa: E731  the rest shared equally
-    adv_val_rows = [row for name in known for row in adv_val[name]]
+    adv_val_rows = sum(adv_val.values(), [])
     curve = []
     for beta in np.round(np.arange(0, 1 + 1e-9, args.beta_grid_step), 6).tolist() if known else []:
         merge_adapters(ex.model, slots, spread(beta), ex.adapter_slots["curve"])
@@ -499,10 +475,9 @@ def choose_v1(ex, known, adv_val):
         ex.run.log({f"charts/beta_curve_{k}": v for k, v in point.items() if k != "beta"}, int(round(beta * 100)))
         print(f"[stage 4] beta {beta:.2f}: " + "  ".join(f"{k} {v:.1f}" for k, v in point.items() if k != "beta"),
               flush=True)
-    beta_v1 = args.beta if isinstance(args.beta, float) else 1.0
-    if curve and not isinstance(args.beta, float):
-        key = "adaptive_objective" if args.beta_attack_examples else "objective"
-        beta_v1 = max(curve, key=lambda point: (point[key], point["beta"]))["beta"]  # ties: more clean
+    key = "adaptive_objective" if args.beta_attack_examples else "objective"
+    best = max(curve, key=lambda point: (point[key], point["beta"]))["beta"] if curve else 1.0  # ties: more clean
+    beta_v1 = args.beta if isinstance(args.beta, float) else best
     if known:
         merge_adapters(ex.model, slots, spread(beta_v1), ex.adapter_slots["v1"])
         merge_adapters(ex.model, slots, [1 / len(slots)] * len(slots), ex.adapter_slots["soup"])
@@ -543,27 +518,24 @@ def evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows):
     share, rows, attacked = ex.extra["trainable_share"], [], {}  # attacked: weights fingerprint -> (row, attacks)
     for key, setting, predict, cost in specs:
         start, stored = time.time(), len(mix) if key in ("soup", "v1", "v2", "ensemble") else 1
-        row = {"key": key, "setting": setting, "passes_per_example": predict.passes,
-               "params": {"trainable": stored * share["per_adapter"], "total": ex.backbone["total"] + stored *
-                          share["per_adapter"], "trainable_pct_of_backbone": stored * share["pct_of_backbone"],
-                          "trainable_pct_without_pooler": stored * share["pct_without_pooler"]}}
+        row = {"key": key, "setting": setting, "passes_per_example": predict.passes, "params": {
+            "trainable": stored * share["per_adapter"], "total": ex.backbone["total"] + stored * share["per_adapter"],
+            **{f"trainable_{pct}": stored * share[pct] for pct in ("pct_of_backbone", "pct_without_pooler")}}}
         # v1 at a grid end or at 1/(m+1) is another row's weights; v2 and the ensemble mix per input (no weights)
         weights = ex.weights_id(key) if key in ex.adapter_slots else None
         transfer_rows = attacks.evaluate_row(row, predict, args, ex.run, ex.data, ex.resources, ex.dev_rows,
                                              ex.test_rows, known, transfer_rows, attacked, weights)
         row["wall_clock"] = {**{c: ex.wall.get(c, 0.0) for c in cost}, "evaluation": time.time() - start}
         rows.append(row)
-    if known:
-        adversarial = transfer_rows or {a: adv_val[a] for a in known}  # none made (pair task or no --attacks)
+    if known:  # v2's weights on the transfer sets, or on adv-val where none were made (a pair task, no --attacks)
+        source = "test transfer sets" if transfer_rows else "train-side adversarial validation"
         ex.extra["profiling"] = attacks.mixing_profile(ex.predictor(mix, "dynamic"), mix, [t for t, _ in ex.test_rows],
-                                                       adversarial, "test transfer sets" if transfer_rows else
-                                                       "train-side adversarial validation")
-    if args.baseline == "full-at":
-        row, ex.wall["full_at"], evaluation = attacks.full_at_row(
-            args, ex.data, ex.run, ex.resources, ex.train_rows + [r for n in known for r in adv_train[n]],
-            ex.dev_rows + [r for n in known for r in adv_val[n]], ex.dev_rows, known, transfer_rows)
-        row["wall_clock"] = {"clean_adapter": ex.wall["clean_adapter"], "full_at": ex.wall["full_at"],
-                             "adversarial_generation": ex.wall["adversarial_generation"], "evaluation": evaluation}
+                                                       transfer_rows or adv_val, source)
+    if args.baseline == "full-at":  # the whole backbone trained on the AT adapter's clean + adversarial rows
+        row, ex.wall["full_at"] = attacks.full_at_row(
+            args, ex.data, ex.run, ex.resources, ex.train_rows + sum(adv_train.values(), []),
+            ex.dev_rows + sum(adv_val.values(), []), ex.dev_rows, known, transfer_rows,
+            {c: ex.wall[c] for c in ("clean_adapter", "adversarial_generation")})
         rows.append(row)
     return rows
 
@@ -575,46 +547,36 @@ def main(args, resources=None):
         return bench.bench_adapter_mixup(args)
     ex = Experiment(args, resources)
 
-    # ---- Stage 1: clean adapter phi_0 (and the independent transfer source) on D_tr, best on dev; cached
-    print("=== Stage 1: clean adapter ===", flush=True)
+    print("=== Stage 1: clean adapter ===", flush=True)  # phi_0 (and the independent transfer source) on D_tr (§3.4)
     train_stats = {"clean": clean_adapter(ex, "clean", args.seed)}
     ex.wall["clean_adapter"] = train_stats["clean"]["seconds"]
     if args.transfer_source == "independent":
         train_stats["independent"] = clean_adapter(ex, "independent", args.seed + INDEPENDENT_SEED_OFFSET)
 
-    # ---- Stage 2: D_adv,k = successful attacks a_k on phi_0 (spec §3.3); the independent transfer sets
-    print("=== Stage 2: adversarial data ===", flush=True)
+    print("=== Stage 2: adversarial data ===", flush=True)  # D_adv,k: successful attacks a_k on phi_0 (spec §3.3)
     rng = np.random.default_rng(args.seed)
     adv_train, adv_val = adversarial_data(ex, rng)
     known = list(adv_train)  # attacks that have an adversarial adapter
     transfer_rows = independent_transfer(ex)  # None: read from phi_0's own attacks in stage 6
 
-    # ---- Stage 3: adversarial adapters phi_k from phi_0 (spec §3.4 step 2), the gate, the AT adapter baseline
-    print("=== Stage 3: adversarial adapters ===", flush=True)
+    print("=== Stage 3: adversarial adapters ===", flush=True)  # phi_k from phi_0 (spec §3.4 step 2), gate, AT
     train_stats.update(adversarial_adapters(ex, rng, adv_train, adv_val))
 
-    # ---- Stage 4: v1, one beta in weight space: the beta curve on the grid, beta chosen on dev (spec §3.5)
-    print("=== Stage 4: mixing (v1) ===", flush=True)
+    print("=== Stage 4: mixing (v1) ===", flush=True)  # one beta in weight space, on the grid (spec §3.5)
     beta_v1 = choose_v1(ex, known, adv_val)
 
-    # ---- Stage 5: v2, beta per input from the entropies; tau and head start on the adaptive dev objective (§3.6)
-    if known and args.v2_pairs:
+    if known and args.v2_pairs:  # v2: beta per input from the entropies (spec §3.6)
         print("=== Stage 5: v2 tuning ===", flush=True)
         tune_v2(ex, known)
 
-    # ---- Stage 6: every predictor attacked as a whole (spec §7), transfer sets, profiling; the full-AT baseline
-    print("=== Stage 6: evaluation ===", flush=True)
+    print("=== Stage 6: evaluation ===", flush=True)  # every predictor attacked as a whole (spec §7)
     rows = evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows)
-    return finish(ex, rows, known, beta_v1, train_stats)
 
-
-def finish(ex, rows, known, beta_v1, train_stats):
-    """results.json: the main row on top (v2 for --beta dynamic, else v1; clean if no attack is known), all in extra."""
-    args, share = ex.args, ex.extra["trainable_share"]
+    # results.json: the main row on top (v2 for --beta dynamic, else v1; clean if no attack is known), all in extra
     main_row = next(r for r in rows if r["key"] == (("v2" if args.beta == "dynamic" else "v1") if known else "clean"))
     ex.extra.update(rows=rows, beta_v1=beta_v1, known_attacks=known, unknown_attacks=[
         a for a in parse_attacks(args.attacks) if a not in known], training=train_stats, warnings=ex.warnings,
-        per_adapter_set_params=share["per_adapter"], backbone_params=ex.backbone,
+        per_adapter_set_params=ex.extra["trainable_share"]["per_adapter"], backbone_params=ex.backbone,
         adapter={"type": args.adapter_type, "reduction_factor": args.reduction_factor,
                  "activation": args.adapter_activation})
     return attacks.finish_rows(ex.run, ex.results, rows, main_row,

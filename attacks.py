@@ -680,10 +680,10 @@ def evaluate_row(row: dict, predict: Callable, args, run: Run, data: TaskData, r
 
 
 def full_at_row(args, data: TaskData, run: Run, resources, train_rows: list, dev_rows: list, clean_dev_rows: list,
-                known: list, transfer: dict) -> tuple:
+                known: list, transfer: dict, cost: dict) -> tuple:
     """The full adversarial-training baseline: a fresh --model fully fine-tuned (--full-lr, --full-epochs) on clean +
-    adversarial train_rows, selected on dev_rows, evaluated as evaluate_row does. Returns (row, training seconds,
-    evaluation seconds)."""
+    adversarial train_rows, selected on dev_rows, evaluated as evaluate_row does; its wall_clock: `cost` (the seconds
+    of what made its data), full_at and evaluation. Returns (row, training seconds)."""
     set_seed(args.seed)  # its head and dropout draw from the RNG: the same model whether earlier stages were cached
     model, tokenizer = load_model(args.model, data.num_labels, args.max_seq_length,
                                   os.path.join(args.output_dir, ".tiny-bert"))
@@ -697,7 +697,8 @@ def full_at_row(args, data: TaskData, run: Run, resources, train_rows: list, dev
     predict = Predictor(model, tokenizer, args.max_seq_length, args.eval_batch_size, run.device, run.autocast)
     row["dev_accuracy"] = rows_accuracy(predict, clean_dev_rows)
     row["transfer"] = {a: rows_accuracy(predict, s) for a, s in transfer.items() if s}
-    return row, stats["seconds"], time.time() - start
+    row["wall_clock"] = {**cost, "full_at": stats["seconds"], "evaluation": time.time() - start}
+    return row, stats["seconds"]
 
 
 def robustness_gain(robust: dict, seed: int = 0) -> dict:
@@ -709,11 +710,23 @@ def robustness_gain(robust: dict, seed: int = 0) -> dict:
             "delta": delta, "ci": [low, high], "passed": low > 0}
 
 
+class MixingPredictor(Predictor):
+    """A predictor that mixes components per input: a subclass's mix(enc) gives (logits, weights) of one tokenised
+    batch; run(texts) both for every text as numpy arrays (mixing_profile reads the weights); attacks see the logits."""
+
+    def run(self, texts):
+        out = [self.mix(dict(enc)) for enc in self.batches(texts)]
+        return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
+
+    def __call__(self, texts):
+        return self.run(texts)[0]
+
+
 def mixing_profile(predict, names: list, clean_texts: list, adversarial: dict, source: str) -> dict:
-    """For a predictor that mixes components per input (predict.run(texts) -> (logits, weights), column 0 the clean
-    component, names[k] component k): which component each adversarial input most resembles (the largest weight
-    among k >= 1, or "clean" when column 0 is larger) per attack, and the detection AUROC of 1 - weight_0 between
-    clean_texts and the adversarial {attack: (input, label) rows} from `source`."""
+    """For a MixingPredictor (weights column 0: the clean component, names[k]: component k): which component each
+    adversarial input most resembles (the largest weight among k >= 1, or "clean" when column 0 is larger) per attack,
+    and the detection AUROC of 1 - weight_0 between clean_texts and the adversarial {attack: (input, label) rows}
+    from `source`."""
     _, clean_beta = predict.run(clean_texts)
     out = {"source": source, "mean_beta_clean_on_clean": float(clean_beta[:, 0].mean()), "by_attack": {}}
     scores = []
