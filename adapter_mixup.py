@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import attacks
 import bench
 import common
-from common import (UsageError, add_common_args, check_range, count_params, fingerprint, fingerprint_tensors,
-                    load_model, load_task, parse_attacks, results_template, rows_accuracy, set_seed, start_run,
-                    texts_of, usage_errors)
+from common import (UsageError, add_common_args, check_range, count_params, fingerprint_tensors, load_model,
+                    load_task, parse_attacks, results_template, rows_accuracy, set_seed, start_run, texts_of,
+                    usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
@@ -260,10 +260,8 @@ class MixupPredictor(attacks.MixingPredictor):
         mixing = beta in ("dynamic", "ensemble")  # one pass per candidate, and v2's mixed pass unless min-entropy
         self.passes = len(self.candidates) + (rule != "min-entropy" and beta == "dynamic") if mixing else 1
 
-    @torch.no_grad()
     def mix(self, enc):
-        """(logits, beta) for one tokenised batch."""
-        self.model.eval()
+        """(logits, beta) for one tokenised batch (in eval mode, no gradients: MixingPredictor.run)."""
         batch = enc["input_ids"].size(0)
         if self.beta not in ("dynamic", "ensemble"):
             self.mixture.use(self.slots)
@@ -324,7 +322,6 @@ class Experiment:
         self.wall, self.extra, self.warnings = self.results["wall_clock"], self.results["extra"], []
         self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(self.data, ds), ds["label"])) for ds in
                                                           (self.data.train, self.data.dev, self.data.test)]
-        os.makedirs(args.cache_dir, exist_ok=True)
         share = self.extra["trainable_share"] = trainable_share(self.model, self.backbone["total"])
         print(f"[{METHOD}] backbone {self.backbone['total']:,} params (frozen); one adapter set + head "
               f"{share['per_adapter']:,} ({share['pct_of_backbone']:.2f}% of the backbone, incl. the pooler dense "
@@ -341,10 +338,10 @@ class Experiment:
     def weights_id(self, name):
         return fingerprint_tensors(adapter_state(self.model, self.adapter_slots[name]))
 
-    def dev_robust(self, name, predict, n) -> list:
-        """Robust or not, per sentence, of n seeded dev sentences under recipe `name` run afresh on `predict`."""
-        return attacks.attack_seeded_rows(predict, name, self.dev_rows, n, self.args, self.run, self.resources,
-                                          self.data.text_columns, "dev")
+    def dev_robust(self, names, predict, n) -> dict:
+        """{recipe: robust or not, per sentence} of n seeded dev sentences, each recipe run afresh on `predict`."""
+        return {name: attacks.attack_seeded_rows(predict, name, self.dev_rows, n, self.args, self.run, self.resources,
+                                                 self.data.text_columns, "dev") for name in names}
 
 
 def clean_adapter(ex, name, seed):
@@ -355,15 +352,9 @@ def clean_adapter(ex, name, seed):
         config |= {"seed": seed, "role": name}
         reinit_adapter(ex.model, k, seed)
     config["init"] = ex.weights_id(name)  # the initial weights depend on the number of slots the model holds
-    path = os.path.join(args.cache_dir, f"clean_{fingerprint(config)}.pt")
-    saved = common.load_checkpoint(path)
-    if saved is not None:
-        load_adapter_state(ex.model, k, saved["state"])
-        print(f"[stage 1] {name} adapter loaded from {path}", flush=True)
-        return {**saved["stats"], "cached": path}
-    stats = ex.train(name, ex.train_rows, ex.dev_rows, args.epochs, args.lr, f"{name}_adapter", seed)
-    common.save_atomic({"state": adapter_state(ex.model, k), "stats": stats, "config": config}, path)
-    return stats
+    return attacks.cached_training(args.cache_dir, "clean", config, f"[stage 1] {name} adapter", lambda: (
+        ex.train(name, ex.train_rows, ex.dev_rows, args.epochs, args.lr, f"{name}_adapter", seed),
+        adapter_state(ex.model, k)), lambda state: load_adapter_state(ex.model, k, state))
 
 
 def adversarial_data(ex, rng):
@@ -432,7 +423,7 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
 
 def adapter_gate(ex, name) -> dict:
     """Does phi_k resist a_k better than phi_0 on the same dev sentences, beyond the paired interval? (deviation 6)"""
-    gate = attacks.robustness_gain({who: ex.dev_robust(name, ex.predictor([slot]), ex.args.gate_examples)
+    gate = attacks.robustness_gain({who: ex.dev_robust([name], ex.predictor([slot]), ex.args.gate_examples)[name]
                                     for who, slot in (("clean", "clean"), ("adversarial", f"adv-{name}"))},
                                    seed=ex.args.attack_seed)
     verdict = f"{gate['delta']:+.1f} [{gate['ci'][0]:+.1f}, {gate['ci'][1]:+.1f}]"
@@ -444,13 +435,6 @@ def adapter_gate(ex, name) -> dict:
                            f"on dev beyond the paired interval ({verdict} points, n={gate['n']}): "
                            f"mixing it in cannot be expected to help")
     return gate
-
-
-def adaptive_objective(ex, predict, dev_clean, known) -> dict:
-    """(dev clean accuracy + mean over the known attacks of dev Aua, each attack run on this predictor) / 2."""
-    auas = {f"dev_aua_{name}": 100.0 * float(np.mean(ex.dev_robust(name, predict, ex.args.beta_attack_examples)))
-            for name in known}
-    return {**auas, "adaptive_objective": (dev_clean + float(np.mean(list(auas.values())))) / 2}
 
 
 def choose_v1(ex, known, adv_val):
@@ -467,7 +451,8 @@ def choose_v1(ex, known, adv_val):
                  "adv_val": rows_accuracy(predict, adv_val_rows), "test_clean": rows_accuracy(predict, ex.test_rows)}
         point["objective"] = point["dev_clean"] if not adv_val_rows else (point["dev_clean"] + point["adv_val"]) / 2
         if args.beta_attack_examples:  # the adaptive objective: the known attacks afresh on dev, at this beta
-            point.update(adaptive_objective(ex, predict, point["dev_clean"], known))
+            robust = ex.dev_robust(known, predict, args.beta_attack_examples)
+            point.update(attacks.adaptive_objective(point["dev_clean"], robust))
         if args.curve_attack_examples and parse_attacks(args.attacks):
             point.update(attacks.aua_on(predict, ex.data, args, ex.run, f"curve{beta:g}_", ex.resources,
                                         args.curve_attack_examples))
@@ -482,8 +467,7 @@ def choose_v1(ex, known, adv_val):
         merge_adapters(ex.model, slots, spread(beta_v1), ex.adapter_slots["v1"])
         merge_adapters(ex.model, slots, [1 / len(slots)] * len(slots), ex.adapter_slots["soup"])
     ex.extra["beta_curve"] = {"points": curve, "csv": "beta_curve.csv"}  # plotted by report.py
-    if curve:
-        attacks.write_csv(os.path.join(ex.run.dir, "beta_curve.csv"), curve)
+    attacks.write_csv(os.path.join(ex.run.dir, "beta_curve.csv"), curve)  # none without a known attack
     return beta_v1
 
 
@@ -493,8 +477,8 @@ def tune_v2(ex, known):
     for tau, head in ex.args.v2_pairs:
         ex.args.temperature, ex.args.head_start = tau, head
         v2 = ex.predictor(mix, "dynamic")
-        tried.append({"tau": tau, "head_start": head, **adaptive_objective(ex, v2, rows_accuracy(v2, ex.dev_rows),
-                                                                           known)})
+        tried.append({"tau": tau, "head_start": head, **attacks.adaptive_objective(
+            rows_accuracy(v2, ex.dev_rows), ex.dev_robust(known, v2, ex.args.beta_attack_examples))})
         print(f"[stage 5] v2 tau {tau:g} head start {head:g}: objective {tried[-1]['adaptive_objective']:.1f}",
               flush=True)
     pick = max(tried, key=lambda t: (t["adaptive_objective"], t["head_start"]))  # ties: more clean

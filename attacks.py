@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 import offline
 from common import (ATTACK_RECIPES, RECIPE_FAILURES, Adversary, Run, TaskData, UsageError, _logits,
                     adversarial_backward, append_jsonl, auroc, count_params, finetune, finish_run, fingerprint,
-                    load_model, make_loader, open_jsonl, parse_attacks, parse_shard, predict_labels, read_jsonl,
-                    rows_accuracy, rows_loader, set_seed, texts_of, tokenize, write_json_atomic)
+                    load_checkpoint, load_model, make_loader, open_jsonl, parse_attacks, parse_shard, predict_labels,
+                    read_jsonl, rows_accuracy, rows_loader, save_atomic, set_seed, texts_of, tokenize,
+                    write_json_atomic)
 
 
 def pgd_accuracy(model, loader, device, radius: float, steps: int = 10, autocast=nullcontext) -> float:
@@ -500,6 +501,7 @@ def adversarial_rows(kind: str, name: str, predict: Callable, weights: str, samp
     examples as (perturbed input, label) rows)."""
     key = adversarial_key(name, weights, samples, args, resources, version)
     path = os.path.join(cache_dir, f"{kind}_{name}_{key}.jsonl")
+    os.makedirs(cache_dir, exist_ok=True)
     start, records = time.time(), generate_adversarial(name, predict, samples, column_names, path, args, resources)
     counts = {s: sum(r["status"] == s for r in records) for s in ("successful", "failed", "skipped")}
     summary = {**counts, "attacked": len(records), "cache": path,
@@ -511,6 +513,22 @@ def adversarial_rows(kind: str, name: str, predict: Callable, weights: str, samp
     pair = len(column_names) > 1
     return summary, [(tuple(r["perturbed"]) if pair else r["perturbed"], r["label"]) for r in records
                      if r["status"] == "successful"]
+
+
+def cached_training(cache_dir: str, kind: str, config: dict, label: str, train: Callable, load: Callable) -> dict:
+    """A training run cached as {cache_dir}/{kind}_{fingerprint of config}.pt ({state, stats, config}): its state
+    given to load(state) and its stats returned (stats["cached"]: the path), or, when that file is absent, cut or
+    unreadable, train() -> (stats, state) run and saved atomically. Returns the stats."""
+    path = os.path.join(cache_dir, f"{kind}_{fingerprint(config)}.pt")
+    saved = load_checkpoint(path)
+    if saved is not None:
+        load(saved["state"])
+        print(f"{label} loaded from {path}", flush=True)
+        return {**saved["stats"], "cached": path}
+    stats, state = train()
+    os.makedirs(cache_dir, exist_ok=True)
+    save_atomic({"state": state, "stats": stats, "config": config}, path)
+    return stats
 
 
 def transfer_rows(predict: Callable, weights: str, data: TaskData, cache_dir: str, args, resources=None,
@@ -620,7 +638,9 @@ def saved_row(path: str, label: str, evaluate: Callable) -> dict:
 
 # ---- Several predictors of one run as results rows (adapter_mixup.py; any script that evaluates more than one) -----
 def write_csv(path: str, rows: list):
-    """A list of dicts with the same keys as a CSV with a header (e.g. a curve report.py plots)."""
+    """A list of dicts with the same keys as a CSV with a header (e.g. a curve report.py plots); none if it is empty."""
+    if not rows:
+        return
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -710,11 +730,20 @@ def robustness_gain(robust: dict, seed: int = 0) -> dict:
             "delta": delta, "ci": [low, high], "passed": low > 0}
 
 
+def adaptive_objective(clean: float, robust: dict) -> dict:
+    """A selection objective against adaptive attacks: (clean accuracy + the mean Aua over the recipes of `robust`,
+    {recipe: robust flags} each run on the candidate predictor itself) / 2, with each Aua as dev_aua_<recipe>."""
+    auas = {f"dev_aua_{name}": 100.0 * float(np.mean(flags)) for name, flags in robust.items()}
+    return {**auas, "adaptive_objective": (clean + float(np.mean(list(auas.values())))) / 2}
+
+
 class MixingPredictor(Predictor):
     """A predictor that mixes components per input: a subclass's mix(enc) gives (logits, weights) of one tokenised
     batch; run(texts) both for every text as numpy arrays (mixing_profile reads the weights); attacks see the logits."""
 
+    @torch.no_grad()
     def run(self, texts):
+        self.model.eval()
         out = [self.mix(dict(enc)) for enc in self.batches(texts)]
         return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
 

@@ -311,6 +311,27 @@ def test_clean_adapter_cache_key_is_complete_and_a_cut_checkpoint_is_retrained(t
     assert am.main(quick_args(tmp_path))["extra"]["training"]["clean"]["cached"] == str(path)  # rewritten whole
 
 
+def test_cached_training_trains_once_per_config_and_hands_the_saved_state_to_load(tmp_path):
+    trained, loaded = [], []
+
+    def train():
+        trained.append(1)
+        return {"seconds": 1.0}, {"0.weight": torch.full((2, 2), float(len(trained)))}
+
+    def cached(config):
+        return attacks.cached_training(str(tmp_path / "cache"), "clean", config, "[test] adapter", train, loaded.append)
+
+    assert cached({"seed": 1}) == {"seconds": 1.0} and trained == [1] and loaded == []
+    again = cached({"seed": 1})
+    assert trained == [1] and again["cached"].endswith(".pt") and torch.equal(loaded[0]["0.weight"], torch.ones(2, 2))
+    assert "cached" not in cached({"seed": 2}) and trained == [1, 1]  # another config: another file, trained
+
+
+def test_adaptive_objective_is_the_mean_of_clean_accuracy_and_the_mean_aua():
+    out = attacks.adaptive_objective(80.0, {"pwws": [True, False], "textfooler": [True, True, True, True]})
+    assert out == {"dev_aua_pwws": 50.0, "dev_aua_textfooler": 100.0, "adaptive_objective": 77.5}
+
+
 def test_adversarial_cache_key_covers_seed_and_substitutes(tmp_path, toy_args, monkeypatch):
     keys = []
     fake_the_attacks(monkeypatch, 0)
