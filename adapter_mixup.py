@@ -358,8 +358,9 @@ def clean_adapter(ex, name, seed):
 
 
 def adversarial_data(ex, rng):
-    """Stage 2: D_adv,k = successful attacks a_k on phi_0 over a seeded train subset, gold labels kept (spec §3.3);
-    10 % of each held out as adversarial validation. Returns (adv_train, adv_val) by attack."""
+    """Stage 2: D_adv,k = successful attacks a_k on phi_0 over a seeded train subset, gold labels kept (spec §3.3),
+    10 % held out as adv_val; the test transfer sets made against the independent clean adapter (deviation 14), else
+    None (phi_0's own attacks, read in stage 6). Returns (adv_train, adv_val, transfer) by attack."""
     args, n = ex.args, min(ex.args.adv_train_examples, len(ex.train_rows))
     samples = [ex.train_rows[i] for i in np.sort(rng.choice(len(ex.train_rows), size=n, replace=False))]
     adv_train, adv_val, ex.extra["adversarial_data"], ex.wall["adversarial_generation"] = {}, {}, {}, 0.0
@@ -378,21 +379,16 @@ def adversarial_data(ex, rng):
         n_val = max(int(len(kept) > 1), round(ADV_VAL_SHARE * len(kept)))  # one at least, from two rows on
         adv_train[name], adv_val[name] = [kept[i] for i in order[n_val:]], [kept[i] for i in order[:n_val]]
         summary.update(kept_train=len(adv_train[name]), kept_val=len(adv_val[name]))
-    return adv_train, adv_val
-
-
-def independent_transfer(ex):
-    """Stage 2: the transfer sets made against the independent clean adapter (deviation 14); else None (phi_0's)."""
     ex.extra["transfer_source"] = {"source": "clean", "note": "made against phi_0: it scores 0 on them by construction"}
-    if ex.args.transfer_source != "independent":
-        return None
+    if args.transfer_source != "independent":
+        return adv_train, adv_val, None
     source, weights = ex.predictor(["independent"]), ex.weights_id("independent")
-    ex.extra["transfer_source"] = {"source": "independent", "seed": ex.args.seed + INDEPENDENT_SEED_OFFSET,
+    ex.extra["transfer_source"] = {"source": "independent", "seed": args.seed + INDEPENDENT_SEED_OFFSET,
                                    "adapter": weights, "clean_adapter": ex.weights_id("clean"), "sets": {},
                                    "dev_accuracy": rows_accuracy(source, ex.dev_rows)}
-    ex.extra["transfer_source"]["sets"], rows = attacks.transfer_rows(
-        source, weights, ex.data, ex.args.cache_dir, ex.args, ex.resources, CACHE_VERSION, "the independent adapter")
-    return rows
+    ex.extra["transfer_source"]["sets"], transfer = attacks.transfer_rows(
+        source, weights, ex.data, args.cache_dir, args, ex.resources, CACHE_VERSION, "the independent adapter")
+    return adv_train, adv_val, transfer
 
 
 def adversarial_adapters(ex, rng, adv_train, adv_val):
@@ -539,9 +535,8 @@ def main(args, resources=None):
 
     print("=== Stage 2: adversarial data ===", flush=True)  # D_adv,k: successful attacks a_k on phi_0 (spec §3.3)
     rng = np.random.default_rng(args.seed)
-    adv_train, adv_val = adversarial_data(ex, rng)
+    adv_train, adv_val, transfer_rows = adversarial_data(ex, rng)  # transfer_rows None: phi_0's own, in stage 6
     known = list(adv_train)  # attacks that have an adversarial adapter
-    transfer_rows = independent_transfer(ex)  # None: read from phi_0's own attacks in stage 6
 
     print("=== Stage 3: adversarial adapters ===", flush=True)  # phi_k from phi_0 (spec §3.4 step 2), gate, AT
     train_stats.update(adversarial_adapters(ex, rng, adv_train, adv_val))
