@@ -317,7 +317,6 @@ class Experiment:
         self.mixture = add_adapters(self.model, len(self.adapter_slots), args.adapter_type, args.reduction_factor,
                                     args.adapter_activation)
         self.model.to(self.run.device)
-        self.init_state = adapter_state(self.model, 0)
         self.results = results_template(args, METHOD, "adpmixup", None)
         self.wall, self.extra, self.warnings = self.results["wall_clock"], self.results["extra"], []
         self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(self.data, ds), ds["label"])) for ds in
@@ -406,8 +405,7 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
         ex.wall["adversarial_adapters"] += stats[f"adv-{name}"]["seconds"]
     if args.gate_examples:
         ex.extra["gate"] = {name: adapter_gate(ex, name) for name in adv_train}
-    if adv_train:  # adversarial training of one adapter on D_tr ∪ all D_adv,k, from the same initialisation as phi_0
-        load_adapter_state(ex.model, ex.adapter_slots["at"], ex.init_state)
+    if adv_train:  # adversarial training on D_tr ∪ all D_adv,k from phi_0's initialisation, still in its unused slot
         at_train, at_dev = ex.train_rows + sum(adv_train.values(), []), ex.dev_rows + sum(adv_val.values(), [])
         stats["at"] = ex.train("at", at_train, at_dev, args.epochs, args.lr, "at_adapter")
         ex.wall["at_adapter"] = stats["at"]["seconds"]
