@@ -114,8 +114,7 @@ class Mixture:
     """Which adapter slots the next forward pass uses, with which convex weights beta; shared by every MixedLinear.
     beta None: the single slot slots[0]; beta (S,): one mix for the batch; beta (B, S): one mix per example."""
 
-    def __init__(self):
-        self.use([0])
+    slots, beta = [0], None
 
     def use(self, slots, beta=None):
         self.slots, self.beta = list(slots), None if beta is None else torch.as_tensor(beta, dtype=torch.float32)
@@ -236,15 +235,7 @@ def dynamic_beta(entropies, rule="inverse-entropy", temperature=1.0, head_start=
         scores = 1.0 / (entropies + ENTROPY_EPS)
         scores = torch.cat([scores[:, :1] * (1.0 + head_start), scores[:, 1:]], 1)
         return scores / scores.sum(-1, keepdim=True)
-    bonus = torch.zeros_like(entropies)
-    bonus[:, 0] = head_start
-    return F.softmax((-entropies + bonus) / temperature, -1)
-
-
-def simplex_grid(n_slots, step):
-    n = round(1 / step)
-    points = [c for c in itertools.product(range(n + 1), repeat=n_slots) if sum(c) == n]
-    return torch.tensor(points, dtype=torch.float32) / n
+    return F.softmax(torch.cat([head_start - entropies[:, :1], -entropies[:, 1:]], 1) / temperature, -1)
 
 
 class MixupPredictor(attacks.MixingPredictor):
@@ -255,10 +246,12 @@ class MixupPredictor(attacks.MixingPredictor):
     def __init__(self, model, tokenizer, mixture, slots, beta, args, device, autocast, rule="inverse-entropy"):
         super().__init__(model, tokenizer, args.max_seq_length, args.eval_batch_size, device, autocast)
         self.mixture, self.slots, self.beta, self.args, self.rule = mixture, slots, beta, args, rule
-        self.candidates = torch.eye(len(slots)) if rule != "min-entropy" or beta == "ensemble" else simplex_grid(
-            len(slots), args.beta_grid_step)
-        mixing = beta in ("dynamic", "ensemble")  # one pass per candidate, and v2's mixed pass unless min-entropy
-        self.passes = len(self.candidates) + (rule != "min-entropy" and beta == "dynamic") if mixing else 1
+        self.candidates = torch.eye(len(slots))  # one pass each when mixing: one-hot, each slot alone
+        if rule == "min-entropy" and beta != "ensemble":  # variant B's candidates: the simplex grid, v1's step
+            n = round(1 / args.beta_grid_step)
+            grid = [c for c in itertools.product(range(n + 1), repeat=len(slots)) if sum(c) == n]
+            self.candidates = torch.tensor(grid, dtype=torch.float32) / n
+        self.passes = len(self.candidates) + (rule != "min-entropy" and beta == "dynamic") if beta else 1  # + v2's mix
 
     def mix(self, enc):
         """(logits, beta) for one tokenised batch (in eval mode, no gradients: MixingPredictor.run)."""
