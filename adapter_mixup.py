@@ -19,9 +19,8 @@ import torch.nn.functional as F
 import attacks
 import bench
 import common
-from common import (UsageError, add_common_args, check_range, count_params, fingerprint_tensors, load_model,
-                    load_task, parse_attacks, results_template, rows_accuracy, set_seed, start_run, texts_of,
-                    usage_errors)
+from common import (UsageError, add_common_args, count_params, fingerprint_tensors, load_model, load_task,
+                    parse_attacks, results_template, rows_accuracy, set_seed, start_run, texts_of, usage_errors)
 
 METHOD = "adapter_mixup"
 ENTROPY_EPS = 1e-6  # s_k = 1 / (H_k + eps) (spec §3.6, variant A)
@@ -34,8 +33,7 @@ CLEAN_KEY = ("model", "task", "data_dir", "seed", "max_train_examples", "max_eva
              "adapter_type", "reduction_factor", "adapter_activation")  # with the device and CACHE_VERSION
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
 POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, FRACTION = (0, None, True), (0, None, False), (1, None, False), (0, 1, True)
-# The method's flags (each in detail: docs/adapter_mixup.md): flag, default, type / choices / argparse keywords,
-# range (low, high, low open) checked by validate, help with the paper's symbol
+# The method's flags: flag, default, type / choices / argparse keywords, range (low, high, low open), help
 FLAGS = [
     ("--adapter-type", "houlsby", ["houlsby", "pfeiffer"], None, "after attention and FFN, or FFN only (spec §3.2)"),
     ("--reduction-factor", 16, int, AT_LEAST_ONE, "bottleneck = hidden / r (spec §3.2)"),
@@ -86,11 +84,9 @@ def validate(args):
             args.beta = float(args.beta)
         except ValueError:
             raise UsageError(f"--beta must be a number in [0, 1], 'dev' or 'dynamic', got '{args.beta}'")
-        check_range("beta", args.beta, 0, 1)
-    for flag, _, _, (low, high, low_open), _ in (f for f in FLAGS if f[3]):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:  # --adv-lr None: --lr
-            check_range(flag[2:], value, low, high, low_open=low_open)
+        common.check_range("beta", args.beta, 0, 1)
+    for flag, _, _, (low, high, low_open), _ in (f for f in FLAGS if f[3]):  # None (--adv-lr: --lr) not checked
+        common.check_ranges(args, [flag[2:].replace("-", "_")], low, high, low_open)
     if abs(round(1 / args.beta_grid_step) * args.beta_grid_step - 1) > 1e-6:
         raise UsageError(f"--beta-grid-step must divide 1 (e.g. 0.1, 0.25), got {args.beta_grid_step}")
     try:
@@ -286,8 +282,7 @@ def train_adapter(model, mixture, k, train_rows, dev_rows, data, tokenizer, run,
 
 def trainable_share(model, backbone_total) -> dict:
     """One slot's trainable parameters (adapters + head) as a share of the backbone, also without the pooler dense."""
-    owner, name = head_layers(model)[0]
-    pooler = sum(p.numel() for p in getattr(owner, name).linears[0].parameters())
+    pooler = sum(p.numel() for p in mixed_linears(model)[-2].linears[0].parameters())  # head_layers' first map
     per_adapter = sum(p.numel() for p in adapter_params(model, 0))
     return {"per_adapter": per_adapter, "pooler": pooler, "pct_of_backbone": 100 * per_adapter / backbone_total,
             "pct_without_pooler": 100 * (per_adapter - pooler) / backbone_total, "includes": "adapters + pooler + head"}
@@ -402,9 +397,8 @@ def adversarial_adapters(ex, rng, adv_train, adv_val):
         at_train, at_dev = ex.train_rows + sum(adv_train.values(), []), ex.dev_rows + sum(adv_val.values(), [])
         stats["at"] = ex.train("at", at_train, at_dev, args.epochs, args.lr, "at_adapter")
         ex.wall["at_adapter"] = stats["at"]["seconds"]
-    torch.save({"slots": list(ex.adapter_slots), "args": vars(args),
-                "state": {s: adapter_state(ex.model, i) for s, i in ex.adapter_slots.items()}},
-               os.path.join(ex.run.dir, "adapters.pt"))
+    states = {s: adapter_state(ex.model, i) for s, i in ex.adapter_slots.items()}  # every slot, in slot order
+    torch.save({"slots": list(states), "args": vars(args), "state": states}, os.path.join(ex.run.dir, "adapters.pt"))
     return stats
 
 
@@ -429,8 +423,7 @@ def choose_v1(ex, known, adv_val):
     (fixed, or the best grid point on dev) merged into slot v1, the uniform soup into slot soup. Returns beta_v1."""
     args, slots = ex.args, [ex.adapter_slots[s] for s in ["clean"] + [f"adv-{a}" for a in known]]
     spread = lambda beta: [beta] + [(1 - beta) / len(known)] * len(known)  # noqa: E731  the rest shared equally
-    adv_val_rows = sum(adv_val.values(), [])
-    curve = []
+    adv_val_rows, curve = sum(adv_val.values(), []), []
     for beta in np.round(np.arange(0, 1 + 1e-9, args.beta_grid_step), 6).tolist() if known else []:
         merge_adapters(ex.model, slots, spread(beta), ex.adapter_slots["curve"])
         predict = ex.predictor(["curve"])
@@ -506,7 +499,7 @@ def evaluate_rows(ex, known, beta_v1, adv_train, adv_val, transfer_rows):
         row, ex.wall["full_at"] = attacks.full_at_row(
             args, ex.data, ex.run, ex.resources, ex.train_rows + sum(adv_train.values(), []),
             ex.dev_rows + sum(adv_val.values(), []), ex.dev_rows, known, transfer_rows,
-            {c: ex.wall[c] for c in ("clean_adapter", "adversarial_generation")})
+            {c: ex.wall[c] for c in generation})
         rows.append(row)
     return rows
 
@@ -546,9 +539,8 @@ def main(args, resources=None):
     main_row = next(r for r in rows if r["key"] == (("v2" if args.beta == "dynamic" else "v1") if known else "clean"))
     ex.extra.update(rows=rows, beta_v1=beta_v1, known_attacks=known, unknown_attacks=[
         a for a in parse_attacks(args.attacks) if a not in known], training=train_stats, warnings=ex.warnings,
-        per_adapter_set_params=ex.extra["trainable_share"]["per_adapter"], backbone_params=ex.backbone,
-        adapter={"type": args.adapter_type, "reduction_factor": args.reduction_factor,
-                 "activation": args.adapter_activation})
+        per_adapter_set_params=ex.extra["trainable_share"]["per_adapter"], backbone_params=ex.backbone, adapter=dict(
+            type=args.adapter_type, reduction_factor=args.reduction_factor, activation=args.adapter_activation))
     return attacks.finish_rows(ex.run, ex.results, rows, main_row,
                                ex.backbone["non_embedding"] + main_row["params"]["trainable"], ex.warnings)
 
