@@ -209,7 +209,7 @@ def test_quick_run_writes_every_row_curve_and_loadable_adapters(tmp_path, monkey
     # the checkpoint loads back into a fresh adapted model: same weights, same v2-free clean logits
     ckpt = torch.load(os.path.join(run, "adapters.pt"))
     model, tokenizer = common.load_model("tiny", 2, 64, str(tmp_path / "tiny"))
-    mixture = am.add_adapters(model, len(ckpt["slots"]), "houlsby", 4, "relu")
+    am.add_adapters(model, len(ckpt["slots"]), "houlsby", 4, "relu")
     for k, name in enumerate(ckpt["slots"]):
         am.load_adapter_state(model, k, ckpt["state"][name])
     assert all(torch.equal(am.adapter_state(model, k)[t], v) for k, name in enumerate(ckpt["slots"])
