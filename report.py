@@ -52,8 +52,9 @@ def model_key(model) -> str:
     return parts[-1]
 
 
-def load_rows(results_dir: str) -> list:
-    """One row per (run, setting): the top-level result and every entry of extra.rows."""
+def load_rows(results_dir: str, attacks: Optional[list] = None) -> list:
+    """One row per (run, setting): the top-level result and every entry of extra.rows. With `attacks`, each row keeps
+    only those recipes, and a row that was attacked but with none of them is left out."""
     rows = []
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
         with open(path) as f:
@@ -67,6 +68,10 @@ def load_rows(results_dir: str) -> list:
             if r.get("setting") == result.get("setting"):  # the run's main row carries the run's curves
                 row["extra"] = {**(r.get("extra") or {}), **{k: v for k, v in (result.get("extra") or {}).items()
                                                              if k != "rows"}}
+            if attacks is not None and row.get("attacks"):
+                row["attacks"] = {a: m for a, m in row["attacks"].items() if a in attacks}
+                if not row["attacks"]:
+                    continue
             rows.append(row)
     return rows
 
@@ -807,14 +812,16 @@ def merge_shards(run_dirs: list, out_dir: str) -> dict:
     return merged
 
 
-def adapter_mixup_diagnostics(results_dir: str) -> list:
+def adapter_mixup_diagnostics(results_dir: str, attacks: Optional[list] = None) -> list:
     """AdpMixup: did the mechanism act? Per seed the adversarial data, the gate (each adversarial adapter vs phi_0
-    under its own attack, run afresh on dev), v1's beta and v2's tuning; then every row's transfer accuracy."""
+    under its own attack, run afresh on dev), v1's beta and v2's tuning; then every row's transfer accuracy (of the
+    recipes in `attacks` only, and of the runs attacked with one of them, when given)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
         with open(path) as f:
             r = json.load(f)
-        if r.get("method") == "adapter_mixup" and (r.get("extra") or {}).get("rows"):
+        if r.get("method") == "adapter_mixup" and (r.get("extra") or {}).get("rows") and (
+                attacks is None or set(attacks) & set(r.get("attacks") or {})):
             runs.append(r)
     if not runs:
         return []
@@ -834,7 +841,8 @@ def adapter_mixup_diagnostics(results_dir: str) -> list:
         v2 = e.get("v2_tuning") or {}
         lines.append(f"| {r.get('seed')} | {data} | {gate} | {e.get('beta_v1')} | "
                      f"{v2.get('tau', '—')}, {v2.get('head_start', '—')} |")
-    sets = sorted({a for r in runs for row in r["extra"]["rows"] for a in (row.get("transfer") or {})})
+    sets = sorted({a for r in runs for row in r["extra"]["rows"] for a in (row.get("transfer") or {})
+                   if attacks is None or a in attacks})
     if sets:
         source = runs[0]["extra"].get("transfer_source", {}).get("source", "clean")
         lines += ["", f"Transfer accuracy % (test sentences whose attack succeeded against the {source} adapter; "
@@ -858,6 +866,9 @@ def main():
     parser.add_argument("--merge-shards", nargs="+", metavar="RUN_DIR", default=None, help="instead: join the run "
                         "folders of one --attack-shard I/N set into RESULTS_DIR/results.json (refuses incomplete or "
                         "mismatched sets)")
+    parser.add_argument("--attacks", default=None, help="comma-separated recipes: report only these (runs attacked "
+                        "with none of them are left out), e.g. a known and an unknown attack in two reports")
+    parser.add_argument("--out", default=None, help="folder for summary.md and the plots (default: RESULTS_DIR)")
     args = parser.parse_args()
     if args.merge_shards:
         from common import usage_errors
@@ -871,12 +882,15 @@ def main():
     if args.bench_table:
         print(bench_table(args.results_dir))
         return
-    rows = load_rows(args.results_dir)
+    attacks = args.attacks.split(",") if args.attacks else None
+    out = args.out or args.results_dir
+    os.makedirs(out, exist_ok=True)
+    rows = load_rows(args.results_dir, attacks)
     failures = read_failures(args.results_dir)
     searches = early_bird_searches(args.results_dir)
     if not rows and not failures and not searches:
         raise SystemExit(f"error: no results.json under {args.results_dir}; run `bash run_all.sh` first")
-    plots = plot_clean_vs_aua(rows, args.results_dir) + plot_curves(rows, args.results_dir)
+    plots = plot_clean_vs_aua(rows, out) + plot_curves(rows, out)
     scale = sorted({f"{r['task']} / {model_key(r['model'])}" for r in rows})
     text = [f"# {args.title or 'Comparison'}", ""]
     if rows or failures:
@@ -887,7 +901,7 @@ def main():
                  summary_table(rows, failures), ""]
     text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     text += ([""] + searches if searches else [])
-    mask_lines, mask_plots = mask_diagnostics(args.results_dir, args.results_dir)
+    mask_lines, mask_plots = mask_diagnostics(args.results_dir, out)
     for history in sorted(glob.glob(os.path.join(args.results_dir, "**", "history_*.jsonl"), recursive=True)):
         with open(history) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -897,9 +911,9 @@ def main():
              if mask_lines else [])
     ros = rosearch_students(rows, args.results_dir)
     text += ([""] + ros) if ros else []
-    adp = adapter_mixup_diagnostics(args.results_dir)
+    adp = adapter_mixup_diagnostics(args.results_dir, attacks)
     text += ([""] + adp) if adp else []
-    path = os.path.join(args.results_dir, "summary.md")
+    path = os.path.join(out, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(text) + "\n")
     print("\n".join(text))

@@ -293,3 +293,36 @@ def test_adapter_mixup_diagnostics_show_the_gate_beta_and_transfer_per_seed(tmp_
     assert "(n=100) passed" in text  # seed 2
     assert "| clean adapter | 25.0 |" in text and "| AdpMixup v1 (beta=0.75) | 35.0 |" in text  # seeds averaged
     assert "against the independent adapter" in text
+
+
+def test_attacks_filter_reports_one_recipe_across_runs_that_attacked_different_sets(tmp_path):
+    # seed 1 attacked with pwws + pruthi in one run; seed 2 with pwws in one run and pruthi in another
+    def run(folder, seed, attacks):
+        write_row(tmp_path / folder, "finetune", "fine-tune", seed, "F" * 10 + "S" * 90)
+        path = tmp_path / folder / "results.json"
+        result = json.loads(path.read_text())
+        result["attacks"] = {a: attack_entry(o) for a, o in attacks.items()}
+        path.write_text(json.dumps(result))
+
+    run("s1", 1, {"pwws": "F" * 10 + "S" * 90, "pruthi": "F" * 40 + "S" * 60})
+    run("s2-known", 2, {"pwws": "F" * 30 + "S" * 70})
+    run("s2-unknown", 2, {"pruthi": "F" * 60 + "S" * 40})
+    unfiltered = report.group(report.load_rows(str(tmp_path)))
+    assert len(unfiltered) == 3  # three attack sets: nothing merges
+    for recipe, aua in (("pwws", 20.0), ("pruthi", 50.0)):
+        rows = report.load_rows(str(tmp_path), [recipe])
+        assert len(rows) == 2 and all(set(r["attacks"]) == {recipe} for r in rows)
+        (rs,) = report.group(rows).values()  # one row, two seeds
+        assert report.aua_interval(rs, recipe)[0] == pytest.approx(aua)
+
+
+def test_report_cli_writes_the_filtered_summary_to_out(tmp_path):
+    import subprocess
+    import sys
+
+    write_row(tmp_path / "runs" / "a", "finetune", "fine-tune", 1, "F" * 10 + "S" * 90)
+    out = tmp_path / "view"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "report.py"), str(tmp_path / "runs"), "--attacks", "pwws",
+                    "--out", str(out)], check=True, capture_output=True)
+    assert "fine-tune" in (out / "summary.md").read_text() and not (tmp_path / "runs" / "summary.md").exists()
