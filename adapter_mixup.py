@@ -60,8 +60,7 @@ FLAGS = [
     ("--full-lr", 2e-5, float, POSITIVE, "learning rate of the full-at baseline"),
     ("--full-epochs", 3, float, POSITIVE, "epochs of the full-at baseline"),
     ("--bench", False, {"action": "store_true"}, None, "print training cost vs full AT and inference passes; exit"),
-    ("--bench-steps", 5, int, AT_LEAST_ONE, "timed optimiser steps per model in --bench"),
-]
+    ("--bench-steps", 5, int, AT_LEAST_ONE, "timed optimiser steps per model in --bench")]
 
 
 def parse_args(argv=None):
@@ -306,7 +305,8 @@ class Experiment:
                                     args.adapter_activation)
         self.model.to(self.run.device)
         self.results = results_template(args, METHOD, "adpmixup", None)
-        self.wall, self.extra, self.warnings = self.results["wall_clock"], self.results["extra"], []
+        self.wall, self.warnings = self.results["wall_clock"], []
+        self.extra = self.run.extra = self.results["extra"]  # the diagnostics, in the partial results.json as they come
         self.train_rows, self.dev_rows, self.test_rows = [list(zip(texts_of(self.data, ds), ds["label"])) for ds in
                                                           (self.data.train, self.data.dev, self.data.test)]
         share = self.extra["trainable_share"] = trainable_share(self.model, self.backbone["total"])
@@ -526,7 +526,7 @@ def main(args, resources=None):
     train_stats.update(adversarial_adapters(ex, rng, adv_train, adv_val))
 
     print("=== Stage 4: mixing (v1) ===", flush=True)  # one beta in weight space, on the grid (spec §3.5)
-    beta_v1 = choose_v1(ex, known, adv_val)
+    beta_v1 = ex.extra["beta_v1"] = choose_v1(ex, known, adv_val)
 
     if known and args.v2_pairs:  # v2: beta per input from the entropies (spec §3.6)
         print("=== Stage 5: v2 tuning ===", flush=True)

@@ -209,6 +209,7 @@ class Run:
     method: str = ""
     rows: dict = field(default_factory=dict)  # rows evaluated so far (prefix -> row), for the partial results.json
     data: Optional[dict] = None  # TaskData.identity of the evaluated data
+    extra: dict = field(default_factory=dict)  # the method's diagnostics so far, kept in the partial results.json too
     final: bool = False
 
     def track(self, prefix: str, row: dict):
@@ -222,7 +223,7 @@ class Run:
             return
         rows = list(self.rows.values())
         partial = results_template(self.args, self.method, rows[-1].get("setting"))
-        partial.update(status="partial", data=self.data, extra={"rows": rows})
+        partial.update(status="partial", data=self.data, extra={**self.extra, "rows": rows})
         write_json_atomic(os.path.join(self.dir, "results.json"), partial)
 
     @property

@@ -821,7 +821,7 @@ def adapter_mixup_diagnostics(results_dir: str, attacks: Optional[list] = None) 
         with open(path) as f:
             r = json.load(f)
         if r.get("method") == "adapter_mixup" and (r.get("extra") or {}).get("rows") and (
-                attacks is None or set(attacks) & set(r.get("attacks") or {})):
+                attacks is None or any(set(attacks) & set(row.get("attacks") or {}) for row in r["extra"]["rows"])):
             runs.append(r)
     if not runs:
         return []

@@ -444,3 +444,18 @@ def test_a_resumed_run_attacks_nothing_again_and_gives_the_same_rows(tmp_path, m
     assert json.load(open(os.path.join(run_dir, "args.json")))["attacks"] == "deepwordbug,pruthi"
     with pytest.raises(common.UsageError, match="other flags"):
         am.main(quick_args(tmp_path, *flags[:-1], "inverse-entropy", "--resume", run_dir))
+
+
+def test_the_partial_results_json_carries_the_diagnostics_before_the_last_row(tmp_path, monkeypatch):
+    fake_the_attacks(monkeypatch, 5)
+    real_full_at, seen = attacks.full_at_row, {}
+
+    def full_at_row(*a, **k):  # the last row: results.json is still the partial one
+        seen.update(json.load(open(next(tmp_path.glob("toy__*/results.json")))))
+        return real_full_at(*a, **k)
+
+    monkeypatch.setattr(attacks, "full_at_row", full_at_row)
+    results = am.main(quick_args(tmp_path, "--beta", "dev", "--baseline", "full-at", "--full-epochs", "1"))
+    assert seen["status"] == "partial" and [r["key"] for r in seen["extra"]["rows"]][-1] == "v2"
+    for key in ("beta_v1", "adversarial_data", "beta_curve", "trainable_share"):
+        assert seen["extra"][key] == results["extra"][key], key

@@ -326,3 +326,19 @@ def test_report_cli_writes_the_filtered_summary_to_out(tmp_path):
     subprocess.run([sys.executable, os.path.join(root, "report.py"), str(tmp_path / "runs"), "--attacks", "pwws",
                     "--out", str(out)], check=True, capture_output=True)
     assert "fine-tune" in (out / "summary.md").read_text() and not (tmp_path / "runs" / "summary.md").exists()
+
+
+def test_adapter_mixup_diagnostics_with_attacks_keep_the_runs_whose_rows_were_attacked_with_them(tmp_path):
+    def run(name, attacked):
+        rows = [{"key": "clean", "setting": "clean adapter", "attacks": {a: {"aua": 10.0} for a in attacked},
+                 "transfer": {a: 20.0 + len(name) for a in attacked}}]
+        extra = {"rows": rows, "gate": {}, "beta_v1": len(name), "transfer_source": {"source": "independent"}}
+        (tmp_path / name).mkdir()
+        result = {"method": "adapter_mixup", "seed": 2, "attacks": {}, "extra": extra}  # main row not attacked yet
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+
+    run("known", ["pwws"])
+    run("unknown-run", ["pruthi"])
+    text = "\n".join(report.adapter_mixup_diagnostics(str(tmp_path), ["pruthi"]))
+    assert "| 2 |  | not run | 11 |" in text and "| 2 |  | not run | 5 |" not in text  # the pwws run left out
+    assert "| row | pruthi |" in text and "pwws" not in text
