@@ -16,6 +16,12 @@ COLLAPSE_MARGIN = 2.0  # or clean accuracy is within this many points of the maj
 BOOTSTRAP = 5000
 
 
+def below(results_dirs, *pattern) -> list:
+    """Sorted paths matching `pattern` below one results folder or a list of them (one report over several parts)."""
+    dirs = [results_dirs] if isinstance(results_dirs, str) else results_dirs
+    return sorted(p for d in dirs for p in glob.glob(os.path.join(d, *pattern), recursive=True))
+
+
 def baselines_of(method: str, setting: str) -> list:
     """(method, setting) candidates of a row's own baseline, in order: the first present is the main comparison,
     every present one gets a line in the paired table."""
@@ -56,7 +62,7 @@ def load_rows(results_dir: str, attacks: Optional[list] = None) -> list:
     """One row per (run, setting): the top-level result and every entry of extra.rows. With `attacks`, each row keeps
     only those recipes, and a row that was attacked but with none of them is left out."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
+    for path in below(results_dir, "**", "results.json"):
         with open(path) as f:
             result = json.load(f)
         base = {k: result.get(k) for k in ("method", "task", "model", "seed", "max_seq_length", "data", "status")}
@@ -407,8 +413,9 @@ def plot_adapter_mixup_beta(rows, out_dir, plt) -> list:
     return [path]
 
 
-def plot_curves(rows, out_dir):
-    """The method-specific curves: robust-ticket sparsity sweep, AdpMixup beta curve, early-bird mask distance."""
+def plot_curves(rows, out_dir, results_dir=None):
+    """The method-specific curves: robust-ticket sparsity sweep, AdpMixup beta curve, early-bird mask distance (its
+    searches found below results_dir, default out_dir)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -434,13 +441,13 @@ def plot_curves(rows, out_dir):
         plt.close(fig)
     made += plot_adapter_mixup_beta(rows, out_dir, plt)
     tickets = [r for r in rows if r["method"] == "early_bird_adv" and (r.get("extra") or {}).get("window_distances")]
-    for path in sorted(glob.glob(os.path.join(out_dir, "**", "bench.json"), recursive=True)):  # early-bird --bench
+    for path in below(results_dir or out_dir, "**", "bench.json"):  # early-bird --bench
         with open(path) as f:
             bench = json.load(f)
         if (bench.get("search") or {}).get("window_distances"):
             tickets.append({"seed": bench.get("seed"), "extra": bench["search"],
                             "label": os.path.basename(os.path.dirname(path))})
-    for path in unfinished_searches(out_dir):  # a search killed before its end: its curve so far
+    for path in unfinished_searches(results_dir or out_dir):  # a search killed before its end: its curve so far
         with open(path) as f:
             tickets.append({"extra": json.load(f), "label": os.path.basename(os.path.dirname(path)) + " (cut)"})
     if tickets:
@@ -538,7 +545,7 @@ def rosearch_students(rows: list, results_dir: str) -> list:
               "| seed | search | candidates | above floor | majority share > 0.8 | shared with RoSearch |",
               "|---|---|---|---|---|---|"]
     histories = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, "**", "history_*.jsonl"), recursive=True)):
+    for path in below(results_dir, "**", "history_*.jsonl"):
         with open(path) as f:
             histories[path] = [json.loads(line) for line in f if line.strip()]
     for path, history in histories.items():
@@ -587,7 +594,7 @@ def setting_of_flags(flags: dict) -> str:
 
 def unfinished_searches(results_dir: str) -> list:
     """search_progress.json of early-bird runs that wrote neither results.json nor bench.json (killed mid-search)."""
-    return [p for p in sorted(glob.glob(os.path.join(results_dir, "**", "search_progress.json"), recursive=True))
+    return [p for p in below(results_dir, "**", "search_progress.json")
             if not any(os.path.exists(os.path.join(os.path.dirname(p), n)) for n in ("results.json", "bench.json"))]
 
 
@@ -595,7 +602,7 @@ def early_bird_searches(results_dir: str) -> list:
     """The early-bird `--bench` searches below results_dir (bench.json): where each drew and stopped, at which lr, and
     the projected time-to-ticket. Markdown lines, empty when there is none."""
     lines = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "**", "bench.json"), recursive=True)):
+    for path in below(results_dir, "**", "bench.json"):
         with open(path) as f:
             bench = json.load(f)
         search = bench.get("search") or {}
@@ -635,7 +642,7 @@ def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
     the drawn checkpoint, E[L0], how hard L0 pushed against the adversarial gradient), and per pair of searches the
     correlation of log alpha and the overlap of the pruned sets at each drawn sparsity, against chance (= s).
     Returns (markdown lines, plot paths)."""
-    paths = sorted(glob.glob(os.path.join(results_dir, "**", "mask_scores.pt"), recursive=True))
+    paths = below(results_dir, "**", "mask_scores.pt")
     searches = []
     for path in paths:
         results_path, search_path = (os.path.join(os.path.dirname(path), f) for f in ("results.json", "search.json"))
@@ -730,7 +737,7 @@ def bench_table(bench_dir: str) -> str:
 
 def read_failures(results_dir):
     failures = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "failed", "*.txt"))):
+    for path in below(results_dir, "failed", "*.txt"):
         method, _, seed = os.path.basename(path)[:-4].rpartition("__")
         with open(path) as f:
             failures.append({"method": method, "seed": seed, "reason": f.read().strip().replace("|", "/")[:200]})
@@ -817,7 +824,7 @@ def adapter_mixup_diagnostics(results_dir: str, attacks: Optional[list] = None) 
     under its own attack, run afresh on dev), v1's beta and v2's tuning; then every row's transfer accuracy (of the
     recipes in `attacks` only, and of the runs attacked with one of them, when given)."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.json"), recursive=True)):
+    for path in below(results_dir, "**", "results.json"):
         with open(path) as f:
             r = json.load(f)
         if r.get("method") == "adapter_mixup" and (r.get("extra") or {}).get("rows") and (
@@ -859,7 +866,8 @@ def adapter_mixup_diagnostics(results_dir: str, attacks: Optional[list] = None) 
 def main():
     parser = argparse.ArgumentParser(description="Rebuild summary.md and plots from the results.json files of a "
                                      "run_all.sh output folder (no training).")
-    parser.add_argument("results_dir", help="folder written by run_all.sh (results.json files anywhere below it)")
+    parser.add_argument("results_dir", nargs="+", help="folder(s) written by run_all.sh (results.json files anywhere "
+                        "below them): several folders make one report, e.g. methods run into separate folders")
     parser.add_argument("--title", default=None, help="heading of summary.md (e.g. the scale it was run at)")
     parser.add_argument("--bench-table", action="store_true", help="print the table of `run_all.sh --bench` logs "
                         "in RESULTS_DIR instead")
@@ -874,23 +882,23 @@ def main():
         from common import usage_errors
 
         with usage_errors():
-            merged = merge_shards(args.merge_shards, args.results_dir)
-        print(f"merged {len(args.merge_shards)} shards into {os.path.join(args.results_dir, 'results.json')}: "
+            merged = merge_shards(args.merge_shards, args.results_dir[0])
+        print(f"merged {len(args.merge_shards)} shards into {os.path.join(args.results_dir[0], 'results.json')}: "
               + ", ".join(f"{a} aua {m['aua']:.1f}% (n={m['n']})" for a, m in (merged.get("attacks") or {}).items()
                           if "aua" in m))
         return
     if args.bench_table:
-        print(bench_table(args.results_dir))
+        print(bench_table(args.results_dir[0]))
         return
     attacks = args.attacks.split(",") if args.attacks else None
-    out = args.out or args.results_dir
+    out = args.out or args.results_dir[0]
     os.makedirs(out, exist_ok=True)
     rows = load_rows(args.results_dir, attacks)
     failures = read_failures(args.results_dir)
     searches = early_bird_searches(args.results_dir)
     if not rows and not failures and not searches:
-        raise SystemExit(f"error: no results.json under {args.results_dir}; run `bash run_all.sh` first")
-    plots = plot_clean_vs_aua(rows, out) + plot_curves(rows, out)
+        raise SystemExit(f"error: no results.json under {', '.join(args.results_dir)}; run `bash run_all.sh` first")
+    plots = plot_clean_vs_aua(rows, out) + plot_curves(rows, out, args.results_dir)
     scale = sorted({f"{r['task']} / {model_key(r['model'])}" for r in rows})
     text = [f"# {args.title or 'Comparison'}", ""]
     if rows or failures:
@@ -902,7 +910,7 @@ def main():
     text += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     text += ([""] + searches if searches else [])
     mask_lines, mask_plots = mask_diagnostics(args.results_dir, out)
-    for history in sorted(glob.glob(os.path.join(args.results_dir, "**", "history_*.jsonl"), recursive=True)):
+    for history in below(args.results_dir, "**", "history_*.jsonl"):
         with open(history) as f:
             records = [json.loads(line) for line in f if line.strip()]
         if len(records) > 2:

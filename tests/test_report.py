@@ -342,3 +342,21 @@ def test_adapter_mixup_diagnostics_with_attacks_keep_the_runs_whose_rows_were_at
     text = "\n".join(report.adapter_mixup_diagnostics(str(tmp_path), ["pruthi"]))
     assert "| 2 |  | not run | 11 |" in text and "| 2 |  | not run | 5 |" not in text  # the pwws run left out
     assert "| row | pruthi |" in text and "pwws" not in text
+
+
+def test_report_cli_merges_several_results_folders_into_one_summary(tmp_path):
+    # methods run into separate folders (e.g. AdpMixup's own) make one cross-method report; failures of each are kept
+    import subprocess
+    import sys
+
+    write_row(tmp_path / "main" / "runs" / "a", "finetune", "fine-tune", 1, "F" * 10 + "S" * 90)
+    write_row(tmp_path / "adp" / "runs" / "b", "adapter_mixup", "clean adapter", 1, "F" * 30 + "S" * 70)
+    os.makedirs(tmp_path / "adp" / "failed")
+    (tmp_path / "adp" / "failed" / "adapter_mixup__2.txt").write_text("error: stopped by hand")
+    rows = report.load_rows([str(tmp_path / "main"), str(tmp_path / "adp")])
+    assert sorted(r["setting"] for r in rows) == ["clean adapter", "fine-tune"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "report.py"), str(tmp_path / "main"), str(tmp_path / "adp")],
+                   check=True, capture_output=True)
+    text = (tmp_path / "main" / "summary.md").read_text()  # written to the first folder
+    assert "| fine-tune |" in text and "| clean adapter |" in text and "error: stopped by hand" in text
