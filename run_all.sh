@@ -193,7 +193,8 @@ if [ "$mode" = cpu-real ]; then  # measured (results/sst2-minilm-cpu-ticket), no
   echo "  ~2-2.6 h (1,045 FreeLB K=5 steps at 6.4-9 s) + the ticket and both dense baselines on 2,000 (~1 h);"
   echo "  freelb ~20-25 min (126 K=5 steps at 6.5-9 s + the attacks, from the measured step cost, not timed as a row);"
   echo "  adapter_mixup with --attack-workers 2 (both cores) and PWWS + DeepWordBug: 2.2-2.5 h per seed (2 seeds measured,"
-  echo "  results/sst2-minilm-cpu-adpmixup); its default unknown attack Pruthi on the 8 rows is not timed yet."
+  echo "  results/sst2-minilm-cpu-adpmixup); its unknown attack Pruthi adds more than 2 h per seed (v2's four passes per"
+  echo "  query: its Pruthi attacks alone took 7,345 s with 2 workers in seed 2's run)."
 fi
 echo "run_all: mode=$mode task=$task model=$model attacks=$attacks seeds=[$seeds] -> $out"
 for seed in $seeds; do
