@@ -294,7 +294,7 @@ def summary_table(rows: list, failures: list) -> str:
     head = ["method", "setting", "seeds", "params", "non-emb params", "size", "train s", "Clean %"]
     for a in attacks:
         head += [f"{a} Aua % [95% CI]", f"{a} Suc %", f"{a} Δ Aua vs baseline [95% CI]"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_method = defaultdict(list)  # one compact table per method, in the order the rows came
     notes, pairs = [], []
     for gk, rs in groups.items():
         method = gk[0]
@@ -315,9 +315,14 @@ def summary_table(rows: list, failures: list) -> str:
                 d = paired(rs, groups[b], a)
                 if d:
                     pairs.append((f"{method} / {labels[gk]}", f"{b[0]} / {labels[b]}", a, d))
-        lines.append("| " + " | ".join(cells) + " |")
+        by_method[method].append("| " + " | ".join(cells) + " |")
     for fail in failures:
-        lines.append(f"| {fail['method']} | FAILED (seed {fail['seed']}) | {fail['reason']} |" + " |" * (len(head) - 3))
+        by_method[fail["method"]].append(f"| {fail['method']} | FAILED (seed {fail['seed']}) | {fail['reason']} |"
+                                          + " |" * (len(head) - 3))
+    lines = []
+    for method, table in by_method.items():
+        lines += ([""] if lines else []) + [f"**{method}**", "", "| " + " | ".join(head) + " |",
+                                            "|" + "---|" * len(head)] + table
     notes += [f"{n}." for n in refused_merges(groups)]
     if any(r.get("status") == "partial" for r in rows):
         notes.append("(partial): the run was still going or was killed; its results.json holds the rows finished.")

@@ -360,3 +360,7 @@ def test_report_cli_merges_several_results_folders_into_one_summary(tmp_path):
                    check=True, capture_output=True)
     text = (tmp_path / "main" / "summary.md").read_text()  # written to the first folder
     assert "| fine-tune |" in text and "| clean adapter |" in text and "error: stopped by hand" in text
+    # one compact table per method, its failures in it
+    assert text.count("| method | setting |") == 2 and "**finetune**" in text and "**adapter_mixup**" in text
+    adp_table = text[text.index("**adapter_mixup**"):]
+    assert "| clean adapter |" in adp_table and "FAILED (seed 2)" in adp_table and "| fine-tune |" not in adp_table
