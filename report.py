@@ -58,7 +58,7 @@ def model_key(model) -> str:
     return parts[-1]
 
 
-def load_rows(results_dir: str, attacks: Optional[list] = None) -> list:
+def load_rows(results_dir, attacks: Optional[list] = None) -> list:
     """One row per (run, setting): the top-level result and every entry of extra.rows. With `attacks`, each row keeps
     only those recipes, and a row that was attacked but with none of them is left out."""
     rows = []
@@ -513,7 +513,7 @@ def rosearch_features(history, path):
     return table
 
 
-def rosearch_students(rows: list, results_dir: str) -> list:
+def rosearch_students(rows: list, results_dir) -> list:
     """RoSearch: every student row (searches and hand-made, all seeds) with its probe R on dev next to its test Aua,
     the Spearman rho between the two per attack, and each search's collapse diagnostics. Markdown lines."""
     from scipy.stats import spearmanr
@@ -597,13 +597,13 @@ def setting_of_flags(flags: dict) -> str:
     return "w/o L0" if flags.get("l0_lambda") == 0 else "ticket"
 
 
-def unfinished_searches(results_dir: str) -> list:
+def unfinished_searches(results_dir) -> list:
     """search_progress.json of early-bird runs that wrote neither results.json nor bench.json (killed mid-search)."""
     return [p for p in below(results_dir, "**", "search_progress.json")
             if not any(os.path.exists(os.path.join(os.path.dirname(p), n)) for n in ("results.json", "bench.json"))]
 
 
-def early_bird_searches(results_dir: str) -> list:
+def early_bird_searches(results_dir) -> list:
     """The early-bird `--bench` searches below results_dir (bench.json): where each drew and stopped, at which lr, and
     the projected time-to-ticket. Markdown lines, empty when there is none."""
     lines = []
@@ -642,7 +642,7 @@ def early_bird_searches(results_dir: str) -> list:
     return lines
 
 
-def mask_diagnostics(results_dir: str, out_dir: str) -> tuple:
+def mask_diagnostics(results_dir, out_dir: str) -> tuple:
     """Robust-ticket searches in one folder (issue 13): per search the state of the mask (gates exactly 0 / binary at
     the drawn checkpoint, E[L0], how hard L0 pushed against the adversarial gradient), and per pair of searches the
     correlation of log alpha and the overlap of the pruned sets at each drawn sparsity, against chance (= s).
@@ -824,7 +824,7 @@ def merge_shards(run_dirs: list, out_dir: str) -> dict:
     return merged
 
 
-def adapter_mixup_diagnostics(results_dir: str, attacks: Optional[list] = None) -> list:
+def adapter_mixup_diagnostics(results_dir, attacks: Optional[list] = None) -> list:
     """AdpMixup: did the mechanism act? Per seed the adversarial data, the gate (each adversarial adapter vs phi_0
     under its own attack, run afresh on dev), v1's beta and v2's tuning; then every row's transfer accuracy (of the
     recipes in `attacks` only, and of the runs attacked with one of them, when given)."""
