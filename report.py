@@ -359,6 +359,8 @@ def plot_clean_vs_aua(rows, out_dir):
     methods = list(dict.fromkeys(gk[0] for gk in groups))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     numbers = {gk: i + 1 for i, gk in enumerate(groups)}
+    markers = {m: "osD^vPX*"[i % 8] for i, m in enumerate(methods)}
+    points = {}
     for ax, attack in zip(axes[0], attacks):
         for gk, rs in groups.items():
             ci = aua_interval(rs, attack)
@@ -369,10 +371,10 @@ def plot_clean_vs_aua(rows, out_dir):
             n_test = ((rs[0].get("data") or {}).get("test") or 0) * len(cleans)
             half = 196 * np.sqrt(max(clean / 100 * (1 - clean / 100), 1e-9) / n_test) if n_test else 0.0
             hollow = any(map(collapsed, rs))
-            ax.errorbar(clean, ci[0], xerr=half, yerr=[[ci[0] - ci[1]], [ci[2] - ci[0]]], fmt="o", ms=6,
+            ax.errorbar(clean, ci[0], xerr=half, yerr=[[ci[0] - ci[1]], [ci[2] - ci[0]]], fmt=markers[gk[0]], ms=6,
                         color=colours[gk[0]], mfc="white" if hollow else colours[gk[0]], capsize=2, alpha=0.8,
                         label=gk[0] if gk[0] not in ax.get_legend_handles_labels()[1] else None)
-            ax.annotate(str(numbers[gk]), (clean, ci[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            points.setdefault(ax, []).append(((clean, ci[0]), str(numbers[gk])))
         ax.set_xlabel("clean test accuracy %")
         ax.set_ylabel(f"accuracy under {attack} % (attacked sample)")
         ax.set_title(f"{attack}: 95% intervals; hollow = collapsed")
@@ -381,10 +383,41 @@ def plot_clean_vs_aua(rows, out_dir):
     key = "   ".join(f"{n}: {gk[0]} / {labels[gk]}" for gk, n in numbers.items())
     fig.text(0.01, 0.01, "\n".join(textwrap.wrap(key, 180)), fontsize=6, va="bottom")
     fig.tight_layout(rect=(0, 0.04 + 0.012 * (len(key) // 180), 1, 1))
+    for ax, labelled in points.items():  # after the layout: the label boxes are measured in its pixels
+        place_labels(ax, [p for p, _ in labelled], [t for _, t in labelled])
     path = os.path.join(out_dir, "clean_vs_aua.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def place_labels(ax, points, texts, fontsize=7) -> list:
+    """Annotate each point with its text at the nearest of a ring of offsets whose box overlaps no marker and no
+    label placed before it (greedy; a thin leader line when the label moved away). Returns the pixel boxes."""
+    ax.figure.canvas.draw()  # fixes the axis limits, so data -> pixel is final
+    px_per_pt = ax.figure.dpi / 72
+    centres = [tuple(ax.transData.transform(p)) for p in points]
+    r = 3 * px_per_pt  # the marker's half size
+    taken = [(x - r, y - r, x + r, y + r) for x, y in centres]
+    rings = [(dx * d, dy * d) for d in (5, 9, 14, 20, 28, 38) for dx, dy in
+             ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+    boxes = []
+    for (x, y), point, text in zip(centres, points, texts):
+        w, h = (0.62 * fontsize * len(text) + 1) * px_per_pt, (fontsize + 1) * px_per_pt
+        for dx, dy in rings:
+            x0 = x + dx * px_per_pt - (w if dx < 0 else w / 2 if dx == 0 else 0)
+            y0 = y + dy * px_per_pt - (h if dy < 0 else h / 2 if dy == 0 else 0)
+            box = (x0, y0, x0 + w, y0 + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break  # else: every ring is taken, the last (farthest) offset is used
+        taken.append(box)
+        boxes.append(box)
+        ax.annotate(text, point, xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                    ha="right" if dx < 0 else "center" if dx == 0 else "left",
+                    va="top" if dy < 0 else "center" if dy == 0 else "bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.4", shrinkA=0, shrinkB=2)
+                    if max(abs(dx), abs(dy)) > 5 else None)
+    return boxes
 
 
 def finish_plot(fig, ax, path, xlabel, ylabel, title):

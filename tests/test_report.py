@@ -364,3 +364,20 @@ def test_report_cli_merges_several_results_folders_into_one_summary(tmp_path):
     assert text.count("| method | setting |") == 2 and "**finetune**" in text and "**adapter_mixup**" in text
     adp_table = text[text.index("**adapter_mixup**"):]
     assert "| clean adapter |" in adp_table and "FAILED (seed 2)" in adp_table and "| fine-tune |" not in adp_table
+
+
+def test_the_clean_vs_aua_labels_of_a_tight_cluster_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    points = [(85.0 + 0.1 * (i % 3), 10.0 + 0.1 * (i // 3)) for i in range(9)] + [(50.0, 50.0)]
+    ax.plot(*zip(*points), "o")
+    boxes = report.place_labels(ax, points, [str(i + 11) for i in range(len(points))])
+    plt.close(fig)
+    overlap = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i][0] < boxes[j][2] and
+               boxes[j][0] < boxes[i][2] and boxes[i][1] < boxes[j][3] and boxes[j][1] < boxes[i][3]]
+    assert overlap == []
+    assert len({b[:2] for b in boxes}) == len(boxes)
