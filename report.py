@@ -505,7 +505,60 @@ def plot_curves(rows, out_dir, results_dir=None):
                                 "max Hamming distance to the next checkpoints",
                                 "Early-bird: mask distance (dotted: draw point)"))
         plt.close(fig)
-    return made
+    return made + plot_rosearch_front(results_dir or out_dir, out_dir, plt)
+
+
+def pareto_front(points: list) -> list:
+    """The (A, R) points no other point beats on both (>= on both, > on one), sorted by A."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def plot_rosearch_front(results_dir, out_dir, plt) -> list:
+    """RoSearch: every candidate each search evaluated (dev accuracy A vs probe robustness R, one panel per run), the
+    accuracy floor, the (A, R) Pareto front of all of a run's candidates and each search's pick (star)."""
+    runs = defaultdict(dict)
+    for path in below(results_dir, "**", "history_*.jsonl"):
+        with open(path) as f:
+            runs[os.path.dirname(path)][os.path.basename(path)[len("history_"):-len(".jsonl")]] = [
+                json.loads(line) for line in f if line.strip()]
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False)
+    for ax, (run, searches) in zip(axes[0], sorted(runs.items())):
+        picks = {}
+        if os.path.exists(os.path.join(run, "results.json")):
+            with open(os.path.join(run, "results.json")) as f:
+                result = json.load(f)
+            for r in [result] + (result.get("extra") or {}).get("rows", []):
+                hash_ = ((r.get("extra") or r).get("best") or {}).get("hash")
+                picks[(r.get("setting") or "").replace(" search", "").replace("RoSearch student", "rosearch")] = hash_
+        everything = []
+        for i, (label, history) in enumerate(sorted(searches.items())):
+            colour, marker = plt.get_cmap("tab10")(i), "osD^v"[i % 5]
+            ax.scatter([r["A"] for r in history], [r["R"] for r in history], s=14, alpha=0.6, color=colour,
+                       marker=marker, label=f"{label} ({len(history)})")
+            pick = [r for r in history if r["hash"] == picks.get(label.replace("-search", ""))]
+            if pick:
+                ax.scatter([pick[0]["A"]], [pick[0]["R"]], s=160, marker="*", color=colour, edgecolor="black",
+                           zorder=3, label=f"{label} pick")
+            everything += [(r["A"], r["R"]) for r in history]
+        front = pareto_front(everything)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="(A, R) Pareto front")
+        floors = [r["A_floor"] for h in searches.values() for r in h if r.get("A_floor") is not None]
+        if floors:
+            ax.axvline(floors[0], color="grey", ls=":", label=f"accuracy floor {floors[0]:.1f}")
+        seed = os.path.basename(run).split("__")[2] if "__" in os.path.basename(run) else "?"
+        ax.set_title(f"RoSearch candidates, seed {seed}", fontsize=10)
+        ax.set_xlabel("dev accuracy A %")
+        ax.set_ylabel("probe robustness R % (dev, the fitness attack)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "rosearch_front.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def rosearch_features(history, path):

@@ -381,3 +381,19 @@ def test_the_clean_vs_aua_labels_of_a_tight_cluster_do_not_overlap():
                boxes[j][0] < boxes[i][2] and boxes[i][1] < boxes[j][3] and boxes[j][1] < boxes[i][3]]
     assert overlap == []
     assert len({b[:2] for b in boxes}) == len(boxes)
+
+
+def test_rosearch_front_keeps_the_undominated_candidates_and_is_drawn_from_the_histories(tmp_path):
+    assert report.pareto_front([(1, 1), (2, 0), (0, 2), (1, 0.5), (2, 0), (0.5, 0.5)]) == [(0, 2), (1, 1), (2, 0)]
+    run = tmp_path / "runs" / "sst2__rosearch__3__1"
+    run.mkdir(parents=True)
+    for label in ("rosearch", "accuracy-only"):
+        with open(run / f"history_{label}.jsonl", "w") as f:
+            for i in range(4):
+                f.write(json.dumps({"A": 70.0 + i, "R": 20.0 - i, "A_floor": 65.0, "hash": f"{label}{i}"}) + "\n")
+    with open(run / "results.json", "w") as f:
+        json.dump({"setting": "RoSearch student", "extra": {"best": {"hash": "rosearch2"}, "rows": [
+            {"setting": "accuracy-only search", "extra": {"best": {"hash": "accuracy-only3"}}}]}}, f)
+    made = report.plot_curves([], str(tmp_path), str(tmp_path))
+    assert [os.path.basename(p) for p in made] == ["rosearch_front.png"]
+    assert os.path.getsize(made[0]) > 10_000
