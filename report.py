@@ -733,10 +733,14 @@ def mask_diagnostics(results_dir, out_dir: str) -> tuple:
     the drawn checkpoint, E[L0], how hard L0 pushed against the adversarial gradient), and per pair of searches the
     correlation of log alpha and the overlap of the pruned sets at each drawn sparsity, against chance (= s).
     Returns (markdown lines, plot paths)."""
-    paths = below(results_dir, "**", "mask_scores.pt")
+    # a search's row needs only its results.json or search.json; mask_scores.pt (~4 bytes a gate, not committed) only
+    # adds it to the pairs
+    folders = sorted({os.path.dirname(p) for name in ("mask_scores.pt", "search.json")
+                      for p in below(results_dir, "**", name)})
     searches = []
-    for path in paths:
-        results_path, search_path = (os.path.join(os.path.dirname(path), f) for f in ("results.json", "search.json"))
+    for folder in folders:
+        path = os.path.join(folder, "mask_scores.pt")
+        results_path, search_path = (os.path.join(folder, f) for f in ("results.json", "search.json"))
         result = {}
         if os.path.isfile(results_path):
             with open(results_path) as f:
@@ -745,7 +749,7 @@ def mask_diagnostics(results_dir, out_dir: str) -> tuple:
         if not search and os.path.isfile(search_path):  # a run cut after its search (search.json is written then)
             with open(search_path) as f:
                 search = json.load(f)
-            with open(os.path.join(os.path.dirname(path), "args.json")) as f:
+            with open(os.path.join(folder, "args.json")) as f:
                 flags = json.load(f)
             result = {"seed": flags.get("seed"), "setting": setting_of_flags(flags), "extra": {"rows": [
                 {"extra": {"target_sparsity": float(x)}} for x in str(flags.get("sparsity", "")).split(",") if x]}}
@@ -753,11 +757,12 @@ def mask_diagnostics(results_dir, out_dir: str) -> tuple:
             continue
         import torch
 
-        scores = torch.load(path)
-        flat = torch.cat([v.flatten().float() for v in scores.values()])
+        flat = (torch.cat([v.flatten().float() for v in torch.load(path).values()]) if os.path.isfile(path)
+                else None)
         kind = (result.get("setting") or "").split(" s=")[0]
         searches.append({"label": f"{kind} (seed {result.get('seed')}, lambda {search.get('lambda_effective', 0):.3g})",
-                         "flat": flat, "search": search, "order": torch.argsort(flat, stable=True),
+                         "flat": flat, "search": search,
+                         "order": None if flat is None else torch.argsort(flat, stable=True),
                          "sparsities": sorted({r["extra"]["target_sparsity"] for r in result["extra"].get("rows", [])
                                                if (r.get("extra") or {}).get("target_sparsity") is not None})})
     if not searches:
@@ -776,14 +781,15 @@ def mask_diagnostics(results_dir, out_dir: str) -> tuple:
                      f"{curve[-1]['sparsity/expected_l0']:.3f} | "
                      f"{100 * max(p.get('l0_wins_share', 0) for p in curve):.1f} |")
     levels = sorted({x for s in searches for x in s["sparsities"]}) or [0.3, 0.7]
-    if len(searches) > 1:
+    scored = [s for s in searches if s["flat"] is not None]
+    if len(scored) > 1:
         lines += ["", "Pairs of searches: Pearson correlation of log α over all gates, and the share of one search's "
                   "pruned set that the other also prunes (chance = s). Two seeds of a search that learns: correlation "
                   "well above 0 and overlap well above s.", "",
                   "| pair | corr log α | " + " | ".join(f"overlap s={x:g} (chance {x:g})" for x in levels) + " |",
                   "|---|---|" + "---|" * len(levels)]
-        for i, a in enumerate(searches):
-            for b in searches[i + 1:]:
+        for i, a in enumerate(scored):
+            for b in scored[i + 1:]:
                 if a["flat"].numel() != b["flat"].numel():
                     continue
                 corr = float(np.corrcoef(a["flat"].numpy(), b["flat"].numpy())[0, 1])

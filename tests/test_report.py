@@ -141,7 +141,8 @@ def write_search(folder, seed, scores, setting="ticket s=0.5", lam=7.0):
     import torch
 
     os.makedirs(folder)
-    torch.save(scores, os.path.join(folder, "mask_scores.pt"))
+    if scores is not None:  # None: a committed run, whose mask_scores.pt (4 bytes a gate) stays out of git
+        torch.save(scores, os.path.join(folder, "mask_scores.pt"))
     curve = [{"step": 0, "sparsity/expected_l0": 0.96, "sparsity/binary_share": 0.0, "sparsity/eval_zero_share": 0.0},
              {"step": 10, "sparsity/expected_l0": 0.4, "sparsity/binary_share": 0.9, "sparsity/eval_zero_share": 0.5,
               "l0_over_adv": 0.8, "l0_wins_share": 0.75}]
@@ -187,6 +188,20 @@ def test_mask_diagnostics_read_search_json_of_a_run_cut_after_its_search(tmp_pat
     (folder / "args.json").write_text(json.dumps({"seed": 3, "l0_lambda": 0, "sparsity": "0.3,0.7"}))
     lines, _ = report.mask_diagnostics(str(tmp_path), str(tmp_path))
     assert any(line.startswith("| w/o L0 (seed 3, lambda 0) | 5 | 40.0 | 80.0 |") for line in lines)
+
+
+def test_a_search_without_its_mask_scores_keeps_its_row_but_joins_no_pair(tmp_path):
+    import torch
+
+    write_search(tmp_path / "runs" / "s1", 1, {"l1": torch.randn(10, 10)})
+    write_search(tmp_path / "runs" / "s2", 2, None)
+    for folder in ("s1", "s2"):  # a complete run's results.json holds its search; search.json is its copy
+        result = json.load(open(tmp_path / "runs" / folder / "results.json"))
+        (tmp_path / "runs" / folder / "search.json").write_text(json.dumps(result["extra"]["search"]))
+    lines, _ = report.mask_diagnostics(str(tmp_path), str(tmp_path))
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith("| ticket (seed")] == [
+        "| ticket (seed 1, lambda 7)", "| ticket (seed 2, lambda 7)"]
+    assert not any(" vs " in ln for ln in lines)
 
 
 def test_a_robust_ticket_is_paired_with_fine_tune_and_its_controls_at_the_same_sparsity():
