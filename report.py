@@ -439,14 +439,24 @@ def plot_adapter_mixup_beta(rows, out_dir, plt) -> list:
     curves = [(r, c) for r, c in curves if c]
     if not curves:
         return []
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    keys = list(dict.fromkeys(k for _, c in curves for k in c[0] if k != "beta"))
+    seeds = list(dict.fromkeys(r["seed"] for r, _ in curves))
+    styles = ["-", "--", ":", "-."]  # one colour per quantity, one line style per seed
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for r, curve in curves:
         betas = [p["beta"] for p in curve]
-        for key in [k for k in curve[0] if k != "beta"]:
-            ax.plot(betas, [p[key] for p in curve], marker=".", label=f"{key} (seed {r['seed']})")
+        for key in [k for k in keys if k in curve[0]]:
+            ax.plot(betas, [p[key] for p in curve], marker=".", color=f"C{keys.index(key) % 10}",
+                    ls=styles[seeds.index(r["seed"]) % len(styles)],
+                    label=key if seeds.index(r["seed"]) == 0 else None)
+    for i, seed in enumerate(seeds):
+        ax.plot([], [], color="0.3", ls=styles[i % len(styles)], label=f"seed {seed}")
     path = finish_plot(fig, ax, os.path.join(out_dir, "adapter_mixup_beta.png"),
                        "beta (weight of the clean adapter: 1 = clean adapter alone)", "accuracy %",
-                       "AdpMixup: beta trade-off")
+                       "AdpMixup: beta trade-off (colour: quantity; line style: seed)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
 
