@@ -420,11 +420,11 @@ def place_labels(ax, points, texts, fontsize=7) -> list:
     return boxes
 
 
-def finish_plot(fig, ax, path, xlabel, ylabel, title):
+def finish_plot(fig, ax, path, xlabel, ylabel, title, **legend):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, **legend)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -453,10 +453,8 @@ def plot_adapter_mixup_beta(rows, out_dir, plt) -> list:
         ax.plot([], [], color="0.3", ls=styles[i % len(styles)], label=f"seed {seed}")
     path = finish_plot(fig, ax, os.path.join(out_dir, "adapter_mixup_beta.png"),
                        "beta (weight of the clean adapter: 1 = clean adapter alone)", "accuracy %",
-                       "AdpMixup: beta trade-off (colour: quantity; line style: seed)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+                       "AdpMixup: beta trade-off (colour: quantity; line style: seed)",
+                       loc="center left", bbox_to_anchor=(1.01, 0.5))
     plt.close(fig)
     return [path]
 
