@@ -192,7 +192,7 @@ if [ "$mode" = cpu-real ]; then  # measured (results/sst2-minilm-cpu-ticket), no
   echo "estimate per seed, measured on a 2-core CPU with one single-threaded process per core and PWWS + DeepWordBug"
   echo "  on 500 sentences per row (attacks ~1.5 s per sentence per row): finetune ~14 min, robust_ticket ~70 min"
   echo "  (2 sparsities), ticket_wo_adv / ticket_wo_l0 ~50 min, ticket_magnitude / ticket_random ~14 min, rosearch"
-  echo "  ~45-50 min (results/sst2-minilm-cpu-rosearch), early_bird_adv: its search on all 66,849 training sentences"
+  echo "  ~35-50 min (results/sst2-minilm-cpu-rosearch; 34 min for seed 2 of the re-run), early_bird_adv: its search on all 66,849 training sentences"
   echo "  ~2-2.6 h (1,045 FreeLB K=5 steps at 6.4-9 s) + the ticket and both dense baselines on 2,000 (~1 h);"
   echo "  freelb ~30 min (189 K=5 steps at 6-9 s + ~10 min of attacks; 2 epochs measured 753 s + 584 s on seed 1);"
   echo "  adapter_mixup with --attack-workers 2 (both cores) and PWWS + DeepWordBug: 2.2-2.5 h per seed (2 seeds measured,"
